@@ -48,6 +48,8 @@ class DeiTConfig(PreTrainedConfig):
     ```"""
 
     model_type = "deit_hf"
+    # scalars kept out of Trainer's gathered predictions
+    keys_to_ignore_at_inference = ["base_loss", "distillation_loss"]
 
     hidden_size: int = 768
     num_hidden_layers: int = 12

@@ -1,0 +1,51 @@
+"""deit-hf: DeiT with its distillation token as a Hugging Face model, trainable with a teacher.
+
+Importing the package registers its config, models and image processors with transformers' Auto classes, so
+`AutoModelForImageClassification.from_pretrained(dir)` and `pipeline("image-classification", model=dir)` work.
+Saved checkpoints also carry `auto_map` and this code, so plain transformers loads them with `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+from .configuration_deit import PRESETS, DeiTConfig
+from .image_processing_deit import DeiTImageProcessor
+from .image_processing_deit_fast import DeiTImageProcessorFast
+from .losses import DistillationLoss, DistillationLossOutput
+from .modeling_deit import (
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTForImageClassificationWithTeacherOutput,
+    DeiTModel,
+    DeiTPreTrainedModel,
+)
+
+AutoConfig.register(DeiTConfig.model_type, DeiTConfig, exist_ok=True)
+AutoModel.register(DeiTConfig, DeiTModel, exist_ok=True)
+# Both heads answer AutoModelForImageClassification; `config.architectures` picks one, the distilled model by default.
+AutoModelForImageClassification.register(
+    DeiTConfig, (DeiTForImageClassificationWithTeacher, DeiTForImageClassification), exist_ok=True
+)
+AutoImageProcessor.register(
+    DeiTConfig, image_processor_classes={"pil": DeiTImageProcessor, "torchvision": DeiTImageProcessorFast}, exist_ok=True
+)
+
+DeiTConfig.register_for_auto_class()
+DeiTModel.register_for_auto_class("AutoModel")
+DeiTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+DeiTForImageClassificationWithTeacher.register_for_auto_class("AutoModelForImageClassification")
+DeiTImageProcessor.register_for_auto_class()
+DeiTImageProcessorFast.register_for_auto_class()
+
+__all__ = [
+    "PRESETS",
+    "DeiTConfig",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "DeiTForImageClassificationWithTeacherOutput",
+    "DeiTImageProcessor",
+    "DeiTImageProcessorFast",
+    "DeiTModel",
+    "DeiTPreTrainedModel",
+    "DistillationLoss",
+    "DistillationLossOutput",
+]

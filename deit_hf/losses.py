@@ -1,0 +1,79 @@
+"""The DeiT distillation loss (facebookresearch/deit `losses.py`), shared by the model's forward and the Trainer."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DistillationLossOutput:
+    """The total loss and its two parts; `distillation_loss` is None when `distillation_type="none"`."""
+
+    loss: torch.Tensor
+    base_loss: torch.Tensor
+    distillation_loss: torch.Tensor | None = None
+
+
+class DistillationLoss(nn.Module):
+    """
+    `(1 - alpha) * CE(cls_logits, labels) + alpha * distillation(distillation_logits, teacher_logits)`.
+
+    - base: cross-entropy of the class head; `labels` are class ids (smoothed by `label_smoothing`) or soft targets
+      of shape (batch, num_classes) from Mixup/CutMix, which already carry their smoothing.
+    - hard: cross-entropy of the distillation head against the teacher's argmax (no smoothing on teacher targets).
+    - soft: KL(student/tau || teacher/tau) * tau^2, summed and divided by the logits' element count, as the paper.
+    - none: the base loss alone (the distillation head gets no gradient), as facebookresearch/deit.
+    """
+
+    def __init__(self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        if distillation_type not in ("hard", "soft", "none"):
+            raise ValueError(f"distillation_type must be 'hard', 'soft' or 'none', got {distillation_type!r}.")
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+        self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_config(cls, config) -> "DistillationLoss":
+        return cls(config.distillation_type, config.distillation_alpha, config.distillation_tau, config.label_smoothing)
+
+    def forward(
+        self,
+        cls_logits: torch.Tensor,
+        labels: torch.Tensor,
+        distillation_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> DistillationLossOutput:
+        # Soft targets already carry Mixup's smoothing; smoothing them again would double it.
+        smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
+        base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
+        if self.distillation_type == "none":
+            return DistillationLossOutput(loss=base_loss, base_loss=base_loss)
+        if distillation_logits is None or teacher_logits is None:
+            raise ValueError(
+                f"distillation_type={self.distillation_type!r} needs `distillation_logits` and `teacher_logits`; "
+                "pass the teacher's logits for the same batch, or set distillation_type='none'."
+            )
+        if teacher_logits.shape != distillation_logits.shape:
+            raise ValueError(
+                f"teacher_logits has shape {tuple(teacher_logits.shape)} but the student's distillation logits have "
+                f"shape {tuple(distillation_logits.shape)}; teacher and student must predict the same classes."
+            )
+        teacher_logits = teacher_logits.detach().float()
+        if self.distillation_type == "hard":
+            distillation_loss = F.cross_entropy(distillation_logits, teacher_logits.argmax(dim=1))
+        else:
+            distillation_loss = F.kl_div(
+                F.log_softmax(distillation_logits.float() / self.tau, dim=1),
+                F.log_softmax(teacher_logits / self.tau, dim=1),
+                reduction="sum",
+                log_target=True,
+            ) * (self.tau * self.tau) / distillation_logits.numel()
+        loss = base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+        return DistillationLossOutput(loss=loss, base_loss=base_loss, distillation_loss=distillation_loss)
+
+
+__all__ = ["DistillationLoss", "DistillationLossOutput"]

@@ -1,0 +1,405 @@
+"""DeiT: a ViT whose sequence is [cls, dist, patches], with a class head and a distillation head (Touvron et al. 2021).
+
+Module and parameter names are those of transformers' DeiT checkpoints (facebook/deit-*-distilled-*), so their
+`model.safetensors` loads as is; `deit_hf.convert` maps timm/facebookresearch checkpoints onto the same names.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_deit import DeiTConfig
+from .losses import DistillationLoss
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def _classifier(config: DeiTConfig) -> nn.Module:
+    # num_labels=0 turns a head into the identity, for feature extraction as in transformers
+    return nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
+
+@dataclass
+class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
+    r"""
+    Output of [`DeiTForImageClassificationWithTeacher`].
+
+    loss (`torch.Tensor` of shape `()`, returned when `labels` are given):
+        `(1 - alpha) * base_loss + alpha * distillation_loss` (see `deit_hf.losses.DistillationLoss`).
+    logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
+        The prediction at inference: the average of `cls_logits` and `distillation_logits` (late fusion).
+    cls_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
+        Head on the final class token.
+    distillation_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
+        Head on the final distillation token.
+    token_cosine_similarity (`torch.Tensor` of shape `(batch_size,)`):
+        Cosine similarity of the final class and distillation token embeddings (the paper reports ~0.93): a
+        value near 1 means the two tokens learned the same thing.
+    base_loss, distillation_loss (`torch.Tensor` of shape `()`):
+        The two parts of `loss`, for logging; `distillation_loss` is None for `distillation_type="none"`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cls_logits: torch.Tensor | None = None
+    distillation_logits: torch.Tensor | None = None
+    token_cosine_similarity: torch.Tensor | None = None
+    base_loss: torch.Tensor | None = None
+    distillation_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class DeiTPatchEmbeddings(nn.Module):
+    """Turns `(batch, channels, height, width)` pixels into `(batch, num_patches, hidden_size)` patch embeddings."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.image_size = _pair(config.image_size)
+        self.patch_size = _pair(config.patch_size)
+        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, self.patch_size, stride=self.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {self.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class DeiTEmbeddings(nn.Module):
+    """The `[cls, dist, patches]` sequence plus one learned position embedding per token (num_patches + 2)."""
+
+    num_prefix_tokens = 2
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = DeiTPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.patch_embeddings.num_patches + self.num_prefix_tokens, config.hidden_size)
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings resized (bicubic) to an image of `height` x `width`; both special tokens keep theirs."""
+        patch_height, patch_width = self.patch_embeddings.patch_size
+        return resample_abs_pos_embed(
+            self.position_embeddings,
+            new_size=[height // patch_height, width // patch_width],
+            old_size=list(self.patch_embeddings.grid_size),
+            num_prefix_tokens=self.num_prefix_tokens,
+            interpolation="bicubic",
+            antialias=False,  # transformers' DeiT/ViT interpolation, so fine-tuned checkpoints behave alike
+        )
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        if not interpolate_pos_encoding and (height, width) != self.patch_embeddings.image_size:
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match model "
+                f"({self.patch_embeddings.image_size[0]}*{self.patch_embeddings.image_size[1]}); "
+                "pass interpolate_pos_encoding=True to run at another size."
+            )
+        embeddings = self.patch_embeddings(pixel_values)
+        batch_size = embeddings.shape[0]
+        embeddings = torch.cat(
+            (self.cls_token.expand(batch_size, -1, -1), self.distillation_token.expand(batch_size, -1, -1), embeddings),
+            dim=1,
+        )
+        position_embeddings = (
+            self.interpolate_pos_encoding(height, width) if interpolate_pos_encoding else self.position_embeddings
+        )
+        return self.dropout(embeddings + position_embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class DeiTSelfAttention(nn.Module):
+    """Multi-head self-attention; the kernel (eager, sdpa, flash, flex) follows `config._attn_implementation`."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        heads_shape = (*input_shape, -1, self.head_dim)
+        query = self.query(hidden_states).view(heads_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(heads_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(heads_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            **kwargs,
+        )
+        return attn_output.reshape(*input_shape, -1), attn_weights
+
+
+class DeiTSelfOutput(nn.Module):
+    """Output projection of the attention block."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class DeiTAttention(nn.Module):
+    """Self-attention followed by its output projection."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.attention = DeiTSelfAttention(config)
+        self.output = DeiTSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.attention(hidden_states, **kwargs)
+        return self.output(attn_output)
+
+
+class DeiTIntermediate(nn.Module):
+    """First MLP layer and its activation (exact GELU for DeiT)."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class DeiTOutput(nn.Module):
+    """Second MLP layer."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class DeiTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, config: DeiTConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DeiTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = DeiTIntermediate(config)
+        self.output = DeiTOutput(config)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + self.drop_path(self.attention(self.layernorm_before(hidden_states), **kwargs))
+        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        return hidden_states + self.drop_path(mlp_output)
+
+
+class DeiTEncoder(nn.Module):
+    """The stack of blocks; stochastic depth grows linearly from 0 to `drop_path_rate` (timm's schedule)."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList(DeiTLayer(config, rate) for rate in rates)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, **kwargs)
+        return hidden_states
+
+
+class DeiTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation (timm's: truncated normal 0.02 for linear layers and tokens) and shared settings."""
+
+    config: DeiTConfig
+    base_model_prefix = "deit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeiTEmbeddings", "DeiTLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": DeiTLayer, "attentions": DeiTSelfAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DeiTEmbeddings):
+            for parameter in (module.position_embeddings, module.cls_token, module.distillation_token):
+                init.trunc_normal_(parameter, mean=0.0, std=self.config.initializer_range)
+
+
+class DeiTModel(DeiTPreTrainedModel):
+    """The bare DeiT encoder: embeddings, blocks and final LayerNorm; `last_hidden_state` is [cls, dist, patches]."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__(config)
+        self.embeddings = DeiTEmbeddings(config)
+        self.encoder = DeiTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> DeiTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
+    ) -> BaseModelOutput:
+        # Processors produce float32; a bf16/fp16 model takes its own dtype, as transformers' ViT does.
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        hidden_states = self.encoder(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.layernorm(hidden_states))
+
+
+class DeiTForImageClassification(DeiTPreTrainedModel):
+    """DeiT with one linear head on the final class token (the distillation token is carried but not read)."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__(config)
+        self.deit = DeiTModel(config)
+        self.classifier = _classifier(config)
+        self.loss_fct = DistillationLoss("none", label_smoothing=config.label_smoothing)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        outputs = self.deit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(outputs.last_hidden_state[:, 0])
+        loss = self.loss_fct(logits, labels).loss if labels is not None else None
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
+    """
+    DeiT⚗: a head on the final class token and a head on the final distillation token.
+
+    Inference returns their average as `logits`. Unlike transformers' class of the same name it trains: given
+    `labels` (class ids, or Mixup soft targets) and, for hard/soft distillation, the teacher's `teacher_logits` on the
+    same batch, it returns the loss of `deit_hf.losses.DistillationLoss` configured by `config.distillation_*`.
+    """
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__(config)
+        self.deit = DeiTModel(config)
+        self.cls_classifier = _classifier(config)
+        self.distillation_classifier = _classifier(config)
+        self.loss_fct = DistillationLoss.from_config(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> DeiTForImageClassificationWithTeacherOutput:
+        outputs = self.deit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        cls_embedding, distillation_embedding = outputs.last_hidden_state[:, 0], outputs.last_hidden_state[:, 1]
+        cls_logits = self.cls_classifier(cls_embedding)
+        distillation_logits = self.distillation_classifier(distillation_embedding)
+        losses = (
+            self.loss_fct(cls_logits, labels, distillation_logits, teacher_logits) if labels is not None else None
+        )
+        return DeiTForImageClassificationWithTeacherOutput(
+            loss=losses.loss if losses else None,
+            logits=(cls_logits + distillation_logits) / 2,
+            cls_logits=cls_logits,
+            distillation_logits=distillation_logits,
+            token_cosine_similarity=F.cosine_similarity(cls_embedding, distillation_embedding, dim=-1),
+            base_loss=losses.base_loss if losses else None,
+            distillation_loss=losses.distillation_loss if losses else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "DeiTForImageClassificationWithTeacherOutput",
+    "DeiTModel",
+    "DeiTPreTrainedModel",
+]
