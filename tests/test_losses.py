@@ -1,0 +1,89 @@
+"""The loss against facebookresearch/deit `losses.py` written out by hand on fixed tensors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deit_hf import DistillationLoss
+
+g = torch.Generator().manual_seed(0)
+CLS = torch.randn(6, 5, generator=g)
+DIST = torch.randn(6, 5, generator=g)
+TEACHER = torch.randn(6, 5, generator=g)
+LABELS = torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def reference(distillation_type, alpha, tau, labels=LABELS):
+    """facebookresearch/deit DistillationLoss.forward, inlined."""
+    if labels.is_floating_point():  # SoftTargetCrossEntropy
+        base = torch.sum(-labels * F.log_softmax(CLS, dim=-1), dim=-1).mean()
+    else:
+        base = F.cross_entropy(CLS, labels)
+    if distillation_type == "none":
+        return base
+    if distillation_type == "soft":
+        distillation = F.kl_div(
+            F.log_softmax(DIST / tau, dim=1), F.log_softmax(TEACHER / tau, dim=1), reduction="sum", log_target=True
+        ) * (tau * tau) / DIST.numel()
+    else:
+        distillation = F.cross_entropy(DIST, TEACHER.argmax(dim=1))
+    return base * (1 - alpha) + distillation * alpha
+
+
+@pytest.mark.parametrize("distillation_type, alpha, tau", [("hard", 0.5, 1.0), ("soft", 0.5, 3.0), ("soft", 0.1, 1.0), ("none", 0.5, 1.0)])
+def test_matches_facebookresearch(distillation_type, alpha, tau):
+    out = DistillationLoss(distillation_type, alpha, tau)(CLS, LABELS, DIST, TEACHER)
+    torch.testing.assert_close(out.loss, reference(distillation_type, alpha, tau))
+    if distillation_type == "none":
+        assert out.distillation_loss is None
+    else:
+        torch.testing.assert_close(out.loss, (1 - alpha) * out.base_loss + alpha * out.distillation_loss)
+
+
+def test_hard_loss_value_by_hand():
+    # alpha 0.5: the mean of the two cross-entropies; the teacher's argmax is the distillation target
+    out = DistillationLoss("hard")(CLS, LABELS, DIST, TEACHER)
+    by_hand = 0.5 * F.cross_entropy(CLS, LABELS) + 0.5 * F.cross_entropy(DIST, TEACHER.argmax(1))
+    torch.testing.assert_close(out.loss, by_hand)
+
+
+def test_soft_targets_from_mixup_use_soft_cross_entropy():
+    soft = torch.softmax(torch.randn(6, 5, generator=g), dim=1)
+    out = DistillationLoss("hard", label_smoothing=0.1)(CLS, soft, DIST, TEACHER)
+    # smoothing is not applied twice to Mixup's (already smoothed) targets
+    torch.testing.assert_close(out.loss, reference("hard", 0.5, 1.0, labels=soft))
+
+
+def test_label_smoothing_applies_to_class_ids_but_not_to_teacher_targets():
+    out = DistillationLoss("hard", label_smoothing=0.1)(CLS, LABELS, DIST, TEACHER)
+    torch.testing.assert_close(out.base_loss, F.cross_entropy(CLS, LABELS, label_smoothing=0.1))
+    torch.testing.assert_close(out.distillation_loss, F.cross_entropy(DIST, TEACHER.argmax(1)))
+
+
+def test_teacher_gets_no_gradient_and_student_heads_do():
+    cls, dist = CLS.clone().requires_grad_(), DIST.clone().requires_grad_()
+    teacher = TEACHER.clone().requires_grad_()
+    DistillationLoss("soft", tau=2.0)(cls, LABELS, dist, teacher).loss.backward()
+    assert teacher.grad is None
+    assert cls.grad.abs().sum() > 0 and dist.grad.abs().sum() > 0
+
+
+def test_none_leaves_the_distillation_head_untrained():
+    dist = DIST.clone().requires_grad_()
+    DistillationLoss("none")(CLS.clone().requires_grad_(), LABELS, dist, TEACHER).loss.backward()
+    assert dist.grad is None
+
+
+def test_missing_teacher_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs `distillation_logits` and `teacher_logits`"):
+        DistillationLoss("hard")(CLS, LABELS, DIST, None)
+
+
+def test_teacher_with_other_classes_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"teacher_logits has shape \(6, 7\).*\(6, 5\)"):
+        DistillationLoss("hard")(CLS, LABELS, DIST, torch.randn(6, 7))
+
+
+def test_unknown_type():
+    with pytest.raises(ValueError, match="distillation_type"):
+        DistillationLoss("strong")
