@@ -71,10 +71,11 @@ class DeiTConfig(PreTrainedConfig):
     label_smoothing: float | int = 0.0
 
     def __post_init__(self, **kwargs):
-        self._check()
+        # Checked here rather than in `validate_*` methods so that nonsense raises a plain ValueError.
+        self._check_fields()
         super().__post_init__(**kwargs)
 
-    def _check(self):
+    def _check_fields(self):
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"`{field}` must be positive, got {getattr(self, field)}.")
