@@ -1,0 +1,271 @@
+"""Convert timm / facebookresearch DeiT⚗ checkpoints into deit_hf checkpoints.
+
+    python -m deit_hf.convert --timm-model deit_small_distilled_patch16_224 \
+        --checkpoint deit_small_distilled_patch16_224-649709d9.pth --output deit-small-distilled
+
+writes `model.safetensors`, `config.json` and `preprocessor_config.json`, loadable with
+`DeiTForImageClassificationWithTeacher.from_pretrained` or, after `import deit_hf`,
+`AutoModelForImageClassification.from_pretrained`. facebookresearch/deit builds its models with timm, so both
+share timm's parameter names. The conversion is checked: the converted model must reproduce timm's logits.
+
+`load_state_dict_file` and `load_state_dict_strict` are also the checkpoint loaders of `training.teacher`.
+"""
+
+import argparse
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.models import load_state_dict as timm_load_state_dict
+from timm.models.deit import VisionTransformerDistilled
+from torch import nn
+from transformers.image_utils import PILImageResampling
+
+from .configuration_deit import DeiTConfig
+from .image_processing_deit import DeiTImageProcessor
+from .modeling_deit import DeiTForImageClassificationWithTeacher
+
+# The DeiT recipe's eval transform resizes the shortest edge to input_size / 0.875 before the center crop
+# (timm's pretrained_cfg says 0.9 for some DeiT weights; the paper's numbers were measured with 0.875).
+EVAL_CROP_RATIO = 0.875
+# Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
+VERIFY_ATOL = 1e-3
+DISTILLED_DEIT_MODELS = timm.list_models("deit*distilled*")
+_SHOWN_KEYS = 5
+
+# timm name -> deit_hf name, as prefix rewrites; `blocks.i.attn.qkv` is split separately (see `convert_state_dict`).
+_RENAMES = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^cls_token$", "deit.embeddings.cls_token"),
+        (r"^dist_token$", "deit.embeddings.distillation_token"),
+        (r"^pos_embed$", "deit.embeddings.position_embeddings"),
+        (r"^patch_embed\.proj\.", "deit.embeddings.patch_embeddings.projection."),
+        (r"^blocks\.(\d+)\.norm1\.", r"deit.encoder.layer.\1.layernorm_before."),
+        (r"^blocks\.(\d+)\.attn\.proj\.", r"deit.encoder.layer.\1.attention.output.dense."),
+        (r"^blocks\.(\d+)\.norm2\.", r"deit.encoder.layer.\1.layernorm_after."),
+        (r"^blocks\.(\d+)\.mlp\.fc1\.", r"deit.encoder.layer.\1.intermediate.dense."),
+        (r"^blocks\.(\d+)\.mlp\.fc2\.", r"deit.encoder.layer.\1.output.dense."),
+        (r"^norm\.", "deit.layernorm."),
+        (r"^head\.", "cls_classifier."),
+        (r"^head_dist\.", "distillation_classifier."),
+    )
+)
+_FUSED_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+
+
+def _few(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > _SHOWN_KEYS else shown
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a `.safetensors` file or a `.pth`/`.pt` file, onto the CPU.
+
+    Torch files are read with `weights_only=True` (no arbitrary unpickling). A checkpoint that wraps the weights,
+    as facebookresearch/deit's `{"model": ...}` or timm's `{"state_dict": ...}`, is unwrapped, and DDP/compile
+    prefixes (`module.`, `_orig_mod.`) are stripped (timm's loader). EMA weights are ignored: the recipe evaluates
+    the model itself.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}.")
+    try:
+        state_dict = timm_load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    except AttributeError as error:  # timm's prefix cleaning calls `.items()` on whatever the file held
+        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors).") from error
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{path} does not hold a state dict: entries {_few(not_tensors)} are not tensors "
+            "(expected parameters at the top level or under a 'model' or 'state_dict' key)."
+        )
+    return state_dict
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, target: str) -> None:
+    """Load `state_dict` into `module`, all or nothing.
+
+    Raises a ValueError naming (a few of) the missing and unexpected keys, or the keys whose shapes differ with
+    both shapes, before anything is copied; `source` and `target` name the two sides in the message.
+    """
+    expected = module.state_dict()
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        problems = ([f"missing keys: {_few(missing)}"] if missing else []) + (
+            [f"unexpected keys: {_few(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(f"{source} does not match {target}; " + "; ".join(problems) + ".")
+    mismatched = [
+        f"{key}: {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
+        for key, tensor in sorted(state_dict.items())
+        if tensor.shape != expected[key].shape
+    ]
+    if mismatched:
+        more = f" ({len(mismatched)} in all)" if len(mismatched) > _SHOWN_KEYS else ""
+        raise ValueError(
+            f"Shapes in {source} do not match {target} (given vs expected): "
+            + "; ".join(mismatched[:_SHOWN_KEYS])
+            + more
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def config_from_timm(timm_model: VisionTransformerDistilled) -> DeiTConfig:
+    """The `DeiTConfig` describing a timm distilled ViT, with ImageNet label names for 1000-class heads."""
+    block = timm_model.blocks[0]
+    image_size, patch_size = (
+        size[0] if size[0] == size[1] else list(size)
+        for size in (timm_model.patch_embed.img_size, timm_model.patch_embed.patch_size)
+    )
+    imagenet = ImageNetInfo()
+    id2label = (
+        {index: imagenet.index_to_description(index) for index in range(timm_model.num_classes)}
+        if timm_model.num_classes == imagenet.num_classes()
+        else None
+    )
+    return DeiTConfig(
+        hidden_size=timm_model.embed_dim,
+        num_hidden_layers=len(timm_model.blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        qkv_bias=block.attn.qkv.bias is not None,
+        layer_norm_eps=timm_model.norm.eps,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=timm_model.patch_embed.proj.in_channels,
+        num_labels=timm_model.num_classes,
+        **({"id2label": id2label} if id2label else {}),
+    )
+
+
+def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a timm DeiT⚗ state dict to deit_hf's names, splitting each fused qkv projection into q, k and v."""
+    converted, unmapped = {}, []
+    for key, tensor in timm_state_dict.items():
+        if fused := _FUSED_QKV.match(key):
+            layer, kind = fused.groups()
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0)):
+                converted[f"deit.encoder.layer.{layer}.attention.attention.{name}.{kind}"] = part
+            continue
+        for pattern, replacement in _RENAMES:
+            new_key, count = pattern.subn(replacement, key)
+            if count:
+                converted[new_key] = tensor
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(f"No deit_hf counterpart for timm parameters {_few(unmapped)}: unsupported DeiT variant.")
+    return converted
+
+
+def eval_image_processor(config: DeiTConfig) -> DeiTImageProcessor:
+    """The DeiT recipe's eval transform at the model's input size (bicubic resize, center crop, ImageNet stats)."""
+    height, width = config.image_size if isinstance(config.image_size, list) else (config.image_size,) * 2
+    return DeiTImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": int(min(height, width) / EVAL_CROP_RATIO)},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": height, "width": width},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassificationWithTeacher) -> None:
+    config = model.config
+    height, width = config.image_size if isinstance(config.image_size, list) else (config.image_size,) * 2
+    pixel_values = torch.randn(1, config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (timm_model(pixel_values) - model(pixel_values).logits).abs().max().item()
+    if difference > VERIFY_ATOL:
+        raise RuntimeError(
+            f"The converted model's logits differ from timm's by up to {difference:.3g} (> {VERIFY_ATOL}); "
+            "the timm model uses a feature deit_hf does not reproduce."
+        )
+
+
+def convert_timm_model(
+    timm_model: nn.Module,
+) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
+    """Convert a timm `VisionTransformerDistilled` (with its current weights) into deit_hf, in eval mode.
+
+    Checks that the converted model reproduces timm's eval logits (the mean of both heads) on a random image.
+    """
+    if not isinstance(timm_model, VisionTransformerDistilled):
+        raise ValueError(
+            f"{type(timm_model).__name__} is not a distilled DeiT: deit_hf converts timm's "
+            "VisionTransformerDistilled models (deit_*_distilled_*), whose distillation token and head it needs."
+        )
+    timm_model.eval().set_distilled_training(False)
+    config = config_from_timm(timm_model)
+    model = DeiTForImageClassificationWithTeacher(config).eval()
+    load_state_dict_strict(
+        model, convert_state_dict(timm_model.state_dict()), "the converted timm weights", "the deit_hf model"
+    )
+    _verify(timm_model, model)
+    return model, eval_image_processor(config)
+
+
+def convert_timm_checkpoint(
+    timm_model_name: str, checkpoint_path: str | Path | None = None
+) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
+    """Build timm's `timm_model_name`, load `checkpoint_path` into it (strictly) and convert it to deit_hf.
+
+    Without `checkpoint_path` the weights are timm's random initialisation (`pretrained=False`: nothing is
+    downloaded), which is only good for testing the conversion.
+    """
+    if not timm.is_model(timm_model_name):
+        raise ValueError(
+            f"Unknown timm model {timm_model_name!r}; the distilled DeiTs are {DISTILLED_DEIT_MODELS}."
+        )
+    timm_model = timm.create_model(timm_model_name, pretrained=False)
+    if not isinstance(timm_model, VisionTransformerDistilled):
+        raise ValueError(
+            f"timm model {timm_model_name!r} has no distillation token: deit_hf converts distilled DeiTs only, "
+            f"i.e. {DISTILLED_DEIT_MODELS}."
+        )
+    if checkpoint_path is not None:
+        load_state_dict_strict(
+            timm_model,
+            load_state_dict_file(checkpoint_path),
+            f"checkpoint {checkpoint_path}",
+            f"timm model {timm_model_name!r}",
+        )
+    return convert_timm_model(timm_model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (`deit-hf-convert`, `python -m deit_hf.convert`)."""
+    parser = argparse.ArgumentParser(prog="deit-hf-convert", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--timm-model",
+        required=True,
+        help="timm model name, e.g. deit_base_distilled_patch16_384 (distilled DeiTs only).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="timm or facebookresearch/deit weights (.pth/.pt, optionally under a 'model' key, or .safetensors). "
+        "Without it the model keeps timm's random initialisation: for testing the conversion only.",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="Directory to write the deit_hf checkpoint to.")
+    args = parser.parse_args(argv)
+    try:
+        model, image_processor = convert_timm_checkpoint(args.timm_model, args.checkpoint)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    model.save_pretrained(args.output)
+    image_processor.save_pretrained(args.output)
+    print(f"Wrote {args.timm_model}{f' ({args.checkpoint})' if args.checkpoint else ' (random init)'} to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

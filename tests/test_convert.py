@@ -1,0 +1,171 @@
+"""timm / facebookresearch DeiT⚗ -> deit_hf conversion: logit parity, checkpoint round trips, clear errors."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from deit_hf import DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+from deit_hf.convert import convert_timm_checkpoint, convert_timm_model, load_state_dict_file, main
+
+# A timm DeiT⚗ small enough to convert in milliseconds, for the error paths that take a model object.
+TINY_TIMM = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=3)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter: timm's init leaves biases and LayerNorms constant, which would hide swapped keys."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def images(batch_size: int, size: int) -> torch.Tensor:
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "name, size, batch_size, hidden_size, num_heads",
+    [
+        ("deit_tiny_distilled_patch16_224", 224, 2, 192, 3),
+        ("deit_small_distilled_patch16_224", 224, 2, 384, 6),
+        ("deit_base_distilled_patch16_224", 224, 1, 768, 12),
+        ("deit_base_distilled_patch16_384", 384, 1, 768, 12),
+    ],
+)
+def test_logits_match_timm(name, size, batch_size, hidden_size, num_heads):
+    timm_model = randomized(timm.create_model(name, pretrained=False))
+    model, image_processor = convert_timm_model(timm_model)
+
+    config = model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (hidden_size, num_heads, 12)
+    assert (config.intermediate_size, config.image_size, config.patch_size) == (4 * hidden_size, size, 16)
+    assert config.layer_norm_eps == 1e-6
+    assert config.num_labels == 1000 and config.id2label[0] == "tench, Tinca tinca"
+    assert image_processor.size == {"shortest_edge": int(size / 0.875)}
+    assert image_processor.crop_size == {"height": size, "width": size}
+
+    pixel_values = images(batch_size, size)
+    with torch.no_grad():
+        features = timm_model.forward_features(pixel_values)
+        timm_cls_logits, timm_dist_logits = timm_model.head(features[:, 0]), timm_model.head_dist(features[:, 1])
+        timm_logits = timm_model(pixel_values)
+        outputs = model(pixel_values)
+    torch.testing.assert_close(outputs.cls_logits, timm_cls_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs.distillation_logits, timm_dist_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs.logits, timm_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("file_format", ["pth", "safetensors"])
+def test_checkpoint_round_trip_through_cli(tmp_path, file_format):
+    name = "deit_tiny_distilled_patch16_224"
+    timm_model = randomized(timm.create_model(name, pretrained=False), seed=2)
+    checkpoint = tmp_path / f"weights.{file_format}"
+    if file_format == "pth":  # facebookresearch/deit wraps its weights, next to optimizer state and the like
+        torch.save({"model": timm_model.state_dict(), "epoch": 299}, checkpoint)
+    else:
+        save_file(timm_model.state_dict(), checkpoint)
+    output = tmp_path / "converted"
+
+    main(["--timm-model", name, "--checkpoint", str(checkpoint), "--output", str(output)])
+
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= {p.name for p in output.iterdir()}
+    pixel_values = images(2, 224)
+    with torch.no_grad():
+        expected = timm_model(pixel_values)
+        for model in (
+            DeiTForImageClassificationWithTeacher.from_pretrained(output),
+            AutoModelForImageClassification.from_pretrained(output),
+        ):
+            assert type(model) is DeiTForImageClassificationWithTeacher
+            torch.testing.assert_close(model.eval()(pixel_values).logits, expected, atol=1e-4, rtol=0)
+    image_processor = AutoImageProcessor.from_pretrained(output)
+    assert image_processor.size == {"shortest_edge": 256}
+    assert image_processor.crop_size == {"height": 224, "width": 224}
+    assert image_processor.resample == 3  # bicubic
+    assert tuple(image_processor.image_mean) == pytest.approx((0.485, 0.456, 0.406))
+    assert tuple(image_processor.image_std) == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_random_init_conversion_without_checkpoint():
+    model, image_processor = convert_timm_checkpoint("deit_tiny_distilled_patch16_224")
+    assert isinstance(model, DeiTForImageClassificationWithTeacher) and not model.training
+    assert isinstance(image_processor, DeiTImageProcessor)
+
+
+def test_loader_unwraps_and_strips_prefixes(tmp_path):
+    state_dict = {"weight": torch.arange(3.0)}
+    torch.save({"model": {"module.weight": state_dict["weight"]}}, tmp_path / "ddp.pth")
+    assert load_state_dict_file(tmp_path / "ddp.pth").keys() == {"weight"}
+
+
+def save_pth(path, state_dict):
+    torch.save({"model": state_dict}, path)
+    return str(path)
+
+
+def test_other_architecture_names_the_keys(tmp_path):
+    checkpoint = save_pth(tmp_path / "resnet.pth", timm.create_model("resnet10t", pretrained=False).state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"does not match timm model .*missing keys: blocks\.0\..*\(155 in all\); unexpected keys: bn1\.",
+    ):
+        convert_timm_checkpoint("deit_tiny_distilled_patch16_224", checkpoint)
+
+
+def test_non_distilled_checkpoint_names_the_missing_distillation_keys(tmp_path):
+    checkpoint = save_pth(tmp_path / "deit.pth", timm.create_model("deit_tiny_patch16_224").state_dict())
+    with pytest.raises(ValueError, match=r"missing keys: dist_token, head_dist\.bias, head_dist\.weight\.$"):
+        convert_timm_checkpoint("deit_tiny_distilled_patch16_224", checkpoint)
+
+
+def test_non_distilled_model_name_is_refused():
+    with pytest.raises(ValueError, match="'deit_tiny_patch16_224' has no distillation token"):
+        convert_timm_checkpoint("deit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="VisionTransformer is not a distilled DeiT"):
+        convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="Unknown timm model 'deit_huge_distilled'"):
+        convert_timm_checkpoint("deit_huge_distilled")
+
+
+def test_wrong_size_checkpoint_names_key_and_shapes(tmp_path):
+    checkpoint = save_pth(tmp_path / "tiny.pth", timm.create_model("deit_tiny_distilled_patch16_224").state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"Shapes in checkpoint .*tiny\.pth do not match timm model 'deit_small_distilled_patch16_224' "
+        r"\(given vs expected\): blocks\.0\.attn\.proj\.bias: \(192,\) vs \(384,\); .*\(153 in all\)$",
+    ):
+        convert_timm_checkpoint("deit_small_distilled_patch16_224", checkpoint)
+
+
+def test_files_that_are_not_state_dicts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint file at .*absent.pth"):
+        load_state_dict_file(tmp_path / "absent.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth does not hold a state dict"):
+        load_state_dict_file(tmp_path / "list.pth")
+    torch.save({"epoch": 3, "weight": torch.zeros(1)}, tmp_path / "epoch.pth")
+    with pytest.raises(ValueError, match="entries epoch are not tensors"):
+        load_state_dict_file(tmp_path / "epoch.pth")
+
+
+def test_unsupported_variants_are_refused():
+    with pytest.raises(ValueError, match=r"No deit_hf counterpart for timm parameters blocks\.0\.ls1\.gamma"):
+        convert_timm_model(timm.create_model("deit_tiny_distilled_patch16_224", init_values=1e-5, **TINY_TIMM))
+    # same parameters, different function: only the logit check can tell
+    with pytest.raises(RuntimeError, match="logits differ from timm's"):
+        relu_model = timm.create_model("deit_tiny_distilled_patch16_224", act_layer="relu", **TINY_TIMM)
+        convert_timm_model(randomized(relu_model))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timm-model", "deit_tiny_patch16_224", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "has no distillation token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
