@@ -1,0 +1,206 @@
+"""DeiT-recipe transforms (timm), image decoding in `ImageTransform`, and mixup for batches of any size."""
+
+import io
+import logging
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import timm
+import torch
+from skimage import data as skimage_data
+from timm.data import RandomResizedCropAndInterpolation, resolve_data_config
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
+
+from training.args import AugmentationArguments
+from training.transforms import (
+    AnyBatchMixup,
+    ImageTransform,
+    build_eval_transform,
+    build_mixup,
+    build_train_transform,
+)
+
+
+def encode(image: PIL.Image.Image, format: str) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def step_types(transform):
+    return [type(step) for step in transform.transforms]
+
+
+def test_train_transform_is_the_deit_recipe():
+    transform = build_train_transform(AugmentationArguments())
+
+    assert step_types(transform) == [
+        RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, RandAugment, timm.data.transforms.MaybeToTensor,
+        T.Normalize, RandomErasing,
+    ]
+    crop, flip, rand_augment, _, normalize, erasing = transform.transforms
+    assert (crop.size, crop.scale, crop.interpolation) == ((224, 224), (0.08, 1.0), T.InterpolationMode.BICUBIC)
+    assert flip.p == 0.5
+    # rand-m9-mstd0.5-inc1: two ops per image, magnitude 9 with std 0.5, the "increasing" variants of the ops.
+    assert rand_augment.num_layers == 2
+    assert {(op.magnitude, op.magnitude_std) for op in rand_augment.ops} == {(9, 0.5)}
+    assert "SolarizeIncreasing" in {op.name for op in rand_augment.ops}
+    assert normalize.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "pixel", 1)
+
+
+def test_train_transform_pieces_turn_off():
+    transform = build_train_transform(AugmentationArguments(auto_augment="none", reprob=0, hflip=0, input_size=32))
+
+    crop, jitter, *_ = transform.transforms
+    assert RandAugment not in step_types(transform) and RandomErasing not in step_types(transform)
+    assert T.RandomHorizontalFlip not in step_types(transform)
+    # Without auto-augment timm falls back to color jitter, 0.3 for brightness, contrast and saturation.
+    assert isinstance(jitter, T.ColorJitter) and jitter.brightness == (0.7, 1.3) and jitter.hue is None
+    assert crop.size == (32, 32)
+
+
+def test_eval_transform_matches_timm_data_config_of_a_deit_model():
+    pretrained_cfg = timm.models.get_pretrained_cfg("deit_small_distilled_patch16_224").to_dict()
+    timm_transform = timm.data.create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg))
+    transform = build_eval_transform(AugmentationArguments(eval_crop_pct=pretrained_cfg["crop_pct"]))
+    photo = PIL.Image.fromarray(skimage_data.chelsea())  # 451 x 300, not square
+
+    assert torch.equal(transform(photo), timm_transform(photo))
+    # The DeiT recipe itself evaluates at crop 0.875: shorter side to 256, center 224.
+    resize, crop, *_ = build_eval_transform(AugmentationArguments()).transforms
+    assert (resize.size, resize.interpolation, crop.size) == (256, T.InterpolationMode.BICUBIC, (224, 224))
+
+
+@pytest.mark.parametrize(
+    "mode, format",
+    [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "JPEG")],
+)
+def test_any_image_mode_becomes_three_channels(mode, format):
+    photo = PIL.Image.fromarray(skimage_data.astronaut()).resize((40, 48))
+    image = photo.convert(mode) if mode != "I;16" else PIL.Image.fromarray(
+        np.asarray(photo.convert("L"), dtype=np.uint16) * 200
+    )
+    assert image.mode == mode
+    transform = ImageTransform(build_eval_transform(AugmentationArguments(input_size=32)))
+
+    output = transform({"image": [encode(image, format)], "label": [7]})
+
+    assert output["pixel_values"][0].shape == (3, 32, 32) and output["labels"] == [7]
+
+
+def test_images_given_by_path_are_decoded(tmp_path):
+    path = tmp_path / "rocket.jpg"
+    PIL.Image.fromarray(skimage_data.rocket()).save(path)
+    eval_transform = build_eval_transform(AugmentationArguments(input_size=32))
+
+    output = ImageTransform(eval_transform)({"image": [{"bytes": None, "path": str(path)}], "label": [1]})
+
+    assert torch.equal(output["pixel_values"][0], eval_transform(PIL.Image.open(path).convert("RGB")))
+
+
+def test_undecodable_images_are_skipped_with_a_counted_warning(tmp_path, caplog):
+    good = encode(PIL.Image.fromarray(skimage_data.coffee()), "JPEG")
+    truncated = {"bytes": good["bytes"][:200], "path": None}
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    garbage = {"bytes": None, "path": str(tmp_path / "garbage.jpg")}
+    transform = ImageTransform(build_eval_transform(AugmentationArguments(input_size=32)), "img", "cls")
+
+    with caplog.at_level(logging.WARNING, logger="training.transforms"):
+        output = transform({"img": [good, garbage, truncated], "cls": [0, 1, 2]})
+
+    assert output["pixel_values"][0].shape == (3, 32, 32)
+    assert output["pixel_values"][1:] == [None, None] and output["labels"] == [0, None, None]
+    assert transform.skipped_images == 2
+    first, second = caplog.messages
+    assert first.startswith(f"Skipping undecodable image '{tmp_path / 'garbage.jpg'}' (UnidentifiedImageError")
+    assert first.endswith("1 skipped so far in this process.")
+    assert second.startswith("Skipping undecodable image <200 bytes without a path> (OSError: ")
+    assert second.endswith("2 skipped so far in this process.")
+
+
+def test_image_transform_pickles_for_spawned_workers():
+    transform = ImageTransform(build_train_transform(AugmentationArguments(input_size=32)))
+    batch = {"image": [encode(PIL.Image.fromarray(skimage_data.astronaut()), "PNG")], "label": [3]}
+
+    restored = pickle.loads(pickle.dumps(transform))
+
+    assert restored(batch)["pixel_values"][0].shape == (3, 32, 32)
+
+
+def test_no_mixup_when_both_alphas_are_zero():
+    assert build_mixup(AugmentationArguments(mixup=0, cutmix=0), num_classes=10) is None
+    mixup = build_mixup(AugmentationArguments(), num_classes=10)
+    assert isinstance(mixup, AnyBatchMixup)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.switch_prob, mixup.label_smoothing) == (0.8, 1.0, 0.5, 0.1)
+
+
+SMOOTH_ON, SMOOTH_OFF = 1 - 0.1 + 0.1 / 10, 0.1 / 10  # smoothing 0.1 over 10 classes
+
+
+def mixed_batch(batch_size: int, **aug_kwargs):
+    np.random.seed(0)  # timm draws lambda and the cutmix box with NumPy
+    pixel_values = torch.randn(batch_size, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch_size) % 10
+    mixup = build_mixup(AugmentationArguments(**aug_kwargs), num_classes=10)
+    mixed, targets = mixup(pixel_values.clone(), labels)
+    return pixel_values, labels, mixed, targets
+
+
+@pytest.mark.parametrize("batch_size", [6, 5])
+def test_mixup_mixes_each_sample_with_its_mirror(batch_size):
+    pixel_values, labels, mixed, targets = mixed_batch(batch_size, cutmix=0)
+    mixed_count = batch_size - batch_size % 2
+
+    assert targets.shape == (batch_size, 10)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(batch_size))
+    lam = (targets[0, labels[0]] - SMOOTH_OFF) / (SMOOTH_ON - SMOOTH_OFF)
+    assert 0 < lam < 1
+    for index in range(mixed_count):
+        mirror = mixed_count - 1 - index
+        torch.testing.assert_close(mixed[index], lam * pixel_values[index] + (1 - lam) * pixel_values[mirror])
+        expected = torch.full((10,), SMOOTH_OFF)
+        expected[labels[index]] += lam * (SMOOTH_ON - SMOOTH_OFF)
+        expected[labels[mirror]] += (1 - lam) * (SMOOTH_ON - SMOOTH_OFF)
+        torch.testing.assert_close(targets[index], expected)
+    if batch_size % 2:
+        # The odd sample out stays unmixed, with its smoothed one-hot target.
+        torch.testing.assert_close(mixed[-1], pixel_values[-1])
+        assert targets[-1, labels[-1]] == pytest.approx(SMOOTH_ON) and targets[-1].sum() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_cutmix_any_batch_size_and_mode(batch_size, mode):
+    pixel_values, labels, mixed, targets = mixed_batch(batch_size, mixup=0, mixup_mode=mode)
+
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(batch_size))
+    assert batch_size == 1 or not torch.equal(mixed[:-1], pixel_values[:-1])
+    # Cutmix pastes a box: every pixel comes from the sample itself or from its mirror.
+    for index in range(batch_size - 1):
+        mirror = batch_size - 2 - index
+        from_self = mixed[index] == pixel_values[index]
+        assert torch.all(from_self | (mixed[index] == pixel_values[mirror]))
+    torch.testing.assert_close(mixed[-1], pixel_values[-1])
+    assert targets[-1, labels[-1]] == pytest.approx(SMOOTH_ON)
+
+
+def test_mixup_off_by_probability_gives_smoothed_one_hot_targets():
+    pixel_values, labels, mixed, targets = mixed_batch(4, mixup_prob=0)
+
+    torch.testing.assert_close(mixed, pixel_values)
+    expected = torch.full((4, 10), SMOOTH_OFF)
+    expected[torch.arange(4), labels] = SMOOTH_ON
+    torch.testing.assert_close(targets, expected)
+
+
+def test_augmentation_arguments_validation():
+    assert AugmentationArguments(auto_augment="None").auto_augment is None
+    with pytest.raises(ValueError, match=r"`reprob` is a probability and must be in \[0, 1\], got 1.5"):
+        AugmentationArguments(reprob=1.5)
+    with pytest.raises(ValueError, match=r"`scale` must be two fractions 0 < min <= max <= 1, got \[0.5\]"):
+        AugmentationArguments(scale=[0.5])

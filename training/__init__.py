@@ -1,0 +1,1 @@
+"""Training stack for DeiT with a teacher: data loading, DeiT-recipe transforms, collation, metrics and the Trainer."""

@@ -1,0 +1,143 @@
+"""Command-line arguments of the training script, as `HfArgumentParser` dataclasses."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+# Values that switch a string-valued option off from the command line (`--auto_augment none`).
+_OFF_VALUES = ("", "none", "null", "off", "false")
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and which columns hold them; one of `dataset_name` or `train_dir` is required."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A dataset on the Hub (e.g. `ILSVRC/imagenet-1k`), a local parquet/arrow file or directory of "
+            "such files, or a directory written by `Dataset(Dict).save_to_disk`."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "The configuration of the Hub dataset, if it has several."}
+    )
+    train_dir: Optional[str] = field(
+        default=None, metadata={"help": "An imagefolder directory (one sub-directory per class) to train on."}
+    )
+    validation_dir: Optional[str] = field(
+        default=None, metadata={"help": "An imagefolder directory (one sub-directory per class) to evaluate on."}
+    )
+    train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    validation_split: str = field(
+        default="validation",
+        metadata={"help": "The split to evaluate on; when the dataset has none, it is carved off the train split."},
+    )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={"help": "Percentage of the train split held out for evaluation when there is no validation split."},
+    )
+    image_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "The column holding the images; default: the column with an `Image` feature or named "
+                  "image/img/jpg/png/pixel_values."},
+    )
+    label_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "The column holding the integer class labels; default: the `ClassLabel` column or the "
+                  "column named label/labels/cls."},
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset instead of downloading and preparing it first."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Train on the first N examples only (debugging, quick runs)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on the first N examples only (debugging, quick runs)."}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where downloaded and prepared datasets are cached."}
+    )
+
+    def __post_init__(self):
+        if (self.dataset_name is None) == (self.train_dir is None):
+            raise ValueError("Pass exactly one of `dataset_name` or `train_dir`.")
+        if self.validation_dir is not None and self.train_dir is None:
+            raise ValueError("`validation_dir` needs `train_dir`; a `dataset_name` dataset has its own splits.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"`validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}."
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be a positive number of examples, got {value}.")
+
+
+@dataclass
+class AugmentationArguments:
+    """Image augmentation, defaults = the DeiT recipe (facebookresearch/deit `main.py`).
+
+    Turn a piece off with 0 for its probability or alpha (`--reprob 0 --mixup 0 --cutmix 0`),
+    `--auto_augment none` or `--repeated_aug false`.
+    """
+
+    input_size: int = field(default=224, metadata={"help": "Side of the square images fed to the model."})
+    auto_augment: Optional[str] = field(
+        default="rand-m9-mstd0.5-inc1",
+        metadata={"help": "timm auto-augment policy (RandAugment `rand-...`, `augmix-...`, AutoAugment "
+                  "`original`/`v0`); `none` to disable."},
+    )
+    color_jitter: float = field(
+        default=0.3, metadata={"help": "Color jitter strength; timm ignores it when `auto_augment` is set."}
+    )
+    train_interpolation: Literal["bicubic", "bilinear", "nearest", "random"] = field(
+        default="bicubic", metadata={"help": "Interpolation of the training random-resized crop and augmentations."}
+    )
+    reprob: float = field(default=0.25, metadata={"help": "Random erasing probability (0 disables it)."})
+    remode: Literal["pixel", "rand", "const"] = field(
+        default="pixel", metadata={"help": "Random erasing fill: per-pixel noise, per-channel noise, or zeros."}
+    )
+    recount: int = field(default=1, metadata={"help": "Number of random erasing regions per image."})
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata={"help": "Area range (min max) of the random-resized crop, as fractions of the image."},
+    )
+    eval_crop_pct: float = field(
+        default=0.875, metadata={"help": "Evaluation resizes to input_size / eval_crop_pct, then center-crops."}
+    )
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 disables mixup)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables cutmix)."})
+    mixup_prob: float = field(
+        default=1.0, metadata={"help": "Probability of mixing a batch when mixup or cutmix is on."}
+    )
+    mixup_switch_prob: float = field(
+        default=0.5, metadata={"help": "Probability of cutmix instead of mixup when both are on."}
+    )
+    mixup_mode: Literal["batch", "pair", "elem"] = field(
+        default="batch", metadata={"help": "Draw mixing parameters per batch, per pair of samples, or per sample."}
+    )
+    smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the (mixed) class targets."})
+    repeated_aug: bool = field(
+        default=True, metadata={"help": "Repeated augmentation: each image appears `num_repeats` times per epoch."}
+    )
+    num_repeats: int = field(default=3, metadata={"help": "Repeats per image with `repeated_aug`."})
+
+    def __post_init__(self):
+        if self.auto_augment is not None and self.auto_augment.strip().lower() in _OFF_VALUES:
+            self.auto_augment = None
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"`scale` must be two fractions 0 < min <= max <= 1, got {self.scale}.")
+        for name in ("reprob", "hflip", "mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` is a probability and must be in [0, 1], got {getattr(self, name)}.")
+        for name in ("mixup", "cutmix", "color_jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"`smoothing` must be in [0, 1), got {self.smoothing}.")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ValueError(f"`eval_crop_pct` must be in (0, 1], got {self.eval_crop_pct}.")
+        if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
+            raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")

@@ -1,0 +1,25 @@
+"""Batch collation for image classification with a teacher: stack what decoded, drop what did not."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistillationCollator:
+    """Stack `pixel_values` (float32) and `labels` (int64) of the samples that `ImageTransform` could decode.
+
+    Samples whose `pixel_values` is `None` (undecodable images) are dropped, so a batch can be smaller than the
+    DataLoader's batch size, and odd (`AnyBatchMixup` handles that). A batch with no decodable image at all comes
+    back empty: `{"pixel_values": tensor of shape (0,), "labels": tensor of shape (0,)}`; the trainer skips a batch
+    whose `labels` has no element. Mixup is not done here but on the device, by the trainer.
+    """
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        kept = [sample for sample in samples if sample["pixel_values"] is not None]
+        if not kept:
+            return {"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.int64)}
+        return {
+            "pixel_values": torch.stack([torch.as_tensor(sample["pixel_values"]) for sample in kept]).float(),
+            "labels": torch.tensor([sample["labels"] for sample in kept], dtype=torch.int64),
+        }

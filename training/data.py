@@ -1,0 +1,245 @@
+"""Load an image classification dataset into train/validation splits with validated labels.
+
+Sources: a Hub dataset, local parquet/arrow files, a `save_to_disk` directory, or imagefolder directories.
+Images stay undecoded (`datasets.Image(decode=False)`) so that decoding happens in the DataLoader workers, in
+`training.transforms.ImageTransform`, and never in the main process.
+"""
+
+import logging
+import os
+from functools import partial
+from typing import NamedTuple, Optional, Union
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .args import DataArguments
+
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "png", "pixel_values")
+LABEL_COLUMN_NAMES = ("label", "labels", "cls")
+# Fixed so that every process and every rerun carves off the same validation examples.
+VALIDATION_SPLIT_SEED = 42
+_LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+_UNLABELED_HINT = " (-1 marks unlabeled examples, such as those of ImageNet's test split.)"
+
+AnyDatasetDict = Union[datasets.DatasetDict, datasets.IterableDatasetDict]
+AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+
+
+class ImageDatasets(NamedTuple):
+    """What `load_image_datasets` returns: the `train`/`validation` splits and what the model config needs."""
+
+    dataset_dict: AnyDatasetDict
+    image_column: str
+    label_column: str
+    label_names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.label_names)}
+
+
+def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
+    """Load the splits named by `data_args`, find the image and label columns and check every label.
+
+    Returns `train` and `validation` splits (the latter carved off train when the dataset has none) holding only the
+    image column, cast to `datasets.Image(decode=False)`, and the label column. Labels outside `[0, num_classes)`
+    raise a `ValueError` before training; when streaming, they raise when they are met.
+    """
+    raw = _load_raw(data_args)
+    if data_args.train_split not in raw:
+        raise ValueError(f"Split '{data_args.train_split}' not found; the dataset has splits {list(raw)}.")
+    train = raw[data_args.train_split]
+    features = train.features
+    if features is None:
+        raise ValueError("The dataset does not declare its features, so its image and label columns are unknown.")
+    image_column = _find_column(
+        features, data_args.image_column, datasets.Image, IMAGE_COLUMN_NAMES, "image", "image_column"
+    )
+    label_column = _find_column(
+        features, data_args.label_column, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label", "label_column"
+    )
+    _check_image_feature(features[image_column], image_column)
+    label_names = _label_names(train, features[label_column], label_column, data_args.streaming)
+    prepare = partial(
+        _prepare_split, image_column=image_column, label_column=label_column, num_classes=len(label_names),
+        streaming=data_args.streaming,
+    )
+
+    train = prepare(train, data_args.train_split)
+    if data_args.validation_split in raw:
+        validation = prepare(raw[data_args.validation_split], data_args.validation_split)
+    elif data_args.streaming:
+        raise ValueError(
+            f"Split '{data_args.validation_split}' not found (splits: {list(raw)}), and a streamed dataset cannot be "
+            "carved; pass --validation_split with one of them."
+        )
+    else:
+        carved = train.train_test_split(test_size=data_args.validation_split_percentage / 100,
+                                        seed=VALIDATION_SPLIT_SEED)
+        train, validation = carved["train"], carved["test"]
+        logger.info(
+            "No '%s' split: holding out %s%% of '%s' (%d examples) for evaluation.", data_args.validation_split,
+            data_args.validation_split_percentage, data_args.train_split, len(validation),
+        )
+
+    dict_class = datasets.IterableDatasetDict if data_args.streaming else datasets.DatasetDict
+    splits = dict_class(
+        train=_first(train, data_args.max_train_samples), validation=_first(validation, data_args.max_eval_samples)
+    )
+    return ImageDatasets(splits, image_column, label_column, label_names)
+
+
+def attach_transform(dataset: AnyDataset, transform) -> AnyDataset:
+    """Run `transform` (a batch-dict callable such as `ImageTransform`) lazily, when examples are read."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
+    return dataset.with_transform(transform)
+
+
+def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
+    load_kwargs = dict(cache_dir=data_args.cache_dir, streaming=data_args.streaming)
+    if data_args.train_dir is not None:
+        data_files = {data_args.train_split: os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files[data_args.validation_split] = os.path.join(data_args.validation_dir, "**")
+        return datasets.load_dataset("imagefolder", data_files=data_files, **load_kwargs)
+
+    name = data_args.dataset_name
+    if os.path.isdir(name) and _is_saved_to_disk(name):
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({data_args.train_split: loaded})
+        if data_args.streaming:
+            return datasets.IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in loaded.items()})
+        return loaded
+    if os.path.isfile(name):
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in _LOCAL_FILE_BUILDERS:
+            raise ValueError(f"Cannot load '{name}': local files must end in one of {list(_LOCAL_FILE_BUILDERS)}.")
+        return datasets.load_dataset(
+            _LOCAL_FILE_BUILDERS[suffix], data_files={data_args.train_split: name}, **load_kwargs
+        )
+    # A Hub id, or a local directory of data files whose names tell the splits (`train-00000-of-00004.parquet`).
+    return datasets.load_dataset(name, data_args.dataset_config_name, **load_kwargs)
+
+
+def _is_saved_to_disk(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("dataset_dict.json", "state.json"))
+
+
+def _prepare_split(
+    dataset: AnyDataset, split: str, image_column: str, label_column: str, num_classes: int, streaming: bool
+) -> AnyDataset:
+    """Keep the two columns, leave the images undecoded, and check the labels (now, or as they stream by)."""
+    dataset = dataset.select_columns([image_column, label_column])
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if streaming:
+        check = partial(_check_streamed_labels, split=split, column=label_column, num_classes=num_classes)
+        return dataset.map(check, batched=True)
+    _check_label_range(dataset, split, label_column, num_classes)
+    return dataset
+
+
+def _find_column(
+    features: datasets.Features,
+    requested: Optional[str],
+    feature_type: type,
+    known_names: tuple[str, ...],
+    role: str,
+    flag: str,
+) -> str:
+    """The requested column, else the only column of `feature_type`, else the only one with a known name."""
+    columns = list(features)
+    if requested is not None:
+        if requested not in features:
+            raise ValueError(f"No column '{requested}' (--{flag}); the dataset has columns {columns}.")
+        return requested
+    typed = [column for column, feature in features.items() if isinstance(feature, feature_type)]
+    named = [column for column in columns if column.lower() in known_names]
+    candidates = typed or named
+    if len(candidates) > 1:
+        # Several typed columns (e.g. an image and a mask): a conventional name breaks the tie.
+        candidates = [column for column in candidates if column in named] or candidates
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(
+            f"No {role} column found: no column has a {feature_type.__name__} feature or is named one of "
+            f"{list(known_names)}; the dataset has columns {columns}. Pass --{flag}."
+        )
+    raise ValueError(f"Several columns could hold the {role}s: {candidates} (columns: {columns}). Pass --{flag}.")
+
+
+def _check_image_feature(feature, column: str) -> None:
+    # Encoded bytes and file paths cast to `Image(decode=False)`; anything else would need a conversion we can't guess.
+    if isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string"):
+        return
+    raise ValueError(
+        f"Image column '{column}' holds {feature}; expected an Image feature, encoded image bytes or file paths."
+    )
+
+
+def _label_names(train: AnyDataset, feature, column: str, streaming: bool) -> list[str]:
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if not (isinstance(feature, datasets.Value) and pa.types.is_integer(feature.pa_type)):
+        raise ValueError(f"Label column '{column}' holds {feature}; expected integer class ids or a ClassLabel.")
+    if streaming:
+        raise ValueError(
+            f"Label column '{column}' has no ClassLabel feature, so the number of classes of a streamed dataset is "
+            "unknown; cast it to a ClassLabel or do not stream."
+        )
+    largest = pc.max(_label_array(train, column)).as_py()
+    if largest is None or largest < 0:
+        raise ValueError(f"Label column '{column}' of the train split holds no valid class id (max: {largest}).")
+    logger.warning(
+        "Label column '%s' has no ClassLabel feature: naming its %d classes '0'..'%d'.", column, largest + 1, largest
+    )
+    return [str(index) for index in range(largest + 1)]
+
+
+def _label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:
+    # One columnar read; touching neither the images nor Python objects per row.
+    return dataset.with_format("arrow", columns=[column])[:][column]
+
+
+def _check_label_range(dataset: datasets.Dataset, split: str, column: str, num_classes: int) -> None:
+    labels = _label_array(dataset, column)
+    valid = pc.fill_null(pc.and_(pc.greater_equal(labels, 0), pc.less(labels, num_classes)), False)
+    invalid = pc.invert(valid)
+    num_invalid = pc.sum(invalid).as_py() or 0
+    if num_invalid:
+        example = pc.filter(labels, invalid)[0].as_py()
+        raise ValueError(
+            f"Split '{split}': {num_invalid} of {len(labels)} labels in column '{column}' are outside "
+            f"[0, {num_classes}), e.g. {example!r}.{_UNLABELED_HINT}"
+        )
+
+
+def _check_streamed_labels(batch: dict, split: str, column: str, num_classes: int) -> dict:
+    for label in batch[column]:
+        if label is None or not 0 <= label < num_classes:
+            raise ValueError(
+                f"Split '{split}': label {label!r} in column '{column}' is outside [0, {num_classes})."
+                + _UNLABELED_HINT
+            )
+    return batch
+
+
+def _first(dataset: AnyDataset, count: Optional[int]) -> AnyDataset:
+    if count is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))

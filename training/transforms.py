@@ -1,0 +1,147 @@
+"""Image transforms of the DeiT recipe, built with timm, and mixup/cutmix for batches of any size.
+
+`ImageTransform` is what a dataset runs on each batch of rows, in the DataLoader workers: it decodes the images
+(kept undecoded by `training.data`), replaces undecodable ones by `None` for `DistillationCollator` to drop, and
+applies a timm transform. `build_mixup` is applied by the trainer on the device, to whole batches.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import datasets
+import PIL.Image
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.mixup import mixup_target
+
+from .args import AugmentationArguments
+
+
+logger = logging.getLogger(__name__)
+
+# DeiT evaluates with bicubic resizing whatever the training interpolation (which may be "random").
+EVAL_INTERPOLATION = "bicubic"
+
+
+def build_train_transform(
+    aug_args: AugmentationArguments,
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> Callable:
+    """Random-resized crop, horizontal flip, auto-augment (or color jitter), normalization, random erasing."""
+    return create_transform(
+        input_size=aug_args.input_size,
+        is_training=True,
+        scale=tuple(aug_args.scale),
+        hflip=aug_args.hflip,
+        color_jitter=aug_args.color_jitter,
+        auto_augment=aug_args.auto_augment,
+        interpolation=aug_args.train_interpolation,
+        re_prob=aug_args.reprob,
+        re_mode=aug_args.remode,
+        re_count=aug_args.recount,
+        mean=mean,
+        std=std,
+    )
+
+
+def build_eval_transform(
+    aug_args: AugmentationArguments,
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> Callable:
+    """Resize the shorter side to `int(input_size / eval_crop_pct)` (bicubic), center-crop, normalize."""
+    return create_transform(
+        input_size=aug_args.input_size,
+        is_training=False,
+        interpolation=EVAL_INTERPOLATION,
+        crop_pct=aug_args.eval_crop_pct,
+        mean=mean,
+        std=std,
+    )
+
+
+@dataclass
+class ImageTransform:
+    """Decode a batch of undecoded images to RGB and transform them: `{"pixel_values": [...], "labels": [...]}`.
+
+    Meant for `Dataset.with_transform` (see `training.data.attach_transform`), so it runs where examples are read:
+    in the DataLoader workers. Images come as `datasets.Image(decode=False)` values, `{"bytes", "path"}`; any Pillow
+    mode (L, RGBA, P, CMYK, I;16, ...) is converted to RGB. An image that cannot be decoded gives `None` for both its
+    pixel values and its label, and a warning with this process's running count of skipped images.
+    """
+
+    transform: Callable
+    image_column: str = "image"
+    label_column: str = "label"
+    skipped_images: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        # datasets' decoder follows local, remote and Hub paths and applies the EXIF orientation, as datasets does.
+        self._decoder = datasets.Image(mode="RGB")
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        pixel_values, labels = [], []
+        for image, label in zip(batch[self.image_column], batch[self.label_column]):
+            decoded = self._decode(image)
+            pixel_values.append(None if decoded is None else self.transform(decoded))
+            labels.append(None if decoded is None else label)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    def _decode(self, image) -> Optional[PIL.Image.Image]:
+        try:
+            return self._decoder.decode_example(image)
+        except Exception as error:  # Pillow raises many types on bad files; none of them must stop a long run.
+            self.skipped_images += 1
+            logger.warning(
+                "Skipping undecodable image %s (%s: %s); %d skipped so far in this process.",
+                _describe(image), type(error).__name__, error, self.skipped_images,
+            )
+            return None
+
+
+def _describe(image) -> str:
+    if isinstance(image, dict):
+        if image.get("path"):
+            return repr(image["path"])
+        if image.get("bytes") is not None:
+            return f"<{len(image['bytes'])} bytes without a path>"
+    return repr(image)
+
+
+class AnyBatchMixup(Mixup):
+    """timm's `Mixup`/CutMix for batches of any size, returning soft targets (smoothed, mixed one-hot rows).
+
+    timm requires an even batch because it mixes each sample with its mirror in the batch (`x.flip(0)`). An odd
+    batch (a last partial batch, or one a dropped corrupt image made odd) mixes its first `n - 1` samples and gives
+    the last one, unmixed, its smoothed one-hot target: no sample is dropped and no sample is mixed with itself.
+    Mixes `pixel_values` in place, as timm does.
+    """
+
+    def __call__(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(pixel_values) % 2 == 0:
+            return super().__call__(pixel_values, labels)
+        targets = mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
+        if len(pixel_values) > 1:
+            pixel_values[:-1], targets[:-1] = super().__call__(pixel_values[:-1], labels[:-1])
+        return pixel_values, targets
+
+
+def build_mixup(aug_args: AugmentationArguments, num_classes: int) -> Optional[AnyBatchMixup]:
+    """The recipe's mixup/cutmix as a `(pixel_values, labels) -> (pixel_values, soft_targets)` callable.
+
+    `None` when both alphas are 0: the model then trains on hard labels.
+    """
+    if aug_args.mixup == 0 and aug_args.cutmix == 0:
+        return None
+    return AnyBatchMixup(
+        mixup_alpha=aug_args.mixup,
+        cutmix_alpha=aug_args.cutmix,
+        prob=aug_args.mixup_prob,
+        switch_prob=aug_args.mixup_switch_prob,
+        mode=aug_args.mixup_mode,
+        label_smoothing=aug_args.smoothing,
+        num_classes=num_classes,
+    )
