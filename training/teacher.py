@@ -1,0 +1,193 @@
+"""The frozen teacher of DeiT distillation: a timm model (the paper's RegNetY-16GF) or a local HF image classifier."""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers.utils import ModelOutput
+
+from deit_hf.convert import load_state_dict_file, load_state_dict_strict
+
+logger = logging.getLogger(__name__)
+
+
+def _is_convnet(model: nn.Module) -> bool:
+    # A convolution whose kernel differs from its stride does spatial work; a ViT's only conv is a patch embedding.
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
+def _affine_between(
+    source: tuple[Sequence[float], Sequence[float]], target: tuple[Sequence[float], Sequence[float]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) of shape (1, C, 1, 1) taking inputs normalised with `source` (mean, std) to `target`'s; None
+    when they agree."""
+    (source_mean, source_std), (target_mean, target_std) = (
+        (torch.as_tensor(mean, dtype=torch.float64).flatten(), torch.as_tensor(std, dtype=torch.float64).flatten())
+        for mean, std in (source, target)
+    )
+    if not len(source_mean) == len(source_std) == len(target_mean) == len(target_std):
+        raise ValueError(
+            f"Normalisation statistics have different channel counts: student mean/std {len(source_mean)}/"
+            f"{len(source_std)}, teacher mean/std {len(target_mean)}/{len(target_std)}."
+        )
+    if not ((source_std > 0).all() and (target_std > 0).all()):
+        raise ValueError(f"Standard deviations must be positive, got {source_std.tolist()} and {target_std.tolist()}.")
+    # x_target = (x * std_s + mean_s - mean_t) / std_t; in float64, so scale and shift are each rounded once to float32
+    scale, shift = source_std / target_std, (source_mean - target_mean) / target_std
+    if torch.equal(scale, torch.ones_like(scale)) and torch.equal(shift, torch.zeros_like(shift)):
+        return None
+    return scale.float().view(1, -1, 1, 1), shift.float().view(1, -1, 1, 1)
+
+
+class Teacher(nn.Module):
+    """
+    A frozen classifier whose logits the DeiT student distils.
+
+    Its parameters never require gradients, it stays in eval mode whatever `.train()` says (dropout off, batch-norm
+    statistics frozen), and its forward runs under `torch.no_grad()`. (Not `torch.inference_mode()`: its tensors
+    could not be saved for backward, so any loss that multiplies by the teacher's logits, rather than taking
+    their argmax or softmax first, would fail.)
+
+    The student's batch is normalised with `student_mean`/`student_std`; the teacher was trained with its own
+    `teacher_mean`/`teacher_std`. Forward maps one onto the other with a single fused multiply-add,
+    `x_teacher = (x * std_s + mean_s - mean_t) / std_t`, skipped when the two agree (or no student statistics
+    are given).
+
+    Mixed precision is the caller's: run it under `torch.autocast` (the DistillationTrainer uses
+    `accelerator.autocast()`); the logits come back in the dtype the model computes them in.
+
+    Args:
+        model: a timm model (returns logits) or a transformers image classifier (returns `.logits`).
+        num_labels: the number of classes the model predicts.
+        teacher_mean, teacher_std: per-channel statistics the teacher's inputs were normalised with.
+        student_mean, student_std: those of the batches it will be given. Inputs pass unchanged when either pair
+            is left out.
+        channels_last: run in channels-last memory format (faster convolutions on GPU); default: for convnets.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_labels: int,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+        student_mean: Sequence[float] | None = None,
+        student_std: Sequence[float] | None = None,
+        channels_last: bool | None = None,
+    ):
+        super().__init__()
+        for name, (mean, std) in (("teacher", (teacher_mean, teacher_std)), ("student", (student_mean, student_std))):
+            if (mean is None) != (std is None):
+                raise ValueError(f"Give both {name}_mean and {name}_std, or neither.")
+        self.model = model.requires_grad_(False)
+        self.num_labels = num_labels
+        affine = (
+            _affine_between((student_mean, student_std), (teacher_mean, teacher_std))
+            if teacher_mean is not None and student_mean is not None
+            else None
+        )
+        self.register_buffer("input_scale", affine[0] if affine else None, persistent=False)
+        self.register_buffer("input_shift", affine[1] if affine else None, persistent=False)
+        self.channels_last = _is_convnet(model) if channels_last is None else channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.train(False)
+
+    @property
+    def renormalizes(self) -> bool:
+        """Whether forward maps the student's normalisation onto the teacher's (False when they agree)."""
+        return self.input_scale is not None
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Keep eval mode: a parent's `.train()` must not turn on the teacher's dropout or batch-norm updates."""
+        return super().train(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits `(batch, num_labels)` for a batch normalised with the student's statistics."""
+        with torch.no_grad():
+            if self.input_scale is not None:
+                pixel_values = torch.addcmul(self.input_shift, pixel_values, self.input_scale)
+            if self.channels_last:
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            outputs = self.model(pixel_values)
+        return outputs.logits if isinstance(outputs, ModelOutput) else outputs
+
+
+def _image_processor_statistics(path: str) -> tuple[list[float] | None, list[float] | None]:
+    """Mean and std the directory's image processor normalises with; (None, None) when it has none."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except OSError:
+        processor = None
+    if processor is None or getattr(processor, "image_mean", None) is None:
+        logger.warning(
+            "No image processor with image_mean/image_std in %s: the teacher gets the student's batches unchanged.",
+            path,
+        )
+        return None, None
+    if not getattr(processor, "do_normalize", True):  # it feeds the model rescaled [0, 1] pixels
+        channels = len(processor.image_mean)
+        return [0.0] * channels, [1.0] * channels
+    return list(processor.image_mean), list(processor.image_std)
+
+
+def load_teacher(
+    name_or_path: str | Path,
+    checkpoint_path: str | Path | None = None,
+    num_labels: int | None = None,
+    student_mean: Sequence[float] | None = None,
+    student_std: Sequence[float] | None = None,
+    channels_last: bool | None = None,
+) -> Teacher:
+    """Load a frozen `Teacher`.
+
+    `name_or_path` is either a local directory holding a transformers image classifier (with its image
+    processor, whose `image_mean`/`image_std` give the teacher's normalisation), or a timm model name such as
+    the paper's `regnety_160`, built with `num_classes=num_labels` and loaded from `checkpoint_path` (`.pth`/`.pt`,
+    optionally under a `"model"` key, or `.safetensors`; without one its weights are random), normalised as its
+    `pretrained_cfg` says. Nothing is downloaded.
+
+    Raises:
+        ValueError: the name is neither; a directory's model predicts another number of classes than
+            `num_labels`; the checkpoint does not fit the timm model (names the keys or shapes).
+    """
+    name_or_path = str(name_or_path)
+    if Path(name_or_path).is_dir():
+        if checkpoint_path is not None:
+            raise ValueError(
+                f"checkpoint_path is for timm teachers; the directory {name_or_path} carries its own weights."
+            )
+        config = AutoConfig.from_pretrained(name_or_path)
+        if num_labels is not None and config.num_labels != num_labels:
+            raise ValueError(
+                f"The teacher in {name_or_path} predicts {config.num_labels} classes but num_labels={num_labels}; "
+                "teacher and student must predict the same classes."
+            )
+        model = AutoModelForImageClassification.from_pretrained(name_or_path)
+        teacher_mean, teacher_std = _image_processor_statistics(name_or_path)
+        num_labels = config.num_labels
+    elif timm.is_model(name_or_path):
+        model = timm.create_model(name_or_path, pretrained=False, **({"num_classes": num_labels} if num_labels else {}))
+        if checkpoint_path is None:
+            logger.warning("Teacher %s has random weights: give checkpoint_path to distil a trained one.", name_or_path)
+        else:
+            load_state_dict_strict(
+                model,
+                load_state_dict_file(checkpoint_path),
+                f"checkpoint {checkpoint_path}",
+                f"timm model {name_or_path!r}",
+            )
+        data_config = resolve_model_data_config(model)
+        teacher_mean, teacher_std = data_config["mean"], data_config["std"]
+        num_labels = model.num_classes
+    else:
+        raise ValueError(
+            f"Teacher {name_or_path!r} is neither a local directory nor a timm model name "
+            "(see timm.list_models(); hub downloads are not supported: pass a local directory)."
+        )
+    return Teacher(model, num_labels, teacher_mean, teacher_std, student_mean, student_std, channels_last)
