@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from deit_hf import PRESETS, DeiTConfig
+
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
 _OFF_VALUES = ("", "none", "null", "off", "false")
 
@@ -141,3 +143,59 @@ class AugmentationArguments:
             raise ValueError(f"`eval_crop_pct` must be in (0, 1], got {self.eval_crop_pct}.")
         if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
             raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")
+
+
+@dataclass
+class ModelArguments:
+    """The student: a DeiT⚗ preset trained from scratch, or a checkpoint to fine-tune."""
+
+    model_preset: str = field(
+        default="deit-small-distilled-patch16-224",
+        metadata={"help": f"A DeiT⚗ configuration from the paper: one of {sorted(PRESETS)}."},
+    )
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A deit_hf or transformers DeiT checkpoint to start from instead of a preset."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={"help": "Preset fields to change, e.g. `hidden_size=64,num_hidden_layers=4,patch_size=4`."},
+    )
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth rate of the last block."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention kernel: `eager`, `sdpa`, `flash_attention_2`, `flex_attention`."}
+    )
+
+    def config_overrides_dict(self) -> dict:
+        """`config_overrides` parsed with the preset's own field types."""
+        if not self.config_overrides:
+            return {}
+        config = DeiTConfig.from_preset(self.model_preset)
+        config.update_from_string(self.config_overrides)  # raises on unknown fields and badly typed values
+        names = [item.split("=", 1)[0].strip() for item in self.config_overrides.split(",")]
+        return {name: getattr(config, name) for name in names}
+
+
+@dataclass
+class DistillationArguments:
+    """The teacher, the distillation loss and the recipe's learning-rate rule."""
+
+    teacher_model: Optional[str] = field(
+        default="regnety_160",
+        metadata={"help": "A timm model name (the paper's teacher is `regnety_160`) or a local directory of any "
+                  "Hugging Face image classifier."},
+    )
+    teacher_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "Weights for a timm teacher: a `.pth`/`.safetensors` state dict."}
+    )
+    distillation_type: Literal["hard", "soft", "none"] = field(
+        default="hard", metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher."}
+    )
+    distillation_alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation loss."})
+    distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
+    blr: float = field(
+        default=5e-4,
+        metadata={"help": "Learning rate per 512 images: lr = blr x global batch / 512. 0 keeps --learning_rate."},
+    )
+    warmup_epochs: float = field(
+        default=5, metadata={"help": "Linear warm-up length in epochs. 0 keeps --warmup_steps."}
+    )

@@ -1,0 +1,97 @@
+"""`DistillationTrainer`: transformers' Trainer with DeiT's teacher, Mixup/CutMix and repeated augmentation."""
+
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
+
+from .teacher import Teacher
+
+# DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
+NO_DECAY_PARAMETERS = ("position_embeddings", "cls_token", "distillation_token")
+
+
+class DistillationTrainer(Trainer):
+    """
+    Trains a `DeiTForImageClassificationWithTeacher` with the loss its config names (hard distillation by default).
+
+    Each training step mixes the batch (timm Mixup/CutMix, when given), runs the frozen `teacher` on that same mixed
+    batch, then the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
+    `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
+    so in bf16 when mixed precision is on. The class and distillation parts of the loss are logged beside `loss`.
+
+    Args:
+        teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
+            `config.distillation_type` is `"none"`.
+        mixup_fn: `(pixel_values, labels) -> (pixel_values, soft_targets)` applied to training batches only.
+        num_repeats: repeated augmentation (`timm.data.RepeatAugSampler`): each image appears this many times per
+            epoch, differently augmented; 0 or 1 turns it off. The sampler draws one global order from the epoch
+            number and accelerate shards its batches over processes, so a global batch is the same on 1 or N
+            processes, and a resumed run replays the same order.
+    """
+
+    def __init__(self, *args, teacher: Teacher | None = None, mixup_fn=None, num_repeats: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.model.config
+        if config.distillation_type != "none":
+            if teacher is None:
+                raise ValueError(
+                    f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
+                    "distillation_type='none' to train without."
+                )
+            if teacher.num_labels != config.num_labels:
+                raise ValueError(
+                    f"The teacher predicts {teacher.num_labels} classes but the student {config.num_labels}; "
+                    "they must predict the same classes in the same order."
+                )
+        self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
+        self.mixup_fn = mixup_fn
+        self.num_repeats = num_repeats
+        self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.num_repeats <= 1:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatAugSampler(dataset, num_replicas=1, rank=0, num_repeats=self.num_repeats, selected_round=0)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_PARAMETERS)]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.mixup_fn is not None and inputs["labels"].numel() > 0:
+            pixel_values, labels = self.mixup_fn(inputs["pixel_values"], inputs["labels"])
+            inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if inputs["labels"].numel() == 0 and not return_outputs:
+            # Every image of this batch failed to decode (the collator dropped them): a zero loss still reaches every
+            # parameter, so under DDP this rank joins the gradient all-reduce instead of hanging the others.
+            return sum(parameter.sum() * 0.0 for parameter in model.parameters() if parameter.requires_grad)
+        teacher_logits = None
+        if self.teacher is not None:
+            with self.accelerator.autocast():
+                teacher_logits = self.teacher(inputs["pixel_values"])
+        outputs = model(**inputs, teacher_logits=teacher_logits)
+        if model.training:
+            for name, parts in self._loss_parts.items():
+                if outputs.get(name) is not None:
+                    parts.append(outputs[name].detach())
+        if return_outputs and teacher_logits is not None:
+            outputs["teacher_logits"] = teacher_logits.float()  # read by the metrics (teacher accuracy, agreement)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if inputs["labels"].numel() == 0:  # nothing decoded in this evaluation batch
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the means of the loss parts since the last one
+            for name, parts in self._loss_parts.items():
+                if parts:
+                    logs[name] = round(nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean().item(), 4)
+                    parts.clear()
+        super().log(logs, start_time)
