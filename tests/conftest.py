@@ -8,7 +8,9 @@ import torch
 # No hub here; any accidental download must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: on 2 cores, a second thread spinning against DataLoader workers, subprocesses or another
+# job slows small ops tens of times; one thread keeps the suite's time steady.
+torch.set_num_threads(1)
 
 TINY = dict(
     image_size=32,

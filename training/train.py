@@ -47,7 +47,6 @@ RECIPE_TRAINING_DEFAULTS = dict(
     report_to=["tensorboard"],
     remove_unused_columns=False,  # the image transform needs the raw columns
     dataloader_num_workers=8,
-    dataloader_persistent_workers=True,
 )
 ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, TrainingArguments)
 

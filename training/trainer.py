@@ -46,6 +46,9 @@ class DistillationTrainer(Trainer):
                     "they must predict the same classes in the same order."
                 )
         self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
+        # The model returns a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
+        # gradient accumulation steps (it skips that for models taking **kwargs unless told).
+        self.model_accepts_loss_kwargs = False
         self.mixup_fn = mixup_fn
         self.num_repeats = num_repeats
         self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}

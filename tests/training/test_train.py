@@ -1,0 +1,124 @@
+"""`python -m training.train` end to end: dataset layouts, the saved checkpoint, resuming, and bad inputs."""
+
+import json
+import shutil
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from deit_hf import DeiTForImageClassificationWithTeacher
+from training.train import main, parse_args
+
+from .conftest import tiny_run_args
+
+
+def per_class(split, count):
+    """The first `count` examples of each class: an imagefolder only knows the classes it has folders for."""
+    labels = list(split["label"])
+    return split.select([i for c in range(10) for i in [j for j, label in enumerate(labels) if label == c][:count]])
+
+
+def write_imagefolder(split, root):
+    for index, example in enumerate(split):
+        folder = root / split.features["label"].int2str(example["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        example["image"].save(folder / f"{index}.png")
+
+
+def test_recipe_defaults():
+    model_args, distill_args, data_args, aug_args, training_args = parse_args(["--dataset_name", "x"])
+    assert (distill_args.teacher_model, distill_args.distillation_type, distill_args.distillation_alpha) == (
+        "regnety_160", "hard", 0.5)
+    assert (distill_args.blr, distill_args.warmup_epochs, model_args.drop_path_rate) == (5e-4, 5, 0.1)
+    assert (training_args.weight_decay, training_args.num_train_epochs, training_args.lr_scheduler_type.value) == (
+        0.05, 300, "cosine_with_min_lr")
+    assert (aug_args.auto_augment, aug_args.mixup, aug_args.cutmix, aug_args.smoothing, aug_args.reprob) == (
+        "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
+    assert aug_args.repeated_aug and aug_args.num_repeats == 3
+
+
+def test_json_config_file(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"dataset_name": "x", "distillation_type": "soft", "distillation_tau": 3.0,
+                                "output_dir": str(tmp_path), "mixup": 0.0}))
+    _, distill_args, _, aug_args, training_args = parse_args([str(path)])
+    assert (distill_args.distillation_type, distill_args.distillation_tau, aug_args.mixup) == ("soft", 3.0, 0.0)
+    assert training_args.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "parquet"])
+def test_imagenet_style_inputs_train_and_save_a_pipeline_checkpoint(layout, digits, random_teacher_dir, tmp_path):
+    train, validation = per_class(digits["train"], 3), per_class(digits["validation"], 2)
+    if layout == "imagefolder":
+        write_imagefolder(train, tmp_path / "train")
+        write_imagefolder(validation, tmp_path / "val")
+        source = ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val")]
+    else:
+        (tmp_path / "data").mkdir()
+        train.to_parquet(str(tmp_path / "data" / "train.parquet"))
+        validation.to_parquet(str(tmp_path / "data" / "validation.parquet"))
+        source = ["--dataset_name", str(tmp_path / "data")]
+    args = tiny_run_args("unused", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1", "--do_eval", "true")
+    args = source + args[2:]  # replace --dataset_name
+    trainer = main(args)
+
+    model = DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "out")
+    assert model.config.id2label == {i: str(i) for i in range(10)}  # label names from the dataset
+    assert trainer.state.global_step == 4  # 30 images, batch 8
+    classifier = pipeline("image-classification", model=str(tmp_path / "out"))
+    assert classifier(validation[0]["image"], top_k=1)[0]["label"] in model.config.label2id
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert {"eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_token_cosine"} <= metrics.keys()
+
+
+def test_resume_continues_the_same_run(small_digits_dir, random_teacher_dir, tmp_path):
+    """12 steps over 2 epochs (repeated augmentation, mixup), against a run stopped at step 8 and resumed."""
+    common = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",
+              "--repeated_aug", "true", "--num_repeats", "3", "--mixup", "0.8", "--cutmix", "1.0"]
+    uninterrupted = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *common))
+    assert uninterrupted.state.global_step == 12
+    # The interrupted run: what the uninterrupted one had written when it was at step 8.
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "b" / "checkpoint-8")
+
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint last"):
+        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common))
+    resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common,
+                                 "--resume_from_checkpoint", "last"))
+    assert resumed.state.global_step == 12
+
+    losses = lambda trainer: [e["loss"] for e in trainer.state.log_history if "loss" in e]  # noqa: E731
+    assert losses(resumed)[-4:] == pytest.approx(losses(uninterrupted)[-4:], rel=1e-4)
+    final_a, final_b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_labels_outside_the_classes_fail_before_training(digits, random_teacher_dir, tmp_path):
+    # -1: how ImageNet's unlabeled test split marks its examples
+    bad = digits["train"].select(range(8)).map(lambda e, i: {"label": -1 if i == 3 else e["label"]}, with_indices=True)
+    datasets.DatasetDict({"train": bad, "validation": bad}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="-1"):
+        main(tiny_run_args(tmp_path / "bad", random_teacher_dir, tmp_path / "out", "--max_steps", "1"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_missing_columns_are_listed(small_digits_dir, random_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"photo.*\bimage\b.*\blabel\b|photo.*\blabel\b.*\bimage\b"):
+        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--image_column", "photo"))
+
+
+def test_teacher_with_other_classes_fails_before_training(small_digits_dir, tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=7)).save_pretrained(
+        tmp_path / "teacher7")
+    with pytest.raises(ValueError, match="predicts 7 classes"):
+        main(tiny_run_args(small_digits_dir, tmp_path / "teacher7", tmp_path / "out", "--max_steps", "1"))
+
+
+def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="`image_size`"):
+        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--config_overrides", "patch_size=5"))
