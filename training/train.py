@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None):
     """The five argument dataclasses from flags, or from a single `.json` file."""
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS)
+    # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
+    # would train alone on all the data.
+    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not torch.accelerator.is_available())
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
     return parser.parse_args_into_dataclasses(argv)

@@ -29,7 +29,7 @@ def tiny_run_args(dataset_dir, teacher_dir, output_dir, *extra):
         "--dataset_name", str(dataset_dir), "--teacher_model", str(teacher_dir), "--output_dir", str(output_dir),
         "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides", TINY_STUDENT,
         "--drop_path_rate", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-        "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+        "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "true",
         *STILL_AUGMENTATION, *extra,
     ]
 
