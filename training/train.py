@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
     # would train alone on all the data.
-    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not torch.accelerator.is_available())
+    has_accelerator = torch.accelerator.is_available()
+    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])
     return parser.parse_args_into_dataclasses(argv)
