@@ -25,6 +25,13 @@ def _sixteen_to_eight_bit(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(pixels * (255 / 65535)), 0, 255).astype(np.uint8)
 
 
+def convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An RGB copy of a PIL image of any mode; 16-bit grayscale is scaled to 8 bits where Pillow would clip it."""
+    if image.mode in SIXTEEN_BIT_PIL_MODES:
+        image = PIL.Image.fromarray(_sixteen_to_eight_bit(np.asarray(image)))
+    return image.convert("RGB")
+
+
 def _as_backend_input(images: ImageInput) -> ImageInput:
     """Turn the images the stock backends mishandle into ones they convert to RGB correctly.
 

@@ -16,6 +16,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
 
+from deit_hf.image_processing_deit import convert_to_rgb
+
 from .args import AugmentationArguments
 
 
@@ -79,8 +81,9 @@ class ImageTransform:
     skipped_images: int = field(default=0, init=False)
 
     def __post_init__(self):
-        # datasets' decoder follows local, remote and Hub paths and applies the EXIF orientation, as datasets does.
-        self._decoder = datasets.Image(mode="RGB")
+        # datasets' decoder follows local, remote and Hub paths and applies the EXIF orientation, as datasets does;
+        # it keeps the file's mode, for `convert_to_rgb` to scale 16-bit images rather than clip them.
+        self._decoder = datasets.Image()
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         pixel_values, labels = [], []
@@ -92,7 +95,7 @@ class ImageTransform:
 
     def _decode(self, image) -> Optional[PIL.Image.Image]:
         try:
-            return self._decoder.decode_example(image)
+            return convert_to_rgb(self._decoder.decode_example(image))
         except Exception as error:  # Pillow raises many types on bad files; none of them must stop a long run.
             self.skipped_images += 1
             logger.warning(

@@ -93,6 +93,16 @@ def test_any_image_mode_becomes_three_channels(mode, format):
     assert output["pixel_values"][0].shape == (3, 32, 32) and output["labels"] == [7]
 
 
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    gray = np.asarray(PIL.Image.fromarray(skimage_data.camera()).resize((32, 32)))
+    sixteen_bit = PIL.Image.fromarray(gray.astype(np.uint16) * 257)  # 0..65535, the same picture
+    assert sixteen_bit.mode == "I;16"
+    transform = ImageTransform(T.PILToTensor())
+    decoded = transform({"image": [encode(sixteen_bit, "PNG")], "label": [0]})["pixel_values"][0]
+    expected = torch.as_tensor(gray).expand(3, -1, -1)
+    assert torch.equal(decoded, expected)  # Pillow's own convert("RGB") would give 255 almost everywhere
+
+
 def test_images_given_by_path_are_decoded(tmp_path):
     path = tmp_path / "rocket.jpg"
     PIL.Image.fromarray(skimage_data.rocket()).save(path)
