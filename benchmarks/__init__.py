@@ -1,0 +1,168 @@
+"""Benchmarks of deit-hf side by side with timm, transformers and facebookresearch/deit's training loop.
+
+`python -m benchmarks.run` runs them (see `benchmarks/run.py`); each benchmark module yields `Measurement`s, one JSON
+line each. Timing is interleaved: every round runs each contender once in turn, starting one contender later each
+round, so slow drifts of the machine and the effect of what ran just before hit all of them alike. On a machine
+shared with other work, a round during which other processes kept the CPU busy is dropped and run again: a
+two-thread matmul with one core taken runs several times slower, not half as fast. Figures are medians over the
+kept rounds. Linux only (`/proc`, glibc).
+"""
+
+import ctypes
+import ctypes.util
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+# glibc `mallopt` parameters (malloc.h) and the values `hold_freed_memory` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest; bigger blocks are mmapped whatever is set
+_TRIM_THRESHOLD_BYTES = 1 << 30
+# Rounds during which other processes used more than this many cores on average are dropped.
+MAX_FOREIGN_CORES = 0.25
+# Busy rounds run again, per wanted round, before giving up on a quiet machine and keeping them all.
+BUSY_RETRIES_PER_REPEAT = 3
+
+
+@dataclass
+class Measurement:
+    """One contender of one benchmark: its median throughput and whatever else the benchmark records."""
+
+    benchmark: str  # "inference", "train" or "input"
+    case: str  # what is measured, e.g. "deit-tiny bs8 fp32"
+    contender: str  # who is measured, e.g. "deit_hf sdpa" or "timm"
+    images_per_second: float
+    seconds_per_call: float  # median over the kept rounds
+    repeats: int  # samples the median is taken over
+    busy_rounds_dropped: int = 0  # rounds run again because other processes kept the CPU busy
+    busy_rounds_kept: int = 0  # busy rounds kept when the machine never went quiet: then the figures are suspect
+    extra: dict = field(default_factory=dict)  # benchmark-specific figures (GFLOP/s, peak RSS, ratios)
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record.update(record.pop("extra"))
+        return record
+
+
+def _busy_cpu_seconds() -> float:
+    # First line of /proc/stat: cumulative ticks of all CPUs in user, nice, system, idle, iowait, irq, softirq, steal.
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignCpu:
+    """Context manager measuring the average number of cores other processes kept busy during its block."""
+
+    cores: float = 0.0
+
+    def __enter__(self) -> "ForeignCpu":
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        now = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
+        wall, busy, own = (end - start for end, start in zip(now, self._start))
+        self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
+
+
+@dataclass
+class Timing:
+    """What `keep_quiet_rounds` measured: the median seconds per contender, over how many samples, busy rounds."""
+
+    seconds: dict[str, float]
+    repeats: int
+    busy_rounds_dropped: int
+    busy_rounds_kept: int
+
+    def measurement(self, benchmark: str, case: str, contender: str, images_per_call: int, **extra) -> Measurement:
+        """The `Measurement` of one contender; `images_per_call` converts its seconds into img/s."""
+        seconds = self.seconds[contender]
+        return Measurement(
+            benchmark, case, contender, images_per_call / seconds, seconds, self.repeats,
+            self.busy_rounds_dropped, self.busy_rounds_kept, extra,
+        )
+
+
+def keep_quiet_rounds(
+    run_round: Callable[[], dict[str, list[float]]], repeats: int, busy_retries: int | None = None
+) -> Timing:
+    """Run `run_round` (contender -> its timed samples) until `repeats` rounds ran on a quiet machine.
+
+    Rounds during which other processes used more than `MAX_FOREIGN_CORES` are dropped and run again, at most
+    `busy_retries` times (default `BUSY_RETRIES_PER_REPEAT * repeats`); then all rounds are kept, so the figures
+    exist but say the machine was busy.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    max_rounds = repeats + (BUSY_RETRIES_PER_REPEAT * repeats if busy_retries is None else busy_retries)
+    quiet, busy = [], []
+    while len(quiet) < repeats and len(quiet) + len(busy) < max_rounds:
+        with ForeignCpu() as foreign:
+            samples = run_round()
+        (quiet if foreign.cores <= MAX_FOREIGN_CORES else busy).append(samples)
+    enough = len(quiet) >= repeats
+    kept = quiet if enough else quiet + busy
+    seconds = {name: statistics.median(sample for round_ in kept for sample in round_[name]) for name in kept[0]}
+    samples = sum(len(next(iter(round_.values()))) for round_ in kept)
+    return Timing(seconds, samples, len(busy) if enough else 0, 0 if enough else len(busy))
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], warmup: int, repeats: int, busy_retries: int | None = None
+) -> Timing:
+    """Median wall-clock seconds of each call over `repeats` quiet rounds, each timing every call once, in turn.
+
+    Each call runs `warmup` times first (torch.compile compiles there, untimed).
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+
+    names = list(calls)
+    rounds_run = 0
+
+    def run_round() -> dict[str, list[float]]:
+        # Each round starts one contender later: a call runs slower or faster depending on what ran just before it
+        # (caches, the allocator's free lists), and the rotation spreads that over all contenders alike.
+        nonlocal rounds_run
+        shift = rounds_run % len(names)
+        rounds_run += 1
+        samples = {}
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            samples[name] = [time.perf_counter() - start]
+        return samples
+
+    return keep_quiet_rounds(run_round, repeats, busy_retries)
+
+
+def hold_freed_memory() -> None:
+    """Make glibc malloc keep freed memory for reuse instead of handing it back to the kernel after each call.
+
+    With glibc's default, adaptive thresholds, a forward pass's large temporaries (attention scores, MLP
+    activations) are often returned to the kernel when freed and faulted in again, zeroed page by page, on the next
+    call: measured here up to 66,000 minor page faults per DeiT-Ti batch of 8, 40-80 % more time, and an amount that
+    depends on what ran before, so the same model timed in two processes differed by 1.8x. Fixed thresholds end
+    that (0 faults per call) for every contender alike; jemalloc or tcmalloc do the same for a real CPU job.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    if not (mmap_set and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)):
+        raise RuntimeError("glibc mallopt refused the thresholds; run with --default-malloc.")
+
+
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process so far, in MiB (`VmHWM` of `/proc/self/status`).
+
+    Not `resource.getrusage(...).ru_maxrss`: Linux carries that figure over from the parent into a forked or
+    spawned child, so a child started by a big process reports the parent's peak.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # reported in kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory is measured on Linux only.")

@@ -1,0 +1,158 @@
+"""Input pipeline throughput per DataLoader worker: deit-hf's parquet path vs timm's ImageFolder path.
+
+Both decode the same JPEGs and apply the DeiT recipe's training transform (random-resized crop, flip, RandAugment,
+normalization, random erasing), batch them and stack them:
+
+- deit-hf: a parquet file of JPEG bytes read by `datasets`, undecoded (`Image(decode=False)`, as `training.data`
+  leaves it), with `training.transforms.ImageTransform` attached by `training.data.attach_transform` and batches
+  collated by `training.collator.DistillationCollator`: the path `training.train` runs.
+- timm: `timm.data.ImageDataset` on an imagefolder directory with `timm.data.create_transform`, default collation.
+
+A DataLoader worker runs one torch thread, so each path runs in this process with one thread and no workers: the
+figure is what one worker delivers.
+"""
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from skimage import data as skimage_data
+from timm.data import ImageDataset, auto_augment
+from torch.utils.data import DataLoader
+
+from training.args import AugmentationArguments
+from training.collator import DistillationCollator
+from training.data import attach_transform
+from training.transforms import ImageTransform, build_train_transform
+
+from . import Measurement, time_interleaved
+
+# Photographs shipped with scikit-image (a test extra, installed by `make bench`), so the JPEGs hold natural images.
+SOURCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+IMAGE_SIZE = (500, 375)  # ImageNet's typical width x height
+JPEG_QUALITY = 90
+NUM_CLASSES = 4
+
+
+def write_jpegs(directory: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write `count` JPEGs as an imagefolder under `directory` and as one parquet file; returns both paths.
+
+    Each image is a random crop of a scikit-image photograph, resized to 500x375 (a quarter of them portrait),
+    randomly flipped and tinted, saved at quality 90: ImageNet's pixel sizes (the files, ~44 KiB, are smaller than
+    ImageNet's ~110 KiB: the upscaled crops are smoother than photographs at their native resolution).
+    """
+    rng = np.random.default_rng(seed)
+    photos = [getattr(skimage_data, name)() for name in SOURCE_PHOTOS]
+    folder = directory / "imagefolder"
+    rows = {"image": [], "label": []}
+    for index in range(count):
+        photo = photos[rng.integers(len(photos))]
+        height, width = photo.shape[:2]
+        crop_height, crop_width = int(height * rng.uniform(0.6, 1.0)), int(width * rng.uniform(0.6, 1.0))
+        top, left = rng.integers(height - crop_height + 1), rng.integers(width - crop_width + 1)
+        pixels = photo[top : top + crop_height, left : left + crop_width].astype(np.float32)
+        pixels = np.clip(pixels * rng.uniform(0.8, 1.2, size=3), 0, 255).astype(np.uint8)
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        size = IMAGE_SIZE if rng.random() < 0.75 else IMAGE_SIZE[::-1]
+        image = PIL.Image.fromarray(np.ascontiguousarray(pixels)).resize(size, PIL.Image.BICUBIC)
+        encoded = io.BytesIO()
+        image.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+        label = index % NUM_CLASSES
+        class_folder = folder / f"class_{label}"
+        class_folder.mkdir(parents=True, exist_ok=True)
+        (class_folder / f"image_{index:04d}.jpg").write_bytes(encoded.getvalue())
+        rows["image"].append({"bytes": encoded.getvalue(), "path": None})
+        rows["label"].append(label)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"class_{k}" for k in range(NUM_CLASSES)])}
+    )
+    parquet = directory / "train.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
+    return folder, parquet
+
+
+def _posterize_keeping_zero_bits(img: PIL.Image.Image, bits_to_keep: int, **_) -> PIL.Image.Image:
+    # Keeping 0 bits zeroes every channel (what Pillow did before it began rejecting bits outside 1..8).
+    return PIL.Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep)
+
+
+@contextlib.contextmanager
+def _recipe_posterize():
+    """Build RandAugment ops that survive 'inc1' posterize at magnitude 10, which asks Pillow for 0 bits.
+
+    Pillow 13 raises there (1 image in ~700 with `rand-m9-mstd0.5-inc1`), so a pass over a few hundred images
+    would crash in either path. Ops take their function when built, so restoring the table afterwards is safe.
+    Remove once `training.transforms` handles it.
+    """
+    names = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+    saved = {name: auto_augment.NAME_TO_OP[name] for name in names}
+    auto_augment.NAME_TO_OP.update(dict.fromkeys(names, _posterize_keeping_zero_bits))
+    try:
+        yield
+    finally:
+        auto_augment.NAME_TO_OP.update(saved)
+
+
+def deit_hf_loader(parquet: Path, aug_args: AugmentationArguments, batch_size: int) -> DataLoader:
+    """The training input path of deit-hf on a parquet file, without workers (datasets caches beside the file)."""
+    dataset = datasets.load_dataset(
+        "parquet", data_files=str(parquet), split="train", cache_dir=str(parquet.parent / "cache")
+    )
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    dataset = attach_transform(dataset, ImageTransform(build_train_transform(aug_args)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=DistillationCollator())
+
+
+def timm_loader(folder: Path, aug_args: AugmentationArguments, batch_size: int) -> DataLoader:
+    """timm's ImageFolder path with the same transform settings, without workers."""
+    dataset = ImageDataset(str(folder), transform=build_train_transform(aug_args))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True)
+
+
+def run(
+    directory: str | os.PathLike,
+    num_images: int = 200,
+    input_size: int = 224,
+    batch_size: int = 32,
+    warmup: int = 1,
+    repeats: int = 5,
+    busy_retries: int | None = None,
+) -> Iterator[Measurement]:
+    """Yield img/s of one pass over `num_images` JPEGs per path; deit-hf's row carries its ratio to timm's."""
+    folder, parquet = write_jpegs(Path(directory), num_images)
+    aug_args = AugmentationArguments(input_size=input_size)  # the DeiT recipe's defaults
+    with _recipe_posterize():
+        loaders = {
+            "deit_hf parquet": deit_hf_loader(parquet, aug_args, batch_size),
+            "timm ImageFolder": timm_loader(folder, aug_args, batch_size),
+        }
+
+    def one_pass(loader):
+        def call():
+            images = sum(len(batch["pixel_values"] if isinstance(batch, dict) else batch[0]) for batch in loader)
+            if images != num_images:
+                raise RuntimeError(f"A pass read {images} images instead of {num_images}.")
+
+        return call
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    try:
+        timing = time_interleaved(
+            {name: one_pass(loader) for name, loader in loaders.items()}, warmup, repeats, busy_retries
+        )
+    finally:
+        torch.set_num_threads(threads)
+    seconds = timing.seconds
+    case = f"recipe train transform {input_size}px, {num_images} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} q{JPEG_QUALITY}"
+    for name, value in seconds.items():
+        is_deit_hf = name.startswith("deit_hf")
+        ratios = {"ratio_vs_timm_ImageFolder": seconds["timm ImageFolder"] / value} if is_deit_hf else {}
+        yield timing.measurement("input", case, name, num_images, **ratios)

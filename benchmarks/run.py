@@ -1,0 +1,182 @@
+"""Run the benchmarks, print one JSON line per measurement and record them in BENCHMARKS.md.
+
+    python -m benchmarks.run [--quick] [--only inference,train,input] [--full] [--no-compile] [--threads N]
+
+The tables go between the markers below in the output file (created if missing), so the analysis written around
+them survives a rerun. Each table row is one contender; `ratio_vs_X` columns are deit-hf's throughput over X's.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+import timm
+import torch
+import transformers
+
+from . import Measurement, hold_freed_memory, inference, input_pipeline, training_step
+
+BENCHMARKS = ("inference", "train", "input")
+START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
+# Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
+QUICK = {
+    "inference": dict(sizes=("tiny",), batch_size=2, warmup=1, repeats=2, busy_retries=0),
+    "train": dict(steps_per_round=3, warmup_steps=1, rounds=1, busy_retries=0),
+    "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
+}
+FULL = {
+    "inference": dict(sizes=("tiny", "small"), batch_size=8, warmup=3, repeats=20),
+    "train": dict(steps_per_round=10, warmup_steps=3, rounds=4),
+    "input": dict(num_images=200, batch_size=32, warmup=1, repeats=5),
+}
+
+
+def machine_description(default_malloc: bool = False) -> dict[str, str]:
+    """CPU model, cores, torch threads and allocator, library versions and the date: a results section's header."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    malloc = "its default adaptive thresholds" if default_malloc else "fixed thresholds (benchmarks.hold_freed_memory)"
+    return {
+        "device": f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc malloc with "
+        f"{malloc}",
+        "versions": (
+            f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
+            f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
+        ),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _format(column: str, value) -> str:
+    if value is None:
+        return "—"
+    if column.startswith("ratio"):
+        return f"{value:.2f}×"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_tables(measurements: list[Measurement]) -> str:
+    """One table per benchmark and case: contender, img/s, median ms per call, then the benchmark's own figures."""
+    sections = []
+    groups: dict[tuple[str, str], list[Measurement]] = {}
+    for measurement in measurements:
+        groups.setdefault((measurement.benchmark, measurement.case), []).append(measurement)
+    for (benchmark, case), rows in groups.items():
+        extra_columns = list(dict.fromkeys(key for row in rows for key in row.extra))
+        header = ["contender", "img/s", "ms per call", *extra_columns]
+        busy = f"{rows[0].busy_rounds_dropped} busy rounds dropped" + (
+            f", **{rows[0].busy_rounds_kept} busy rounds kept: figures suspect**" if rows[0].busy_rounds_kept else ""
+        )
+        title = f"**{benchmark}** — {case} (median of {rows[0].repeats}; {busy})"
+        lines = [title, "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        for row in rows:
+            cells = [
+                row.contender,
+                _format("img/s", row.images_per_second),
+                _format("ms", row.seconds_per_call * 1e3),
+                *(_format(key, row.extra.get(key)) for key in extra_columns),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def record(measurements: list[Measurement], machine: dict[str, str], command: str, path: Path) -> None:
+    """Replace the results section of `path` (between the markers) by these measurements."""
+    section = "\n".join(
+        [
+            START_MARKER,
+            f"Measured {machine['date']} with `{command}`.",
+            "",
+            f"- Device: {machine['device']}",
+            f"- Versions: {machine['versions']}",
+            "",
+            markdown_tables(measurements),
+            END_MARKER,
+        ]
+    )
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START_MARKER}\n{END_MARKER}\n"
+    if START_MARKER not in text or END_MARKER not in text:
+        raise ValueError(f"{path} lacks the markers {START_MARKER} ... {END_MARKER} that delimit the results.")
+    before, rest = text.split(START_MARKER, 1)
+    after = rest.split(END_MARKER, 1)[1]
+    path.write_text(before + section + after)
+
+
+def run_benchmarks(
+    only: Iterable[str], quick: bool = False, full: bool = False, compile: bool = True
+) -> Iterator[Measurement]:
+    """Yield the measurements of the benchmarks named in `only`, with `QUICK` or `FULL` settings."""
+    settings = QUICK if quick else FULL
+    for name in only:
+        if name == "inference":
+            sizes = (*settings["inference"]["sizes"], "base") if full else settings["inference"]["sizes"]
+            yield from inference.run(**{**settings["inference"], "sizes": sizes}, compile=compile and not quick)
+        elif name == "train":
+            yield from training_step.run(training_step.TrainSettings(**settings["train"]))
+        elif name == "input":
+            with tempfile.TemporaryDirectory() as directory:
+                yield from input_pipeline.run(directory, **settings["input"])
+
+
+def _benchmark_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark(s) {unknown or value!r}; choose from {list(BENCHMARKS)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> list[Measurement]:
+    """Command-line entry point (`make bench`)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Smallest settings: runs every path, times none well.")
+    parser.add_argument("--full", action="store_true", help="Add DeiT-B to the inference benchmark (slow on a CPU).")
+    parser.add_argument("--only", type=_benchmark_list, default=list(BENCHMARKS), help="Comma-separated subset.")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="Skip the torch.compile rows.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="Markdown file whose results section this run's tables replace (default: BENCHMARKS.md, except with "
+        "--quick, whose figures are not worth recording).",
+    )
+    parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="Keep glibc's adaptive malloc thresholds (page faults then add noise; see benchmarks.hold_freed_memory).",
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}.")
+
+    torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        hold_freed_memory()
+    machine = machine_description(args.default_malloc)
+    print(json.dumps(machine), flush=True)
+    measurements = []
+    for measurement in run_benchmarks(args.only, args.quick, args.full, args.compile):
+        measurements.append(measurement)
+        print(json.dumps(measurement.to_dict()), flush=True)
+    output = args.output or (None if args.quick else Path("BENCHMARKS.md"))
+    if args.record and output is not None:
+        record(measurements, machine, "python -m benchmarks.run " + " ".join(argv or sys.argv[1:]), output)
+    return measurements
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Hard-distillation training step: `DistillationTrainer` vs a loop written as facebookresearch/deit's `engine.py`.
+
+Both train the same DeiT-Ti⚗ student (timm's initialisation, converted to deit_hf for the Trainer) with the same
+frozen convnet teacher (the same weights), on the same pre-made batches, with the recipe's Mixup/CutMix (smoothing
+0.1), hard distillation (alpha 0.5), drop path 0.1 and AdamW (lr 5e-4 x batch / 512, weight decay 0.05 without
+decay on norms, biases and tokens). Neither clips gradients: the recipe does not.
+
+How steps are timed, like with like: the Trainer runs its real loop, `trainer.train()`, over an in-memory dataset,
+and a callback times each step from `on_step_begin` to `on_step_end`: mixup, teacher, student, loss, backward,
+optimizer step, scheduler step and zero_grad, not the data loading before it. The hand-written loop times the same
+span of each of its steps (mixup to zero_grad, plus engine.py's `loss.item()` check). Rounds of steps alternate
+between the two; the first steps of each round are warm-up and dropped; the figure is the median step of the rounds
+run while no other process kept the CPU busy (see `benchmarks.keep_quiet_rounds`).
+
+Peak memory is the peak RSS of a fresh process running one round of one contender, so neither sees the other's.
+Achieved GFLOP/s = the FLOPs of one step (counted once by `torch.utils.flop_counter.FlopCounterMode`: teacher
+forward, student forward and backward) / the median step time. MFU needs the device's peak FLOP/s, unknown for a
+CPU: it is left for GPU runs.
+"""
+
+import math
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+
+from deit_hf import DeiTForImageClassificationWithTeacher
+from deit_hf.convert import config_from_timm, convert_state_dict
+from training.args import AugmentationArguments
+from training.collator import DistillationCollator
+from training.teacher import load_teacher
+from training.trainer import DistillationTrainer
+from training.transforms import build_mixup
+
+from . import Measurement, keep_quiet_rounds, peak_rss_mib
+
+TRAINER, HAND_WRITTEN = "DistillationTrainer", "facebookresearch-style loop"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What is trained and how long; picklable, so a fresh process can rebuild the same contender."""
+
+    student: str = "deit_tiny_distilled_patch16_224"
+    teacher: str = "regnety_002"
+    image_size: int = 64
+    patch_size: int = 16
+    num_labels: int = 100
+    batch_size: int = 32
+    drop_path_rate: float = 0.1
+    alpha: float = 0.5
+    steps_per_round: int = 8
+    warmup_steps: int = 2  # dropped at the start of each round
+    rounds: int = 3
+    busy_retries: int | None = None  # see `benchmarks.keep_quiet_rounds`
+
+    @property
+    def learning_rate(self) -> float:
+        return 5e-4 * self.batch_size / 512  # the recipe's linear scaling rule
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        pixel_values = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
+        return pixel_values, torch.randint(0, self.num_labels, (self.batch_size,), generator=generator)
+
+    def aug_args(self) -> AugmentationArguments:
+        return AugmentationArguments(input_size=self.image_size)  # the recipe's mixup, cutmix and smoothing
+
+
+def _timm_student(settings: TrainSettings) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        settings.student,
+        pretrained=False,
+        img_size=settings.image_size,
+        patch_size=settings.patch_size,
+        num_classes=settings.num_labels,
+        drop_path_rate=settings.drop_path_rate,
+    )
+
+
+def _deit_hf_student(settings: TrainSettings) -> DeiTForImageClassificationWithTeacher:
+    timm_student = _timm_student(settings)
+    config = config_from_timm(timm_student)
+    config.drop_path_rate = settings.drop_path_rate
+    config.distillation_alpha = settings.alpha
+    student = DeiTForImageClassificationWithTeacher(config)
+    student.load_state_dict(convert_state_dict(timm_student.state_dict()))
+    return student
+
+
+def _teacher(settings: TrainSettings):
+    torch.manual_seed(1)
+    return load_teacher(
+        settings.teacher,
+        num_labels=settings.num_labels,
+        student_mean=IMAGENET_DEFAULT_MEAN,
+        student_std=IMAGENET_DEFAULT_STD,
+    )
+
+
+class HandWrittenLoop:
+    """One training step as facebookresearch/deit's `train_one_epoch` with its `DistillationLoss` (hard), on CPU."""
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        self.student = _timm_student(settings)
+        self.student.set_distilled_training(True)
+        self.student.train()
+        self.teacher = _teacher(settings).model  # the same weights as the Trainer's teacher, without its wrapper
+        self.teacher.to(memory_format=torch.contiguous_format).eval()
+        aug = settings.aug_args()
+        self.mixup = Mixup(
+            mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
+            mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=settings.num_labels,
+        )
+        self.criterion = SoftTargetCrossEntropy()
+        self.optimizer = create_optimizer_v2(
+            self.student, "adamw", lr=settings.learning_rate, weight_decay=0.05, eps=1e-8
+        )
+
+    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
+        samples, targets = self.mixup(samples, targets)
+        outputs, outputs_kd = self.student(samples)
+        base_loss = self.criterion(outputs, targets)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(samples)
+        distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+        loss = base_loss * (1 - self.settings.alpha) + distillation_loss * self.settings.alpha
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"Loss is {loss.item()}, stopping training")
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def run_round(self) -> list[float]:
+        """Seconds of each of `steps_per_round` steps on copies of the same batch (Mixup mixes in place)."""
+        pixel_values, labels = self.settings.batch()
+        seconds = []
+        for _ in range(self.settings.steps_per_round):
+            samples = pixel_values.clone()
+            start = time.perf_counter()
+            self.step(samples, labels)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class TrainerLoop:
+    """`DistillationTrainer.train()` over an in-memory dataset of the same batch, timed step by step."""
+
+    def __init__(self, settings: TrainSettings, output_dir: str):
+        self.settings = settings
+        pixel_values, labels = settings.batch()
+        dataset = [{"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels)]
+        self.timer = _StepTimer()
+        args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=settings.batch_size,
+            max_steps=settings.steps_per_round,
+            learning_rate=settings.learning_rate,
+            weight_decay=0.05,
+            adam_epsilon=1e-8,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,  # facebookresearch/deit does not clip by default
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        self.trainer = DistillationTrainer(
+            model=_deit_hf_student(settings),
+            args=args,
+            train_dataset=dataset * settings.steps_per_round,
+            data_collator=DistillationCollator(),
+            teacher=_teacher(settings),
+            mixup_fn=build_mixup(settings.aug_args(), settings.num_labels),
+            callbacks=[self.timer],
+        )
+        self.trainer.remove_callback(PrinterCallback)  # it prints each round's metrics amid the JSON lines
+
+    def run_round(self) -> list[float]:
+        self.timer.seconds = []
+        self.trainer.train()
+        return self.timer.seconds
+
+
+def _build(contender: str, settings: TrainSettings, output_dir: str):
+    return TrainerLoop(settings, output_dir) if contender == TRAINER else HandWrittenLoop(settings)
+
+
+def _peak_rss_of_one_round(contender: str, settings: TrainSettings, threads: int) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    after_imports = peak_rss_mib()
+    with tempfile.TemporaryDirectory() as output_dir:
+        _build(contender, settings, output_dir).run_round()
+    return peak_rss_mib(), after_imports
+
+
+def peak_rss_in_fresh_process(contender: str, settings: TrainSettings) -> tuple[float, float]:
+    """Peak RSS (MiB) of a new interpreter that builds `contender` and trains one round, and its peak before that.
+
+    The second figure is what importing torch, transformers, timm and the project costs, the same for both.
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_rss_of_one_round, (contender, settings, torch.get_num_threads()))
+
+
+def step_flops(settings: TrainSettings) -> int:
+    """FLOPs of one step: teacher forward, student forward and backward (eager attention, so its matmuls count)."""
+    student = _deit_hf_student(settings)
+    student.set_attn_implementation("eager")  # the CPU sdpa kernel has no FLOP formula in FlopCounterMode
+    teacher = _teacher(settings)
+    pixel_values, labels = settings.batch()
+    with FlopCounterMode(display=False) as counter:
+        teacher_logits = teacher(pixel_values)
+        student(pixel_values, labels=labels, teacher_logits=teacher_logits).loss.backward()
+    return counter.get_total_flops()
+
+
+def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) -> Iterator[Measurement]:
+    """Yield img/s, achieved GFLOP/s and peak RSS of both loops; the Trainer's row carries its ratio to the loop."""
+    if settings.steps_per_round <= settings.warmup_steps:
+        raise ValueError(
+            f"steps_per_round ({settings.steps_per_round}) must exceed warmup_steps ({settings.warmup_steps})."
+        )
+    flops = step_flops(settings)
+    with tempfile.TemporaryDirectory() as output_dir:
+        loops = {name: _build(name, settings, output_dir) for name in (TRAINER, HAND_WRITTEN)}
+
+        def run_round() -> dict[str, list[float]]:
+            return {name: loop.run_round()[settings.warmup_steps :] for name, loop in loops.items()}
+
+        timing = keep_quiet_rounds(run_round, settings.rounds, settings.busy_retries)
+    case = (
+        f"{settings.student} student {settings.image_size}px/patch{settings.patch_size} + {settings.teacher} teacher,"
+        f" hard, bs{settings.batch_size} fp32"
+    )
+    for name, seconds in timing.seconds.items():
+        extra = {
+            "gflop_per_image": flops / settings.batch_size / 1e9,
+            "achieved_gflop_per_s": flops / seconds / 1e9,
+            "mfu": None,
+        }
+        if measure_memory:
+            peak, after_imports = peak_rss_in_fresh_process(name, settings)
+            extra.update(peak_rss_mib=peak, peak_rss_above_imports_mib=peak - after_imports)
+        if name == TRAINER:
+            extra["ratio_vs_loop"] = timing.seconds[HAND_WRITTEN] / seconds
+        yield timing.measurement("train", case, name, settings.batch_size, **extra)

@@ -1,0 +1,47 @@
+"""Smoke test of `python -m benchmarks.run --quick`: every benchmark runs and reports complete, positive figures."""
+
+import json
+
+from benchmarks.run import END_MARKER, START_MARKER, main
+
+COMMON_KEYS = {"benchmark", "case", "contender", "images_per_second", "seconds_per_call", "repeats"}
+CONTENDERS = {
+    "inference": {"deit_hf sdpa", "deit_hf eager", "timm", "transformers eager", "transformers sdpa"},
+    "train": {"DistillationTrainer", "facebookresearch-style loop"},
+    "input": {"deit_hf parquet", "timm ImageFolder"},
+}
+RATIOS = {
+    "deit_hf sdpa": {"ratio_vs_timm", "ratio_vs_transformers_eager", "ratio_vs_transformers_sdpa"},
+    "DistillationTrainer": {"ratio_vs_loop"},
+    "deit_hf parquet": {"ratio_vs_timm_ImageFolder"},
+}
+TRAIN_KEYS = {"gflop_per_image", "achieved_gflop_per_s", "peak_rss_mib", "peak_rss_above_imports_mib"}
+
+
+def test_quick_run_prints_every_measurement_and_records_them_between_the_markers(tmp_path, capsys):
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(f"# Benchmarks\n\nbefore\n\n{START_MARKER}\nold results\n{END_MARKER}\n\nafter\n")
+
+    main(["--quick", "--default-malloc", "--output", str(output)])  # leaves this process's allocator alone
+
+    machine, *records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert set(machine) == {"device", "versions", "date"}
+    assert {(r["benchmark"], r["contender"]) for r in records} == {
+        (benchmark, contender) for benchmark, contenders in CONTENDERS.items() for contender in contenders
+    }
+    for record in records:
+        assert COMMON_KEYS <= record.keys(), record
+        assert record["images_per_second"] > 0 and record["seconds_per_call"] > 0 and record["repeats"] > 0, record
+        for key in RATIOS.get(record["contender"], ()):
+            assert record[key] > 0, (key, record)
+        if record["benchmark"] == "train":
+            assert all(record[key] > 0 for key in TRAIN_KEYS), record
+            assert record["mfu"] is None  # no peak FLOP/s is known for a CPU
+
+    text = output.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "old results" not in text
+    results = text.split(START_MARKER)[1].split(END_MARKER)[0]
+    for contenders in CONTENDERS.values():
+        for contender in contenders:
+            assert f"| {contender} |" in results
