@@ -12,7 +12,6 @@ A DataLoader worker runs one torch thread, so each path runs in this process wit
 figure is what one worker delivers.
 """
 
-import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 from skimage import data as skimage_data
-from timm.data import ImageDataset, auto_augment
+from timm.data import ImageDataset
 from torch.utils.data import DataLoader
 
 from training.args import AugmentationArguments
@@ -78,28 +77,6 @@ def write_jpegs(directory: Path, count: int, seed: int = 0) -> tuple[Path, Path]
     return folder, parquet
 
 
-def _posterize_keeping_zero_bits(img: PIL.Image.Image, bits_to_keep: int, **_) -> PIL.Image.Image:
-    # Keeping 0 bits zeroes every channel (what Pillow did before it began rejecting bits outside 1..8).
-    return PIL.Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep)
-
-
-@contextlib.contextmanager
-def _recipe_posterize():
-    """Build RandAugment ops that survive 'inc1' posterize at magnitude 10, which asks Pillow for 0 bits.
-
-    Pillow 13 raises there (1 image in ~700 with `rand-m9-mstd0.5-inc1`), so a pass over a few hundred images
-    would crash in either path. Ops take their function when built, so restoring the table afterwards is safe.
-    Remove once `training.transforms` handles it.
-    """
-    names = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
-    saved = {name: auto_augment.NAME_TO_OP[name] for name in names}
-    auto_augment.NAME_TO_OP.update(dict.fromkeys(names, _posterize_keeping_zero_bits))
-    try:
-        yield
-    finally:
-        auto_augment.NAME_TO_OP.update(saved)
-
-
 def deit_hf_loader(parquet: Path, aug_args: AugmentationArguments, batch_size: int) -> DataLoader:
     """The training input path of deit-hf on a parquet file, without workers (datasets caches beside the file)."""
     dataset = datasets.load_dataset(
@@ -128,11 +105,10 @@ def run(
     """Yield img/s of one pass over `num_images` JPEGs per path; deit-hf's row carries its ratio to timm's."""
     folder, parquet = write_jpegs(Path(directory), num_images)
     aug_args = AugmentationArguments(input_size=input_size)  # the DeiT recipe's defaults
-    with _recipe_posterize():
-        loaders = {
-            "deit_hf parquet": deit_hf_loader(parquet, aug_args, batch_size),
-            "timm ImageFolder": timm_loader(folder, aug_args, batch_size),
-        }
+    loaders = {
+        "deit_hf parquet": deit_hf_loader(parquet, aug_args, batch_size),
+        "timm ImageFolder": timm_loader(folder, aug_args, batch_size),
+    }
 
     def one_pass(loader):
         def call():

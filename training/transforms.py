@@ -5,6 +5,7 @@
 applies a timm transform. `build_mixup` is applied by the trainer on the device, to whole batches.
 """
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Optional
 import datasets
 import PIL.Image
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
 
 from deit_hf.image_processing_deit import convert_to_rgb
@@ -27,26 +28,48 @@ logger = logging.getLogger(__name__)
 EVAL_INTERPOLATION = "bicubic"
 
 
+def _posterize(image: PIL.Image.Image, bits_to_keep: int, **kwargs) -> PIL.Image.Image:
+    # Keeping 0 bits makes the image black, as Pillow did when the recipe was written; Pillow 13 raises instead.
+    if bits_to_keep <= 0:
+        return PIL.Image.new(image.mode, image.size)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+@contextlib.contextmanager
+def _zero_bit_posterize():
+    """Build auto-augment ops whose posterize takes 0 bits: RandAugment 'inc1' asks for that at magnitude 10
+    (about 1 image in 700 with the recipe's `rand-m9-mstd0.5-inc1`). Ops keep the function they were built with,
+    so timm's table is restored on exit."""
+    names = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+    saved = {name: auto_augment.NAME_TO_OP[name] for name in names}
+    auto_augment.NAME_TO_OP.update(dict.fromkeys(names, _posterize))
+    try:
+        yield
+    finally:
+        auto_augment.NAME_TO_OP.update(saved)
+
+
 def build_train_transform(
     aug_args: AugmentationArguments,
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
 ) -> Callable:
     """Random-resized crop, horizontal flip, auto-augment (or color jitter), normalization, random erasing."""
-    return create_transform(
-        input_size=aug_args.input_size,
-        is_training=True,
-        scale=tuple(aug_args.scale),
-        hflip=aug_args.hflip,
-        color_jitter=aug_args.color_jitter,
-        auto_augment=aug_args.auto_augment,
-        interpolation=aug_args.train_interpolation,
-        re_prob=aug_args.reprob,
-        re_mode=aug_args.remode,
-        re_count=aug_args.recount,
-        mean=mean,
-        std=std,
-    )
+    with _zero_bit_posterize():
+        return create_transform(
+            input_size=aug_args.input_size,
+            is_training=True,
+            scale=tuple(aug_args.scale),
+            hflip=aug_args.hflip,
+            color_jitter=aug_args.color_jitter,
+            auto_augment=aug_args.auto_augment,
+            interpolation=aug_args.train_interpolation,
+            re_prob=aug_args.reprob,
+            re_mode=aug_args.remode,
+            re_count=aug_args.recount,
+            mean=mean,
+            std=std,
+        )
 
 
 def build_eval_transform(

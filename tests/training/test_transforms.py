@@ -214,3 +214,17 @@ def test_augmentation_arguments_validation():
         AugmentationArguments(reprob=1.5)
     with pytest.raises(ValueError, match=r"`scale` must be two fractions 0 < min <= max <= 1, got \[0.5\]"):
         AugmentationArguments(scale=[0.5])
+
+
+def test_recipe_randaugment_posterize_to_zero_bits_gives_black_not_a_crash():
+    # 'inc1' posterize keeps 4 - int(magnitude / 10 * 4) bits: 0 at magnitude 10, which mstd 0.5 noise reaches
+    transform = build_train_transform(AugmentationArguments(input_size=32))
+    rand_augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0
+    photo = PIL.Image.fromarray(skimage_data.astronaut()).resize((32, 32))
+    assert np.asarray(posterize(photo)).max() == 0
+    assert pickle.loads(pickle.dumps(posterize)).aug_fn is posterize.aug_fn  # spawned workers get the same op
+    from timm.data import auto_augment
+
+    assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is auto_augment.posterize  # timm's table is restored
