@@ -99,7 +99,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert sixteen_bit.mode == "I;16"
     transform = ImageTransform(T.PILToTensor())
     decoded = transform({"image": [encode(sixteen_bit, "PNG")], "label": [0]})["pixel_values"][0]
-    expected = torch.as_tensor(gray).expand(3, -1, -1)
+    expected = torch.from_numpy(gray.copy()).expand(3, -1, -1)
     assert torch.equal(decoded, expected)  # Pillow's own convert("RGB") would give 255 almost everywhere
 
 
