@@ -188,12 +188,13 @@ class DeiTSelfAttention(nn.Module):
         return attn_output.reshape(*input_shape, -1), attn_weights
 
 
-class DeiTSelfOutput(nn.Module):
-    """Output projection of the attention block."""
+class DeiTOutput(nn.Module):
+    """A linear layer and dropout back to the residual width: the attention's output projection and the MLP's second
+    layer (`attention.output.dense` and `output.dense` in checkpoints)."""
 
-    def __init__(self, config: DeiTConfig):
+    def __init__(self, config: DeiTConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ class DeiTAttention(nn.Module):
     def __init__(self, config: DeiTConfig):
         super().__init__()
         self.attention = DeiTSelfAttention(config)
-        self.output = DeiTSelfOutput(config)
+        self.output = DeiTOutput(config, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         attn_output, _ = self.attention(hidden_states, **kwargs)
@@ -225,18 +226,6 @@ class DeiTIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class DeiTOutput(nn.Module):
-    """Second MLP layer."""
-
-    def __init__(self, config: DeiTConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden_states))
-
-
 class DeiTLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -246,7 +235,7 @@ class DeiTLayer(GradientCheckpointingLayer):
         self.attention = DeiTAttention(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = DeiTIntermediate(config)
-        self.output = DeiTOutput(config)
+        self.output = DeiTOutput(config, config.intermediate_size)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
