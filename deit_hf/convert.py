@@ -18,19 +18,15 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.data import ImageNetInfo
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
-from transformers.image_utils import PILImageResampling
 
 from .configuration_deit import DeiTConfig
 from .image_processing_deit import DeiTImageProcessor
 from .modeling_deit import DeiTForImageClassificationWithTeacher
 
-# The DeiT recipe's eval transform resizes the shortest edge to input_size / 0.875 before the center crop
-# (timm's pretrained_cfg says 0.9 for some DeiT weights; the paper's numbers were measured with 0.875).
-EVAL_CROP_RATIO = 0.875
 # Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
 VERIFY_ATOL = 1e-3
 DISTILLED_DEIT_MODELS = timm.list_models("deit*distilled*")
@@ -164,22 +160,6 @@ def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     return converted
 
 
-def eval_image_processor(config: DeiTConfig) -> DeiTImageProcessor:
-    """The DeiT recipe's eval transform at the model's input size (bicubic resize, center crop, ImageNet stats)."""
-    height, width = config.image_size if isinstance(config.image_size, list) else (config.image_size,) * 2
-    return DeiTImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": int(min(height, width) / EVAL_CROP_RATIO)},
-        resample=PILImageResampling.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": height, "width": width},
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-
-
 def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassificationWithTeacher) -> None:
     config = model.config
     height, width = config.image_size if isinstance(config.image_size, list) else (config.image_size,) * 2
@@ -212,7 +192,7 @@ def convert_timm_model(
         model, convert_state_dict(timm_model.state_dict()), "the converted timm weights", "the deit_hf model"
     )
     _verify(timm_model, model)
-    return model, eval_image_processor(config)
+    return model, DeiTImageProcessor.for_input_size(config.image_size)
 
 
 def convert_timm_checkpoint(

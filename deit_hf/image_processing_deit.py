@@ -16,6 +16,9 @@ from transformers.image_utils import (
     make_flat_list_of_images,
 )
 
+# The recipe's eval crop: resize to size / 0.875, crop size (timm's pretrained_cfg says 0.9 for some DeiT weights;
+# the paper's numbers were measured with 0.875).
+EVAL_CROP_PCT = 0.875
 # Modes Pillow decodes 16-bit grayscale PNG/TIFF into; its own convert("RGB") clips their values at 255.
 SIXTEEN_BIT_PIL_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -75,6 +78,14 @@ class DeiTImageInputMixin:
     # not an image gets PIL's error naming it rather than a decoder crash.
     fetch_images = ImageProcessingMixin.fetch_images
 
+    @classmethod
+    def for_input_size(cls, image_size: int | list[int], crop_pct: float = EVAL_CROP_PCT, **kwargs):
+        """The recipe's eval transform for a model of `image_size`: shortest edge to int(side / crop_pct), then a
+        center crop to `image_size` (256 -> 224 at the default)."""
+        height, width = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        size = {"shortest_edge": int(min(height, width) / crop_pct)}
+        return cls(size=size, crop_size={"height": height, "width": width}, **kwargs)
+
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
         check_images_argument(images, type(self).__name__)
         return make_flat_list_of_images(_as_backend_input(self.fetch_images(images)), expected_ndims=expected_ndims)
@@ -87,7 +98,7 @@ class DeiTImageProcessor(DeiTImageInputMixin, PilBackend):
     by 1/255 and normalize with the ImageNet mean and std. (transformers' own DeiT processor resizes to a 256x256
     square and normalizes with mean/std 0.5, which is not what DeiT was trained with.)
 
-    For another resolution pass `size={"shortest_edge": int(R / 0.875)}` and `crop_size={"height": R, "width": R}`.
+    For another resolution use `DeiTImageProcessor.for_input_size(R)`.
     An int `size` means the shortest edge. Grayscale, RGBA, paletted, CMYK and 16-bit images are converted to RGB.
     """
 

@@ -187,3 +187,12 @@ def test_save_and_load_keeps_the_settings(processor_class, tmp_path):
     assert loaded.resample == PILImageResampling.BILINEAR
     image = photo("coffee")
     torch.testing.assert_close(pixels(loaded, image), pixels(processor, image), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("processor_class", [DeiTImageProcessor, DeiTImageProcessorFast])
+@pytest.mark.parametrize("image_size, shortest_edge", [(224, 256), (384, 438), (32, 36)])
+def test_for_input_size_is_the_recipe_eval_transform(processor_class, image_size, shortest_edge):
+    processor = processor_class.for_input_size(image_size)
+    assert processor.size == {"shortest_edge": shortest_edge}
+    assert processor.crop_size == {"height": image_size, "width": image_size}
+    assert processor_class.for_input_size(224, crop_pct=1.0).size == {"shortest_edge": 224}

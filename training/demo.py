@@ -40,9 +40,7 @@ STUDENT_SIZE = "patch_size=8,hidden_size=64,num_hidden_layers=4,num_attention_he
 def train_teacher(dataset_dir: Path, output_dir: Path, epochs: int) -> None:
     """A ~20k-parameter ResNet trained with the plain Trainer, saved with its image processor."""
     digits = load_image_datasets(DataArguments(dataset_name=str(dataset_dir))).dataset_dict
-    processor = DeiTImageProcessor(
-        size={"shortest_edge": int(IMAGE_SIZE / 0.875)}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    processor = DeiTImageProcessor.for_input_size(IMAGE_SIZE)
     augmentation = AugmentationArguments(**DIGIT_AUGMENTATION)
     transform = ImageTransform(build_train_transform(augmentation, processor.image_mean, processor.image_std))
     id2label = dict(enumerate(DIGIT_NAMES))

@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
     model = build_student(model_args, distill_args, aug_args, data.id2label)
-    processor = DeiTImageProcessor(
-        size={"shortest_edge": int(aug_args.input_size / aug_args.eval_crop_pct)},
-        crop_size={"height": aug_args.input_size, "width": aug_args.input_size},
-    )
+    processor = DeiTImageProcessor.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
     train_dataset = attach_transform(
         train_dataset, ImageTransform(build_train_transform(aug_args, mean, std), data.image_column, data.label_column)
