@@ -106,6 +106,7 @@ def _teacher(settings: TrainSettings):
         num_labels=settings.num_labels,
         student_mean=IMAGENET_DEFAULT_MEAN,
         student_std=IMAGENET_DEFAULT_STD,
+        pretrained=False,  # random weights: speed does not depend on them, and nothing is downloaded
     )
 
 

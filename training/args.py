@@ -180,12 +180,14 @@ class DistillationArguments:
     """The teacher, the distillation loss and the recipe's learning-rate rule."""
 
     teacher_model: Optional[str] = field(
-        default="regnety_160",
-        metadata={"help": "A timm model name (the paper's teacher is `regnety_160`) or a local directory of any "
-                  "Hugging Face image classifier."},
+        default="regnety_160.deit_in1k",
+        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 % top-1) "
+                  "or a local directory of any Hugging Face image classifier."},
     )
     teacher_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "Weights for a timm teacher: a `.pth`/`.safetensors` state dict."}
+        default=None,
+        metadata={"help": "Weights for a timm teacher: a `.pth`/`.safetensors` state dict. Without it timm fetches "
+                  "the model's pretrained weights."},
     )
     distillation_type: Literal["hard", "soft", "none"] = field(
         default="hard", metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher."}

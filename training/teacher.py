@@ -143,14 +143,16 @@ def load_teacher(
     student_mean: Sequence[float] | None = None,
     student_std: Sequence[float] | None = None,
     channels_last: bool | None = None,
+    pretrained: bool | None = None,
 ) -> Teacher:
     """Load a frozen `Teacher`.
 
     `name_or_path` is either a local directory holding a transformers image classifier (with its image
     processor, whose `image_mean`/`image_std` give the teacher's normalisation), or a timm model name such as
-    the paper's `regnety_160`, built with `num_classes=num_labels` and loaded from `checkpoint_path` (`.pth`/`.pt`,
-    optionally under a `"model"` key, or `.safetensors`; without one its weights are random), normalised as its
-    `pretrained_cfg` says. Nothing is downloaded.
+    the paper's `regnety_160.deit_in1k`, normalised as its `pretrained_cfg` says. A timm teacher is loaded from
+    `checkpoint_path` (`.pth`/`.pt`, optionally under a `"model"` key, or `.safetensors`) when one is given, else
+    timm fetches its pretrained weights (`pretrained=None` means: when there is no checkpoint);
+    `pretrained=False` without a checkpoint keeps timm's random initialisation (tests, benchmarks).
 
     Raises:
         ValueError: the name is neither; a directory's model predicts another number of classes than
@@ -172,16 +174,7 @@ def load_teacher(
         teacher_mean, teacher_std = _image_processor_statistics(name_or_path)
         num_labels = config.num_labels
     elif timm.is_model(name_or_path):
-        model = timm.create_model(name_or_path, pretrained=False, **({"num_classes": num_labels} if num_labels else {}))
-        if checkpoint_path is None:
-            logger.warning("Teacher %s has random weights: give checkpoint_path to distil a trained one.", name_or_path)
-        else:
-            load_state_dict_strict(
-                model,
-                load_state_dict_file(checkpoint_path),
-                f"checkpoint {checkpoint_path}",
-                f"timm model {name_or_path!r}",
-            )
+        model = _timm_teacher(name_or_path, checkpoint_path, num_labels, pretrained)
         data_config = resolve_model_data_config(model)
         teacher_mean, teacher_std = data_config["mean"], data_config["std"]
         num_labels = model.num_classes
@@ -191,3 +184,32 @@ def load_teacher(
             "(see timm.list_models(); hub downloads are not supported: pass a local directory)."
         )
     return Teacher(model, num_labels, teacher_mean, teacher_std, student_mean, student_std, channels_last)
+
+
+def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained: bool | None) -> nn.Module:
+    pretrained = checkpoint_path is None if pretrained is None else pretrained
+    if pretrained and checkpoint_path is not None:
+        raise ValueError(f"Teacher {name!r}: give a checkpoint or ask for the pretrained weights, not both.")
+    if not pretrained:
+        model = timm.create_model(name, pretrained=False, **({"num_classes": num_labels} if num_labels else {}))
+        if checkpoint_path is None:
+            logger.warning("Teacher %s keeps timm's random initialisation (pretrained=False, no checkpoint).", name)
+        else:
+            load_state_dict_strict(
+                model, load_state_dict_file(checkpoint_path), f"checkpoint {checkpoint_path}", f"timm model {name!r}"
+            )
+        return model
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except OSError as error:  # offline, or no such weights on the hub
+        raise RuntimeError(
+            f"Could not fetch the pretrained weights of timm teacher {name!r} ({type(error).__name__}); pass a "
+            "local file with --teacher_checkpoint."
+        ) from error
+    # Asking timm for another class count would silently replace the trained head with a random one.
+    if num_labels is not None and model.num_classes != num_labels:
+        raise ValueError(
+            f"The pretrained timm teacher {name!r} predicts {model.num_classes} classes but num_labels={num_labels}; "
+            "teacher and student must predict the same classes (give a checkpoint trained on your classes)."
+        )
+    return model

@@ -1,7 +1,7 @@
 """Train DeiT⚗ with a teacher on an image dataset loaded with `datasets`.
 
-    python -m training.train --dataset_name ILSVRC/imagenet-1k --teacher_model regnety_160 \
-        --teacher_checkpoint regnety_160.pth --output_dir outputs/deit-s
+    python -m training.train --dataset_name ILSVRC/imagenet-1k --teacher_model regnety_160.deit_in1k \
+        --output_dir outputs/deit-s
     accelerate launch --multi_gpu --num_processes 8 -m training.train args.json
 
 Arguments are the dataclasses of `training.args` plus transformers' `TrainingArguments`, as flags or one JSON file.

@@ -68,7 +68,7 @@ def hf_teacher_dirs(tmp_path):
 
 
 def test_gradients_never_reach_the_teacher():
-    teacher = load_teacher("resnet10t", num_labels=10)
+    teacher = load_teacher("resnet10t", num_labels=10, pretrained=False)
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     pixel_values = raw_images().requires_grad_(True)
     teacher_logits = teacher(pixel_values)
@@ -102,7 +102,7 @@ def test_train_on_a_parent_keeps_the_teacher_in_eval():
 
 
 def test_renormalisation_matches_the_teachers_own_normalisation():
-    teacher = load_teacher("resnet10t", num_labels=10, student_mean=HALF, student_std=HALF)
+    teacher = load_teacher("resnet10t", num_labels=10, student_mean=HALF, student_std=HALF, pretrained=False)
     randomize_batch_norm(teacher.model)
     images = raw_images()
     assert teacher.renormalizes
@@ -111,7 +111,7 @@ def test_renormalisation_matches_the_teachers_own_normalisation():
 
 
 def test_same_normalisation_passes_input_unchanged():
-    teacher = load_teacher("resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD)
+    teacher = load_teacher("resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD, pretrained=False)
     assert not teacher.renormalizes
     pixel_values = normalize(raw_images(), IMAGENET_MEAN, IMAGENET_STD)
     torch.testing.assert_close(teacher(pixel_values), teacher.model(pixel_values), rtol=0, atol=0)
@@ -119,7 +119,7 @@ def test_same_normalisation_passes_input_unchanged():
 
 @pytest.mark.parametrize("name", ["resnet10t", "regnety_002"])
 def test_timm_teacher(name):
-    teacher = load_teacher(name, num_labels=10, student_mean=HALF, student_std=HALF)
+    teacher = load_teacher(name, num_labels=10, student_mean=HALF, student_std=HALF, pretrained=False)
     assert teacher.num_labels == 10 and teacher.channels_last
     spatial_conv = next(m for m in teacher.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1)
     assert spatial_conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -128,7 +128,7 @@ def test_timm_teacher(name):
 
 
 def test_timm_teacher_uses_the_callers_autocast():
-    teacher = load_teacher("resnet10t", num_labels=10, student_mean=HALF, student_std=HALF)
+    teacher = load_teacher("resnet10t", num_labels=10, student_mean=HALF, student_std=HALF, pretrained=False)
     pixel_values = normalize(raw_images(), HALF, HALF)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = teacher(pixel_values)
@@ -202,3 +202,22 @@ def test_inconsistent_statistics_are_refused():
         Teacher(model, 2, IMAGENET_MEAN, IMAGENET_STD, student_mean=(0.5,), student_std=(0.5,))
     with pytest.raises(ValueError, match="Standard deviations must be positive"):
         Teacher(model, 2, IMAGENET_MEAN, (0.2, 0.0, 0.2), student_mean=HALF, student_std=HALF)
+
+
+def test_timm_teacher_fetches_pretrained_weights_and_says_what_to_do_offline(monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="Could not fetch the pretrained weights of timm teacher 'resnet10t'.*--teacher_checkpoint"):
+        load_teacher("resnet10t", num_labels=1000)
+
+
+def test_pretrained_timm_teacher_of_other_classes_is_refused_not_given_a_random_head(monkeypatch):
+    create_model = timm.create_model
+    # stands in for the download: timm's 1000-class model, as pretrained weights would come
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained, **kwargs: create_model(name, **kwargs))
+    with pytest.raises(ValueError, match="predicts 1000 classes but num_labels=10"):
+        load_teacher("resnet10t", num_labels=10)
+
+
+def test_checkpoint_and_pretrained_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        load_teacher("resnet10t", tmp_path / "weights.pth", pretrained=True)

@@ -31,7 +31,7 @@ def write_imagefolder(split, root):
 def test_recipe_defaults():
     model_args, distill_args, data_args, aug_args, training_args = parse_args(["--dataset_name", "x"])
     assert (distill_args.teacher_model, distill_args.distillation_type, distill_args.distillation_alpha) == (
-        "regnety_160", "hard", 0.5)
+        "regnety_160.deit_in1k", "hard", 0.5)
     assert (distill_args.blr, distill_args.warmup_epochs, model_args.drop_path_rate) == (5e-4, 5, 0.1)
     assert (training_args.weight_decay, training_args.num_train_epochs, training_args.lr_scheduler_type.value) == (
         0.05, 300, "cosine_with_min_lr")
