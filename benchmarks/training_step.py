@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from deit_hf import DeiTForImageClassificationWithTeacher
-from deit_hf.convert import config_from_timm, convert_state_dict
+from deit_hf.convert import convert_timm_model
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.teacher import load_teacher
@@ -90,12 +90,9 @@ def _timm_student(settings: TrainSettings) -> torch.nn.Module:
 
 
 def _deit_hf_student(settings: TrainSettings) -> DeiTForImageClassificationWithTeacher:
-    timm_student = _timm_student(settings)
-    config = config_from_timm(timm_student)
-    config.drop_path_rate = settings.drop_path_rate
-    config.distillation_alpha = settings.alpha
-    student = DeiTForImageClassificationWithTeacher(config)
-    student.load_state_dict(convert_state_dict(timm_student.state_dict()))
+    student, _ = convert_timm_model(
+        _timm_student(settings), drop_path_rate=settings.drop_path_rate, distillation_alpha=settings.alpha
+    )
     return student
 
 

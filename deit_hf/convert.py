@@ -111,8 +111,10 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
     module.load_state_dict(state_dict, strict=True)
 
 
-def config_from_timm(timm_model: VisionTransformerDistilled) -> DeiTConfig:
-    """The `DeiTConfig` describing a timm distilled ViT, with ImageNet label names for 1000-class heads."""
+def config_from_timm(timm_model: VisionTransformerDistilled, **overrides) -> DeiTConfig:
+    """The `DeiTConfig` describing a timm distilled ViT, with ImageNet label names for 1000-class heads.
+
+    `overrides` set fields the weights do not describe (e.g. `drop_path_rate`, `distillation_alpha`)."""
     block = timm_model.blocks[0]
     image_size, patch_size = (
         size[0] if size[0] == size[1] else list(size)
@@ -136,6 +138,7 @@ def config_from_timm(timm_model: VisionTransformerDistilled) -> DeiTConfig:
         num_channels=timm_model.patch_embed.proj.in_channels,
         num_labels=timm_model.num_classes,
         **({"id2label": id2label} if id2label else {}),
+        **overrides,
     )
 
 
@@ -174,11 +177,12 @@ def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassific
 
 
 def convert_timm_model(
-    timm_model: nn.Module,
+    timm_model: nn.Module, **config_overrides
 ) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
     """Convert a timm `VisionTransformerDistilled` (with its current weights) into deit_hf, in eval mode.
 
     Checks that the converted model reproduces timm's eval logits (the mean of both heads) on a random image.
+    `config_overrides` go to `config_from_timm`.
     """
     if not isinstance(timm_model, VisionTransformerDistilled):
         raise ValueError(
@@ -186,7 +190,7 @@ def convert_timm_model(
             "VisionTransformerDistilled models (deit_*_distilled_*), whose distillation token and head it needs."
         )
     timm_model.eval().set_distilled_training(False)
-    config = config_from_timm(timm_model)
+    config = config_from_timm(timm_model, **config_overrides)
     model = DeiTForImageClassificationWithTeacher(config).eval()
     load_state_dict_strict(
         model, convert_state_dict(timm_model.state_dict()), "the converted timm weights", "the deit_hf model"
