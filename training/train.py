@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
+    # ("terminate called without an active exception"), failing a finished run.
+    trainer.end()
     return trainer
 
 
