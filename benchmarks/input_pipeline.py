@@ -5,8 +5,12 @@ normalization, random erasing), batch them and stack them:
 
 - deit-hf: a parquet file of JPEG bytes read by `datasets`, undecoded (`Image(decode=False)`, as `training.data`
   leaves it), with `training.transforms.ImageTransform` attached by `training.data.attach_transform` and batches
-  collated by `training.collator.DistillationCollator`: the path `training.train` runs.
-- timm: `timm.data.ImageDataset` on an imagefolder directory with `timm.data.create_transform`, default collation.
+  collated by `training.collator.DistillationCollator`: the path `training.train` runs. Its workers stop at uint8
+  tensors; normalization and random erasing are per-batch steps the trainer runs on the device
+  (`training.transforms.BatchTransform`), timed in a second row as if the device were this CPU.
+- timm: `timm.data.ImageDataset` on an imagefolder directory with `timm.data.create_transform`, default collation:
+  float32 normalized and erased in the workers (the issue's peer); and the same with `use_prefetcher=True`, timm's
+  own training-loader split (uint8 in the workers, the rest on the device), for a like-for-like ratio.
 
 A DataLoader worker runs one torch thread, so each path runs in this process with one thread and no workers: the
 figure is what one worker delivers.
@@ -22,13 +26,13 @@ import numpy as np
 import PIL.Image
 import torch
 from skimage import data as skimage_data
-from timm.data import ImageDataset
+from timm.data import ImageDataset, create_transform
 from torch.utils.data import DataLoader
 
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.data import attach_transform
-from training.transforms import ImageTransform, build_train_transform
+from training.transforms import ImageTransform, build_batch_transform, build_train_transform
 
 from . import Measurement, time_interleaved
 
@@ -37,6 +41,8 @@ SOURCE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
 IMAGE_SIZE = (500, 375)  # ImageNet's typical width x height
 JPEG_QUALITY = 90
 NUM_CLASSES = 4
+DEIT_HF, DEIT_HF_WITH_BATCH_STEPS = "deit_hf parquet", "deit_hf parquet + batch steps on this CPU"
+TIMM, TIMM_PREFETCHER = "timm ImageFolder", "timm ImageFolder prefetcher"
 
 
 def write_jpegs(directory: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
@@ -87,9 +93,15 @@ def deit_hf_loader(parquet: Path, aug_args: AugmentationArguments, batch_size: i
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=DistillationCollator())
 
 
-def timm_loader(folder: Path, aug_args: AugmentationArguments, batch_size: int) -> DataLoader:
-    """timm's ImageFolder path with the same transform settings, without workers."""
-    dataset = ImageDataset(str(folder), transform=build_train_transform(aug_args))
+def timm_loader(folder: Path, aug_args: AugmentationArguments, batch_size: int, use_prefetcher: bool) -> DataLoader:
+    """timm's ImageFolder path with the recipe's transform settings, without workers."""
+    transform = create_transform(
+        input_size=aug_args.input_size, is_training=True, scale=tuple(aug_args.scale), hflip=aug_args.hflip,
+        color_jitter=aug_args.color_jitter, auto_augment=aug_args.auto_augment,
+        interpolation=aug_args.train_interpolation, re_prob=aug_args.reprob, re_mode=aug_args.remode,
+        re_count=aug_args.recount, use_prefetcher=use_prefetcher,
+    )
+    dataset = ImageDataset(str(folder), transform=transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True)
 
 
@@ -105,14 +117,24 @@ def run(
     """Yield img/s of one pass over `num_images` JPEGs per path; deit-hf's row carries its ratio to timm's."""
     folder, parquet = write_jpegs(Path(directory), num_images)
     aug_args = AugmentationArguments(input_size=input_size)  # the DeiT recipe's defaults
+    deit_hf = deit_hf_loader(parquet, aug_args, batch_size)
+    batch_transform = build_batch_transform(aug_args, NUM_CLASSES)
+    batch_transform.mixup = None  # mixing is the trainer's, not part of the input pipeline on either side
     loaders = {
-        "deit_hf parquet": deit_hf_loader(parquet, aug_args, batch_size),
-        "timm ImageFolder": timm_loader(folder, aug_args, batch_size),
+        DEIT_HF: (deit_hf, None),
+        DEIT_HF_WITH_BATCH_STEPS: (deit_hf, batch_transform),
+        TIMM: (timm_loader(folder, aug_args, batch_size, use_prefetcher=False), None),
+        TIMM_PREFETCHER: (timm_loader(folder, aug_args, batch_size, use_prefetcher=True), None),
     }
 
-    def one_pass(loader):
+    def one_pass(loader, batch_steps):
         def call():
-            images = sum(len(batch["pixel_values"] if isinstance(batch, dict) else batch[0]) for batch in loader)
+            images = 0
+            for batch in loader:
+                pixel_values, labels = (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
+                if batch_steps is not None:
+                    batch_steps(pixel_values, labels, training=True)
+                images += len(pixel_values)
             if images != num_images:
                 raise RuntimeError(f"A pass read {images} images instead of {num_images}.")
 
@@ -122,13 +144,15 @@ def run(
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     try:
         timing = time_interleaved(
-            {name: one_pass(loader) for name, loader in loaders.items()}, warmup, repeats, busy_retries
+            {name: one_pass(*loader) for name, loader in loaders.items()}, warmup, repeats, busy_retries
         )
     finally:
         torch.set_num_threads(threads)
     seconds = timing.seconds
     case = f"recipe train transform {input_size}px, {num_images} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} q{JPEG_QUALITY}"
+    # Like with like: workers that stop at uint8 against timm's prefetcher split; all the work on this CPU against
+    # timm's default transform. The issue's target is per worker against the default.
+    peers = {DEIT_HF: (TIMM, TIMM_PREFETCHER), DEIT_HF_WITH_BATCH_STEPS: (TIMM,)}
     for name, value in seconds.items():
-        is_deit_hf = name.startswith("deit_hf")
-        ratios = {"ratio_vs_timm_ImageFolder": seconds["timm ImageFolder"] / value} if is_deit_hf else {}
+        ratios = {f"ratio_vs_{peer.replace(' ', '_')}": seconds[peer] / value for peer in peers.get(name, ())}
         yield timing.measurement("input", case, name, num_images, **ratios)

@@ -40,7 +40,7 @@ from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.teacher import load_teacher
 from training.trainer import DistillationTrainer
-from training.transforms import build_mixup
+from training.transforms import BatchTransform, build_mixup
 
 from . import Measurement, keep_quiet_rounds, peak_rss_mib
 
@@ -195,7 +195,7 @@ class TrainerLoop:
             train_dataset=dataset * settings.steps_per_round,
             data_collator=DistillationCollator(),
             teacher=_teacher(settings),
-            mixup_fn=build_mixup(settings.aug_args(), settings.num_labels),
+            batch_transform=BatchTransform(mixup=build_mixup(settings.aug_args(), settings.num_labels)),
             callbacks=[self.timer],
         )
         self.trainer.remove_callback(PrinterCallback)  # it prints each round's metrics amid the JSON lines

@@ -8,12 +8,15 @@ COMMON_KEYS = {"benchmark", "case", "contender", "images_per_second", "seconds_p
 CONTENDERS = {
     "inference": {"deit_hf sdpa", "deit_hf eager", "timm", "transformers eager", "transformers sdpa"},
     "train": {"DistillationTrainer", "facebookresearch-style loop"},
-    "input": {"deit_hf parquet", "timm ImageFolder"},
+    "input": {
+        "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder", "timm ImageFolder prefetcher"
+    },
 }
 RATIOS = {
     "deit_hf sdpa": {"ratio_vs_timm", "ratio_vs_transformers_eager", "ratio_vs_transformers_sdpa"},
     "DistillationTrainer": {"ratio_vs_loop"},
-    "deit_hf parquet": {"ratio_vs_timm_ImageFolder"},
+    "deit_hf parquet": {"ratio_vs_timm_ImageFolder", "ratio_vs_timm_ImageFolder_prefetcher"},
+    "deit_hf parquet + batch steps on this CPU": {"ratio_vs_timm_ImageFolder"},
 }
 TRAIN_KEYS = {"gflop_per_image", "achieved_gflop_per_s", "peak_rss_mib", "peak_rss_above_imports_mib"}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torchvision import transforms as T
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, pipeline
 
 from deit_hf import DeiTImageProcessor
@@ -42,7 +43,13 @@ def train_teacher(dataset_dir: Path, output_dir: Path, epochs: int) -> None:
     digits = load_image_datasets(DataArguments(dataset_name=str(dataset_dir))).dataset_dict
     processor = DeiTImageProcessor.for_input_size(IMAGE_SIZE)
     augmentation = AugmentationArguments(**DIGIT_AUGMENTATION)
-    transform = ImageTransform(build_train_transform(augmentation, processor.image_mean, processor.image_std))
+    # The plain Trainer has no per-batch step on the device (`BatchTransform`): normalize here, per image.
+    transform = ImageTransform(
+        T.Compose([
+            build_train_transform(augmentation), T.ConvertImageDtype(torch.float32),
+            T.Normalize(processor.image_mean, processor.image_std),
+        ])
+    )
     id2label = dict(enumerate(DIGIT_NAMES))
     model = ResNetForImageClassification(
         ResNetConfig(

@@ -26,7 +26,7 @@ from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .teacher import load_teacher
 from .trainer import DistillationTrainer
-from .transforms import ImageTransform, build_eval_transform, build_mixup, build_train_transform
+from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     processor = DeiTImageProcessor.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
     train_dataset = attach_transform(
-        train_dataset, ImageTransform(build_train_transform(aug_args, mean, std), data.image_column, data.label_column)
+        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column)
     )
     eval_dataset = attach_transform(
-        eval_dataset, ImageTransform(build_eval_transform(aug_args, mean, std), data.image_column, data.label_column)
+        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column)
     )
     teacher = None
     if distill_args.distillation_type != "none":
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         teacher=teacher,
-        mixup_fn=build_mixup(aug_args, len(data.label_names)),
+        batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
     )
     if training_args.do_train:

@@ -7,6 +7,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from .teacher import Teacher
+from .transforms import BatchTransform
 
 # DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
 NO_DECAY_PARAMETERS = ("position_embeddings", "cls_token", "distillation_token")
@@ -16,22 +17,31 @@ class DistillationTrainer(Trainer):
     """
     Trains a `DeiTForImageClassificationWithTeacher` with the loss its config names (hard distillation by default).
 
-    Each training step mixes the batch (timm Mixup/CutMix, when given), runs the frozen `teacher` on that same mixed
-    batch, then the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
+    Each batch first goes through `batch_transform` on the device: uint8 pixels are normalized, and training batches
+    are randomly erased and mixed (timm Mixup/CutMix). The frozen `teacher` then runs on that same mixed batch, then
+    the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on. The class and distillation parts of the loss are logged beside `loss`.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
             `config.distillation_type` is `"none"`.
-        mixup_fn: `(pixel_values, labels) -> (pixel_values, soft_targets)` applied to training batches only.
+        batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
+            normalization of uint8 batches only.
         num_repeats: repeated augmentation (`timm.data.RepeatAugSampler`): each image appears this many times per
             epoch, differently augmented; 0 or 1 turns it off. The sampler draws one global order from the epoch
             number and accelerate shards its batches over processes, so a global batch is the same on 1 or N
             processes, and a resumed run replays the same order.
     """
 
-    def __init__(self, *args, teacher: Teacher | None = None, mixup_fn=None, num_repeats: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher: Teacher | None = None,
+        batch_transform: BatchTransform | None = None,
+        num_repeats: int = 0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         config = self.model.config
         if config.distillation_type != "none":
@@ -49,7 +59,7 @@ class DistillationTrainer(Trainer):
         # The model returns a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
         # gradient accumulation steps (it skips that for models taking **kwargs unless told).
         self.model_accepts_loss_kwargs = False
-        self.mixup_fn = mixup_fn
+        self.batch_transform = batch_transform if batch_transform is not None else BatchTransform()
         self.num_repeats = num_repeats
         self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
 
@@ -62,11 +72,15 @@ class DistillationTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_PARAMETERS)]
 
+    def _transform_batch(self, inputs: dict, training: bool) -> dict:
+        if inputs["labels"].numel() == 0:  # nothing decoded in this batch
+            return inputs
+        inputs = self._prepare_inputs(inputs)  # on the device before the per-batch steps
+        pixel_values, labels = self.batch_transform(inputs["pixel_values"], inputs["labels"], training)
+        return {**inputs, "pixel_values": pixel_values, "labels": labels}
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.mixup_fn is not None and inputs["labels"].numel() > 0:
-            pixel_values, labels = self.mixup_fn(inputs["pixel_values"], inputs["labels"])
-            inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
-        return super().training_step(model, inputs, num_items_in_batch)
+        return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["labels"].numel() == 0 and not return_outputs:
@@ -89,6 +103,7 @@ class DistillationTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if inputs["labels"].numel() == 0:  # nothing decoded in this evaluation batch
             return None, None, None
+        inputs = self._transform_batch(inputs, training=False)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -1,8 +1,9 @@
-"""Image transforms of the DeiT recipe, built with timm, and mixup/cutmix for batches of any size.
+"""Image transforms of the DeiT recipe, built with timm, in two parts: per image in the workers, per batch on the device.
 
 `ImageTransform` is what a dataset runs on each batch of rows, in the DataLoader workers: it decodes the images
 (kept undecoded by `training.data`), replaces undecodable ones by `None` for `DistillationCollator` to drop, and
-applies a timm transform. `build_mixup` is applied by the trainer on the device, to whole batches.
+applies a timm transform ending in a uint8 tensor. `BatchTransform` is what the trainer applies on the device to
+whole batches: normalization, then, when training, random erasing and Mixup/CutMix (for batches of any size).
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import PIL.Image
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 
 from deit_hf.image_processing_deit import convert_to_rgb
 
@@ -49,12 +51,11 @@ def _zero_bit_posterize():
         auto_augment.NAME_TO_OP.update(saved)
 
 
-def build_train_transform(
-    aug_args: AugmentationArguments,
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-) -> Callable:
-    """Random-resized crop, horizontal flip, auto-augment (or color jitter), normalization, random erasing."""
+def build_train_transform(aug_args: AugmentationArguments) -> Callable:
+    """Random-resized crop, horizontal flip, auto-augment (or color jitter), to a uint8 tensor.
+
+    Normalization and random erasing are per-batch steps of `BatchTransform`, on the device.
+    """
     with _zero_bit_posterize():
         return create_transform(
             input_size=aug_args.input_size,
@@ -64,27 +65,18 @@ def build_train_transform(
             color_jitter=aug_args.color_jitter,
             auto_augment=aug_args.auto_augment,
             interpolation=aug_args.train_interpolation,
-            re_prob=aug_args.reprob,
-            re_mode=aug_args.remode,
-            re_count=aug_args.recount,
-            mean=mean,
-            std=std,
+            use_prefetcher=True,  # uint8 out, as timm's own training loader: a quarter of float32's bytes to move
         )
 
 
-def build_eval_transform(
-    aug_args: AugmentationArguments,
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-) -> Callable:
-    """Resize the shorter side to `int(input_size / eval_crop_pct)` (bicubic), center-crop, normalize."""
+def build_eval_transform(aug_args: AugmentationArguments) -> Callable:
+    """Resize the shorter side to `int(input_size / eval_crop_pct)` (bicubic), center-crop, to a uint8 tensor."""
     return create_transform(
         input_size=aug_args.input_size,
         is_training=False,
         interpolation=EVAL_INTERPOLATION,
         crop_pct=aug_args.eval_crop_pct,
-        mean=mean,
-        std=std,
+        use_prefetcher=True,
     )
 
 
@@ -170,4 +162,71 @@ def build_mixup(aug_args: AugmentationArguments, num_classes: int) -> Optional[A
         mode=aug_args.mixup_mode,
         label_smoothing=aug_args.smoothing,
         num_classes=num_classes,
+    )
+
+
+@dataclass
+class BatchTransform:
+    """The per-batch end of the recipe's transform, run by the trainer on the device, as timm's `PrefetchLoader` does.
+
+    uint8 pixel values (what `build_train_transform` / `build_eval_transform` make) become floats normalized with
+    `mean` and `std`; floating-point pixel values are taken as normalized already (an image processor's output, say).
+    Training batches then get random erasing (timm's, in normalized space: `erasing_probability` per image) and
+    `mixup`, which turns the labels into soft targets. Evaluation batches are only normalized.
+    """
+
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    erasing_probability: float = 0.0
+    erasing_mode: str = "pixel"
+    erasing_count: int = 1
+    mixup: Optional[AnyBatchMixup] = None
+    _on_device: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __call__(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std, random_erasing = self._for_device(pixel_values.device)
+        if pixel_values.dtype == torch.uint8:
+            # The operations of torchvision's ToTensor + Normalize, in their order: the same floats, bit for bit.
+            pixel_values = pixel_values.float().div_(255).sub_(mean).div_(std)
+        elif not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values of dtype {pixel_values.dtype}: expected uint8 pixels (0-255) or normalized floats."
+            )
+        if training:
+            if random_erasing is not None:
+                pixel_values = random_erasing(pixel_values)
+            if self.mixup is not None:
+                pixel_values, labels = self.mixup(pixel_values, labels)
+        return pixel_values, labels
+
+    def _for_device(self, device: torch.device) -> tuple:
+        # Built once per device, so no step copies constants from the host.
+        if device not in self._on_device:
+            mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+            random_erasing = None
+            if self.erasing_probability > 0:
+                random_erasing = RandomErasing(
+                    self.erasing_probability, mode=self.erasing_mode, max_count=self.erasing_count, device=device
+                )
+            self._on_device[device] = mean, std, random_erasing
+        return self._on_device[device]
+
+
+def build_batch_transform(
+    aug_args: AugmentationArguments,
+    num_classes: int,
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+) -> BatchTransform:
+    """The recipe's per-batch steps: normalization, random erasing, Mixup/CutMix with label smoothing."""
+    return BatchTransform(
+        mean=tuple(mean),
+        std=tuple(std),
+        erasing_probability=aug_args.reprob,
+        erasing_mode=aug_args.remode,
+        erasing_count=aug_args.recount,
+        mixup=build_mixup(aug_args, num_classes),
     )

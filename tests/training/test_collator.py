@@ -30,6 +30,15 @@ def test_stacks_float_pixels_and_int64_labels_dropping_undecoded_samples():
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [1, 2, 5]
 
 
+def test_uint8_pixels_stay_uint8_for_the_device_to_normalize():
+    pixels = torch.arange(48, dtype=torch.uint8).view(3, 4, 4)
+
+    batch = DistillationCollator()([{"pixel_values": pixels, "labels": 0}, {"pixel_values": pixels + 1, "labels": 1}])
+
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert torch.equal(batch["pixel_values"], torch.stack([pixels, pixels + 1]))
+
+
 def test_all_corrupt_batch_is_empty():
     batch = DistillationCollator()([{"pixel_values": None, "labels": None}] * 3)
 

@@ -10,7 +10,14 @@ from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.metrics import compute_metrics, preprocess_logits_for_metrics
 from training.trainer import DistillationTrainer
-from training.transforms import ImageTransform, build_eval_transform, build_mixup, build_train_transform
+from training.transforms import (
+    BatchTransform,
+    ImageTransform,
+    build_batch_transform,
+    build_eval_transform,
+    build_mixup,
+    build_train_transform,
+)
 
 from .conftest import IMAGE_SIZE
 
@@ -80,7 +87,7 @@ def test_teacher_sees_the_mixed_batch_and_gets_no_gradient(tmp_path, fitted_teac
         return model_forward(pixel_values, labels=labels, **kwargs)
 
     mixup = build_mixup(AugmentationArguments(input_size=IMAGE_SIZE), num_classes=10)
-    trainer = make_trainer(tmp_path, model, None, None, fitted_teacher, mixup_fn=mixup)
+    trainer = make_trainer(tmp_path, model, None, None, fitted_teacher, batch_transform=BatchTransform(mixup=mixup))
     fitted_teacher.forward, model.forward = spy, student_spy
     try:
         pixels, labels = pixel_batch
@@ -92,6 +99,32 @@ def test_teacher_sees_the_mixed_batch_and_gets_no_gradient(tmp_path, fitted_teac
     assert seen["labels"].shape == (len(labels), 10)  # ... and its targets are soft
     assert all(parameter.grad is None for parameter in fitted_teacher.parameters())
     assert model.distillation_classifier.weight.grad is not None
+
+
+def test_uint8_batches_are_normalized_on_the_device_for_training_and_evaluation(tmp_path, fitted_teacher):
+    model = student()
+    seen = []
+    model_forward = model.forward
+
+    def student_spy(pixel_values, **kwargs):
+        seen.append(pixel_values)
+        return model_forward(pixel_values, **kwargs)
+
+    model.forward = student_spy
+    aug_args = AugmentationArguments(reprob=0, mixup=0, cutmix=0)
+    trainer = make_trainer(tmp_path, model, None, None, fitted_teacher, batch_transform=build_batch_transform(
+        aug_args, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    ))
+    pixels = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    batch = {"pixel_values": pixels, "labels": torch.tensor([1, 2])}
+
+    trainer.training_step(model.train(), batch)
+    trainer.prediction_step(model.eval(), batch, prediction_loss_only=False)
+
+    expected = ((torch.tensor([0, 128, 255]) / 255 - 0.5) / 0.25).view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    assert len(seen) == 2
+    for pixel_values in seen:
+        torch.testing.assert_close(pixel_values, expected)
 
 
 def test_batch_with_no_decodable_image_steps_with_zero_gradients(tmp_path, fitted_teacher):

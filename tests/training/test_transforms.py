@@ -3,6 +3,7 @@
 import io
 import logging
 import pickle
+import random
 
 import numpy as np
 import PIL.Image
@@ -10,15 +11,16 @@ import pytest
 import timm
 import torch
 from skimage import data as skimage_data
-from timm.data import RandomResizedCropAndInterpolation, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandomResizedCropAndInterpolation, resolve_data_config
 from timm.data.auto_augment import RandAugment
-from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 from training.args import AugmentationArguments
 from training.transforms import (
     AnyBatchMixup,
+    BatchTransform,
     ImageTransform,
+    build_batch_transform,
     build_eval_transform,
     build_mixup,
     build_train_transform,
@@ -39,26 +41,31 @@ def test_train_transform_is_the_deit_recipe():
     transform = build_train_transform(AugmentationArguments())
 
     assert step_types(transform) == [
-        RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, RandAugment, timm.data.transforms.MaybeToTensor,
-        T.Normalize, RandomErasing,
+        RandomResizedCropAndInterpolation, T.RandomHorizontalFlip, RandAugment, timm.data.transforms.MaybePILToTensor,
     ]
-    crop, flip, rand_augment, _, normalize, erasing = transform.transforms
+    crop, flip, rand_augment, _ = transform.transforms
     assert (crop.size, crop.scale, crop.interpolation) == ((224, 224), (0.08, 1.0), T.InterpolationMode.BICUBIC)
     assert flip.p == 0.5
     # rand-m9-mstd0.5-inc1: two ops per image, magnitude 9 with std 0.5, the "increasing" variants of the ops.
     assert rand_augment.num_layers == 2
     assert {(op.magnitude, op.magnitude_std) for op in rand_augment.ops} == {(9, 0.5)}
     assert "SolarizeIncreasing" in {op.name for op in rand_augment.ops}
-    assert normalize.mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
-    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "pixel", 1)
+    # normalization and random erasing are per-batch steps
+    batch_transform = build_batch_transform(AugmentationArguments(), num_classes=10)
+    assert (batch_transform.mean, batch_transform.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert (batch_transform.erasing_probability, batch_transform.erasing_mode, batch_transform.erasing_count) == (
+        0.25, "pixel", 1
+    )
 
 
 def test_train_transform_pieces_turn_off():
-    transform = build_train_transform(AugmentationArguments(auto_augment="none", reprob=0, hflip=0, input_size=32))
+    aug_args = AugmentationArguments(auto_augment="none", reprob=0, hflip=0, mixup=0, cutmix=0, input_size=32)
+    transform = build_train_transform(aug_args)
 
     crop, jitter, *_ = transform.transforms
-    assert RandAugment not in step_types(transform) and RandomErasing not in step_types(transform)
-    assert T.RandomHorizontalFlip not in step_types(transform)
+    assert RandAugment not in step_types(transform) and T.RandomHorizontalFlip not in step_types(transform)
+    batch_transform = build_batch_transform(aug_args, num_classes=10)
+    assert batch_transform.erasing_probability == 0 and batch_transform.mixup is None
     # Without auto-augment timm falls back to color jitter, 0.3 for brightness, contrast and saturation.
     assert isinstance(jitter, T.ColorJitter) and jitter.brightness == (0.7, 1.3) and jitter.hue is None
     assert crop.size == (32, 32)
@@ -70,7 +77,10 @@ def test_eval_transform_matches_timm_data_config_of_a_deit_model():
     transform = build_eval_transform(AugmentationArguments(eval_crop_pct=pretrained_cfg["crop_pct"]))
     photo = PIL.Image.fromarray(skimage_data.chelsea())  # 451 x 300, not square
 
-    assert torch.equal(transform(photo), timm_transform(photo))
+    pixels = transform(photo)
+    assert pixels.dtype == torch.uint8
+    normalized, _ = BatchTransform()(pixels[None], torch.zeros(1), training=False)
+    assert torch.equal(normalized[0], timm_transform(photo))
     # The DeiT recipe itself evaluates at crop 0.875: shorter side to 256, center 224.
     resize, crop, *_ = build_eval_transform(AugmentationArguments()).transforms
     assert (resize.size, resize.interpolation, crop.size) == (256, T.InterpolationMode.BICUBIC, (224, 224))
@@ -228,3 +238,55 @@ def test_recipe_randaugment_posterize_to_zero_bits_gives_black_not_a_crash():
     from timm.data import auto_augment
 
     assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is auto_augment.posterize  # timm's table is restored
+
+
+def seeded(seed: int, function, *args):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    return function(*args)
+
+
+def test_uint8_transform_then_batch_normalization_is_timms_float_transform():
+    aug_args = AugmentationArguments(input_size=48, reprob=0)
+    timm_transform = timm.data.create_transform(
+        input_size=48, is_training=True, scale=tuple(aug_args.scale), hflip=aug_args.hflip,
+        auto_augment=aug_args.auto_augment, interpolation=aug_args.train_interpolation, re_prob=0,
+    )
+    photos = [PIL.Image.fromarray(getattr(skimage_data, name)()) for name in ("astronaut", "chelsea", "coffee")]
+
+    ours = torch.stack([seeded(seed, build_train_transform(aug_args), photo) for seed, photo in enumerate(photos)])
+    theirs = torch.stack([seeded(seed, timm_transform, photo) for seed, photo in enumerate(photos)])
+
+    assert ours.dtype == torch.uint8
+    normalized, _ = build_batch_transform(aug_args, num_classes=10)(ours, torch.arange(3), training=False)
+    assert torch.equal(normalized, theirs)  # bit for bit: a run gives the same numbers with either pipeline
+
+
+def test_batch_transform_erases_and_mixes_training_batches_only():
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3])
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    normalized = (pixels.float() / 255 - mean) / std
+    erasing = BatchTransform(erasing_probability=1.0, erasing_mode="const")
+
+    evaluated, eval_labels = erasing(pixels, labels, training=False)
+    torch.testing.assert_close(evaluated, normalized)
+    assert eval_labels is labels
+
+    erased, _ = seeded(0, erasing, pixels, labels, True)
+    for image, reference in zip(erased, normalized):
+        changed = (image != reference).any(dim=0)
+        rows, columns = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
+        assert 0 < changed.sum() <= box and (image[:, changed] == 0).all()  # one rectangle of zeros ("const")
+        assert changed.sum() >= 0.9 * box  # (a zero-valued reference pixel may hide inside it)
+
+    mixing = BatchTransform(mixup=build_mixup(AugmentationArguments(), num_classes=10))
+    _, targets = seeded(0, mixing, pixels, labels, True)
+    assert targets.shape == (4, 10)
+
+
+def test_batch_transform_keeps_float_batches_and_refuses_other_dtypes():
+    floats = torch.randn(2, 3, 8, 8)
+    assert BatchTransform()(floats, torch.arange(2), training=False)[0] is floats
+    with pytest.raises(TypeError, match="pixel_values of dtype torch.int64: expected uint8 pixels"):
+        BatchTransform()(floats.long(), torch.arange(2), training=False)
