@@ -39,6 +39,7 @@ RECIPE_TRAINING_DEFAULTS = dict(
     per_device_eval_batch_size=128,
     weight_decay=0.05,
     adam_epsilon=1e-8,
+    max_grad_norm=0.0,  # facebookresearch/deit does not clip gradients (its --clip-grad defaults to None)
     lr_scheduler_type="cosine_with_min_lr",
     lr_scheduler_kwargs={"min_lr": 1e-5},
     eval_strategy="epoch",
