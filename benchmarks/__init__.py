@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 # glibc `mallopt` parameters (malloc.h) and the values `hold_freed_memory` sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest; bigger blocks are mmapped whatever is set
@@ -24,6 +26,34 @@ _TRIM_THRESHOLD_BYTES = 1 << 30
 MAX_FOREIGN_CORES = 0.25
 # Busy rounds run again, per wanted round, before giving up on a quiet machine and keeping them all.
 BUSY_RETRIES_PER_REPEAT = 3
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on an accelerator, so a timer stopped after this covers it (nothing on a CPU)."""
+    if torch.device(device).type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a large dense matmul in `dtype`: the peak that MFU is measured against, as achieved, not quoted.
+
+    (A datasheet's peak is not reached by any kernel; e.g. ~790 TFLOP/s measured for bf16 on an H100/H200.)
+    """
+    size = 2048 if torch.device(device).type == "cpu" else 8192  # long enough to time, short enough to repeat
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(seconds)
 
 
 @dataclass

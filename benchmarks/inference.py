@@ -3,7 +3,9 @@
 timm's `deit_*_distilled_patch16_224` is built with its random initialisation, converted to deit_hf with
 `deit_hf.convert.convert_timm_model`, and deit_hf's checkpoint is loaded into transformers' own
 `DeiTForImageClassificationWithTeacher` (the parameter names are the same). Every contender classifies the same
-batch; their logits are checked to agree before anything is timed, so the figures compare the same computation.
+batch; their logits are checked to agree (in float32) before anything is timed, so the figures compare the same
+computation. On an accelerator the timed calls run under autocast (`dtype`, bf16 by default there) and each call
+ends with a device synchronization, so its time covers its kernels.
 """
 
 import copy
@@ -16,7 +18,7 @@ import transformers
 
 from deit_hf.convert import convert_timm_model
 
-from . import Measurement, time_interleaved
+from . import DTYPE_NAMES, Measurement, synchronize, time_interleaved
 
 # The contenders deit_hf is compared with, in the ratios of the report.
 PEERS = ("timm", "transformers eager", "transformers sdpa")
@@ -56,6 +58,7 @@ def build_contenders(size: str) -> dict[str, torch.nn.Module]:
 
 
 def _check_same_logits(models: dict[str, torch.nn.Module], pixel_values: torch.Tensor) -> None:
+    """float32 logits of every contender against timm's."""
     with torch.inference_mode():
         logits = {name: _logits(model(pixel_values)) for name, model in models.items()}
     reference = logits["timm"]
@@ -72,21 +75,26 @@ def run(
     warmup: int = 2,
     repeats: int = 10,
     busy_retries: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[Measurement]:
-    """Yield img/s of each contender per model size, in float32; deit_hf's rows carry its ratio to each peer."""
+    """Yield img/s of each contender per model size; deit_hf's rows carry its ratio to each peer."""
     for size in sizes:
-        pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        models = build_contenders(size)
+        pixel_values = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+        models = {name: model.to(device) for name, model in build_contenders(size).items()}
         _check_same_logits(models, pixel_values)
         if compile:
             # Compiled separately from the eager runs; compilation happens in the warm-up rounds, never timed.
             models["deit_hf sdpa compiled"] = torch.compile(models["deit_hf sdpa"])
             models["timm compiled"] = torch.compile(models["timm"])
 
+        autocast = dtype != torch.float32
+
         def forward(model):
             def call():
-                with torch.inference_mode():
-                    return model(pixel_values)
+                with torch.inference_mode(), torch.autocast(pixel_values.device.type, dtype, enabled=autocast):
+                    model(pixel_values)
+                synchronize(pixel_values.device)
 
             return call
 
@@ -94,7 +102,7 @@ def run(
             {name: forward(model) for name, model in models.items()}, warmup, repeats, busy_retries
         )
         seconds = timing.seconds
-        case = f"deit-{size}-distilled bs{batch_size} fp32 224px"
+        case = f"deit-{size}-distilled bs{batch_size} {DTYPE_NAMES[dtype]} 224px on {device}"
         for name, value in seconds.items():
             ratios = {}
             if name.startswith("deit_hf"):

@@ -1,6 +1,7 @@
 """Run the benchmarks, print one JSON line per measurement and record them in BENCHMARKS.md.
 
     python -m benchmarks.run [--quick] [--only inference,train,input] [--full] [--no-compile] [--threads N]
+    python -m benchmarks.run --device cuda      # bf16 autocast, the issue's GPU settings
 
 The tables go between the markers below in the output file (created if missing), so the analysis written around
 them survives a rerun. Each table row is one contender; `ratio_vs_X` columns are deit-hf's throughput over X's.
@@ -21,7 +22,7 @@ import timm
 import torch
 import transformers
 
-from . import Measurement, hold_freed_memory, inference, input_pipeline, training_step
+from . import DTYPE_NAMES, Measurement, hold_freed_memory, inference, input_pipeline, training_step
 
 BENCHMARKS = ("inference", "train", "input")
 START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
@@ -36,18 +37,32 @@ FULL = {
     "train": dict(steps_per_round=10, warmup_steps=3, rounds=4),
     "input": dict(num_images=200, batch_size=32, warmup=1, repeats=5),
 }
+# On an accelerator, the issue's GPU settings: batch 256 inference; DeiT-S⚗ + RegNetY-16GF (the paper's) at batch 128.
+ACCELERATOR = {
+    "inference": dict(sizes=("tiny", "small", "base"), batch_size=256, warmup=3, repeats=20),
+    "train": dict(
+        student="deit_small_distilled_patch16_224", teacher="regnety_160", image_size=224, num_labels=1000,
+        batch_size=128, steps_per_round=12, warmup_steps=4, rounds=4,
+    ),
+    "input": FULL["input"],  # decoding and augmenting run on the CPU wherever the model runs
+}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def machine_description(default_malloc: bool = False) -> dict[str, str]:
-    """CPU model, cores, torch threads and allocator, library versions and the date: a results section's header."""
+def machine_description(device: str = "cpu", default_malloc: bool = False) -> dict[str, str]:
+    """Accelerator, CPU model, cores, torch threads and allocator, versions and the date: a results section's header."""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as cpuinfo:
             cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
     malloc = "its default adaptive thresholds" if default_malloc else "fixed thresholds (benchmarks.hold_freed_memory)"
+    accelerator = ""
+    if device != "cpu":
+        properties = torch.get_device_module(device).get_device_properties(device)
+        accelerator = f"{device}: {properties.name}, {properties.total_memory / 2**30:.0f} GiB; "
     return {
-        "device": f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc malloc with "
-        f"{malloc}",
+        "device": f"{accelerator}CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc "
+        f"malloc with {malloc}",
         "versions": (
             f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
             f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
@@ -116,16 +131,24 @@ def record(measurements: list[Measurement], machine: dict[str, str], command: st
 
 
 def run_benchmarks(
-    only: Iterable[str], quick: bool = False, full: bool = False, compile: bool = True
+    only: Iterable[str],
+    quick: bool = False,
+    full: bool = False,
+    compile: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[Measurement]:
-    """Yield the measurements of the benchmarks named in `only`, with `QUICK` or `FULL` settings."""
-    settings = QUICK if quick else FULL
+    """Yield the measurements of the benchmarks named in `only`, with `QUICK`, `FULL` or `ACCELERATOR` settings."""
+    settings = QUICK if quick else FULL if device == "cpu" else ACCELERATOR
     for name in only:
         if name == "inference":
-            sizes = (*settings["inference"]["sizes"], "base") if full else settings["inference"]["sizes"]
-            yield from inference.run(**{**settings["inference"], "sizes": sizes}, compile=compile and not quick)
+            sizes = settings["inference"]["sizes"]
+            sizes = (*sizes, "base") if full and "base" not in sizes else sizes
+            yield from inference.run(
+                **{**settings["inference"], "sizes": sizes}, compile=compile and not quick, device=device, dtype=dtype
+            )
         elif name == "train":
-            yield from training_step.run(training_step.TrainSettings(**settings["train"]))
+            yield from training_step.run(training_step.TrainSettings(**settings["train"], device=device, dtype=dtype))
         elif name == "input":
             with tempfile.TemporaryDirectory() as directory:
                 yield from input_pipeline.run(directory, **settings["input"])
@@ -147,6 +170,10 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     parser.add_argument("--only", type=_benchmark_list, default=list(BENCHMARKS), help="Comma-separated subset.")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="Skip the torch.compile rows.")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
+    parser.add_argument("--device", default="cpu", help="Where models run: cpu (default), cuda, ...")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="fp32, or bf16 autocast (default: fp32 on a CPU, bf16 elsewhere)."
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -162,14 +189,22 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if device.type != "cpu" and (accelerator is None or accelerator.type != device.type):
+        parser.error(f"--device {args.device}: no such accelerator here.")
+    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
 
     torch.set_num_threads(args.threads)
     if not args.default_malloc:
         hold_freed_memory()
-    machine = machine_description(args.default_malloc)
+    machine = machine_description(args.device, args.default_malloc)
     print(json.dumps(machine), flush=True)
     measurements = []
-    for measurement in run_benchmarks(args.only, args.quick, args.full, args.compile):
+    for measurement in run_benchmarks(args.only, args.quick, args.full, args.compile, args.device, dtype):
         measurements.append(measurement)
         print(json.dumps(measurement.to_dict()), flush=True)
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))

@@ -12,10 +12,14 @@ span of each of its steps (mixup to zero_grad, plus engine.py's `loss.item()` ch
 between the two; the first steps of each round are warm-up and dropped; the figure is the median step of the rounds
 run while no other process kept the CPU busy (see `benchmarks.keep_quiet_rounds`).
 
-Peak memory is the peak RSS of a fresh process running one round of one contender, so neither sees the other's.
-Achieved GFLOP/s = the FLOPs of one step (counted once by `torch.utils.flop_counter.FlopCounterMode`: teacher
-forward, student forward and backward) / the median step time. MFU needs the device's peak FLOP/s, unknown for a
-CPU: it is left for GPU runs.
+On an accelerator both run under bf16 autocast (the Trainer through `bf16=True`, its teacher under the
+accelerator's autocast; the loop as engine.py's `torch.autocast`), the batch is on the device before the timer
+starts, and each timed span ends with a device synchronization.
+
+Peak memory is that of a fresh process running one round of one contender, so neither sees the other's: peak RSS
+on a CPU, `max_memory_allocated` on an accelerator. Achieved GFLOP/s = the FLOPs of one step (counted by
+`torch.utils.flop_counter.FlopCounterMode`: teacher forward, student forward and backward) / the median step time;
+MFU = that over the FLOP/s of a large dense matmul in the same dtype on the same device (`matmul_peak_flops`).
 """
 
 import math
@@ -42,7 +46,7 @@ from training.teacher import load_teacher
 from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
-from . import Measurement, keep_quiet_rounds, peak_rss_mib
+from . import DTYPE_NAMES, Measurement, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
 
 TRAINER, HAND_WRITTEN = "DistillationTrainer", "facebookresearch-style loop"
 
@@ -63,12 +67,19 @@ class TrainSettings:
     warmup_steps: int = 2  # dropped at the start of each round
     rounds: int = 3
     busy_retries: int | None = None  # see `benchmarks.keep_quiet_rounds`
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32  # bf16 = autocast
+
+    @property
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(torch.device(self.device).type, self.dtype, enabled=self.dtype != torch.float32)
 
     @property
     def learning_rate(self) -> float:
         return 5e-4 * self.batch_size / 512  # the recipe's linear scaling rule
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch every step trains on, on the host."""
         generator = torch.Generator().manual_seed(0)
         pixel_values = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
         return pixel_values, torch.randint(0, self.num_labels, (self.batch_size,), generator=generator)
@@ -108,15 +119,15 @@ def _teacher(settings: TrainSettings):
 
 
 class HandWrittenLoop:
-    """One training step as facebookresearch/deit's `train_one_epoch` with its `DistillationLoss` (hard), on CPU."""
+    """One training step as facebookresearch/deit's `train_one_epoch` with its `DistillationLoss` (hard)."""
 
     def __init__(self, settings: TrainSettings):
         self.settings = settings
-        self.student = _timm_student(settings)
+        self.student = _timm_student(settings).to(settings.device)
         self.student.set_distilled_training(True)
         self.student.train()
         self.teacher = _teacher(settings).model  # the same weights as the Trainer's teacher, without its wrapper
-        self.teacher.to(memory_format=torch.contiguous_format).eval()
+        self.teacher.to(settings.device, memory_format=torch.contiguous_format).eval()
         aug = settings.aug_args()
         self.mixup = Mixup(
             mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
@@ -129,12 +140,13 @@ class HandWrittenLoop:
 
     def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
         samples, targets = self.mixup(samples, targets)
-        outputs, outputs_kd = self.student(samples)
-        base_loss = self.criterion(outputs, targets)
-        with torch.no_grad():
-            teacher_outputs = self.teacher(samples)
-        distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
-        loss = base_loss * (1 - self.settings.alpha) + distillation_loss * self.settings.alpha
+        with self.settings.autocast:
+            outputs, outputs_kd = self.student(samples)
+            base_loss = self.criterion(outputs, targets)
+            with torch.no_grad():
+                teacher_outputs = self.teacher(samples)
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+            loss = base_loss * (1 - self.settings.alpha) + distillation_loss * self.settings.alpha
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"Loss is {loss.item()}, stopping training")
         self.optimizer.zero_grad()
@@ -143,24 +155,29 @@ class HandWrittenLoop:
 
     def run_round(self) -> list[float]:
         """Seconds of each of `steps_per_round` steps on copies of the same batch (Mixup mixes in place)."""
-        pixel_values, labels = self.settings.batch()
+        pixel_values, labels = (tensor.to(self.settings.device) for tensor in self.settings.batch())
         seconds = []
         for _ in range(self.settings.steps_per_round):
             samples = pixel_values.clone()
+            synchronize(self.settings.device)
             start = time.perf_counter()
             self.step(samples, labels)
+            synchronize(self.settings.device)
             seconds.append(time.perf_counter() - start)
         return seconds
 
 
 class _StepTimer(TrainerCallback):
-    def __init__(self):
+    def __init__(self, device: str):
+        self.device = device
         self.seconds: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        synchronize(self.device)  # the batch's copy to the device is done, as in the loop
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
         self.seconds.append(time.perf_counter() - self._start)
 
 
@@ -171,7 +188,7 @@ class TrainerLoop:
         self.settings = settings
         pixel_values, labels = settings.batch()
         dataset = [{"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels)]
-        self.timer = _StepTimer()
+        self.timer = _StepTimer(settings.device)
         args = TrainingArguments(
             output_dir=output_dir,
             per_device_train_batch_size=settings.batch_size,
@@ -184,7 +201,8 @@ class TrainerLoop:
             logging_strategy="no",
             save_strategy="no",
             report_to="none",
-            use_cpu=True,
+            use_cpu=settings.device == "cpu",
+            bf16=settings.dtype == torch.bfloat16,
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=True,
@@ -210,29 +228,33 @@ def _build(contender: str, settings: TrainSettings, output_dir: str):
     return TrainerLoop(settings, output_dir) if contender == TRAINER else HandWrittenLoop(settings)
 
 
-def _peak_rss_of_one_round(contender: str, settings: TrainSettings, threads: int) -> tuple[float, float]:
+def _peak_memory_of_one_round(contender: str, settings: TrainSettings, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
+    on_cpu = settings.device == "cpu"
     after_imports = peak_rss_mib()
     with tempfile.TemporaryDirectory() as output_dir:
         _build(contender, settings, output_dir).run_round()
-    return peak_rss_mib(), after_imports
+    if on_cpu:
+        return {"peak_rss_mib": peak_rss_mib(), "peak_rss_above_imports_mib": peak_rss_mib() - after_imports}
+    return {"peak_device_memory_mib": torch.accelerator.max_memory_allocated() / 2**20}
 
 
-def peak_rss_in_fresh_process(contender: str, settings: TrainSettings) -> tuple[float, float]:
-    """Peak RSS (MiB) of a new interpreter that builds `contender` and trains one round, and its peak before that.
+def peak_memory_in_fresh_process(contender: str, settings: TrainSettings) -> dict[str, float]:
+    """Peak memory (MiB) of a new interpreter that builds `contender` and trains one round.
 
-    The second figure is what importing torch, transformers, timm and the project costs, the same for both.
+    On a CPU, its peak RSS and that peak less the peak before building anything (what importing torch,
+    transformers, timm and the project costs, the same for both); on an accelerator, its peak allocated memory.
     """
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_rss_of_one_round, (contender, settings, torch.get_num_threads()))
+        return pool.apply(_peak_memory_of_one_round, (contender, settings, torch.get_num_threads()))
 
 
 def step_flops(settings: TrainSettings) -> int:
     """FLOPs of one step: teacher forward, student forward and backward (eager attention, so its matmuls count)."""
-    student = _deit_hf_student(settings)
+    student = _deit_hf_student(settings).to(settings.device)
     student.set_attn_implementation("eager")  # the CPU sdpa kernel has no FLOP formula in FlopCounterMode
-    teacher = _teacher(settings)
-    pixel_values, labels = settings.batch()
+    teacher = _teacher(settings).to(settings.device)
+    pixel_values, labels = (tensor.to(settings.device) for tensor in settings.batch())
     with FlopCounterMode(display=False) as counter:
         teacher_logits = teacher(pixel_values)
         student(pixel_values, labels=labels, teacher_logits=teacher_logits).loss.backward()
@@ -240,12 +262,13 @@ def step_flops(settings: TrainSettings) -> int:
 
 
 def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) -> Iterator[Measurement]:
-    """Yield img/s, achieved GFLOP/s and peak RSS of both loops; the Trainer's row carries its ratio to the loop."""
+    """Yield img/s, achieved GFLOP/s, MFU and peak memory of both loops; the Trainer's row has its ratio to the loop."""
     if settings.steps_per_round <= settings.warmup_steps:
         raise ValueError(
             f"steps_per_round ({settings.steps_per_round}) must exceed warmup_steps ({settings.warmup_steps})."
         )
     flops = step_flops(settings)
+    peak_flops = matmul_peak_flops(settings.device, settings.dtype)
     with tempfile.TemporaryDirectory() as output_dir:
         loops = {name: _build(name, settings, output_dir) for name in (TRAINER, HAND_WRITTEN)}
 
@@ -255,17 +278,17 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
         timing = keep_quiet_rounds(run_round, settings.rounds, settings.busy_retries)
     case = (
         f"{settings.student} student {settings.image_size}px/patch{settings.patch_size} + {settings.teacher} teacher,"
-        f" hard, bs{settings.batch_size} fp32"
+        f" hard, bs{settings.batch_size} {DTYPE_NAMES[settings.dtype]} on {settings.device}"
+        f" (matmul peak {peak_flops / 1e9:,.0f} GFLOP/s)"
     )
     for name, seconds in timing.seconds.items():
         extra = {
             "gflop_per_image": flops / settings.batch_size / 1e9,
             "achieved_gflop_per_s": flops / seconds / 1e9,
-            "mfu": None,
+            "mfu": flops / seconds / peak_flops,
         }
         if measure_memory:
-            peak, after_imports = peak_rss_in_fresh_process(name, settings)
-            extra.update(peak_rss_mib=peak, peak_rss_above_imports_mib=peak - after_imports)
+            extra.update(peak_memory_in_fresh_process(name, settings))
         if name == TRAINER:
             extra["ratio_vs_loop"] = timing.seconds[HAND_WRITTEN] / seconds
         yield timing.measurement("train", case, name, settings.batch_size, **extra)
