@@ -21,7 +21,7 @@ class DistillationTrainer(Trainer):
     are randomly erased and mixed (timm Mixup/CutMix). The frozen `teacher` then runs on that same mixed batch, then
     the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
-    so in bf16 when mixed precision is on. The class and distillation parts of the loss are logged beside `loss`.
+    so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and distillation parts of the loss are logged beside `loss`.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
@@ -56,6 +56,9 @@ class DistillationTrainer(Trainer):
                     "they must predict the same classes in the same order."
                 )
         self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
+        if self.teacher is not None and self.args.torch_compile:
+            # `--torch_compile` compiles the teacher too: its forward costs more than the student's whole step.
+            self.teacher.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         # The model returns a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
         # gradient accumulation steps (it skips that for models taking **kwargs unless told).
         self.model_accepts_loss_kwargs = False

@@ -39,7 +39,7 @@ def make_trainer(tmp_path, model, train, evaluation, teacher, **kwargs):
         output_dir=str(tmp_path), per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=3e-3,
         weight_decay=0.05, num_train_epochs=kwargs.pop("epochs", 1), lr_scheduler_type="cosine", warmup_steps=0.1,
         logging_steps=5, save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
-        use_cpu=True, seed=0,
+        use_cpu=True, seed=0, torch_compile=kwargs.pop("torch_compile", False),
     )
     trainer = DistillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=DistillationCollator(),
@@ -141,6 +141,16 @@ def test_no_weight_decay_on_tokens_norms_and_biases(tmp_path, fitted_teacher):
     for name, _ in model.named_parameters():
         exempt = name.endswith(("bias", "position_embeddings", "cls_token", "distillation_token")) or "layernorm" in name
         assert (name in decayed) != exempt, name
+
+
+def test_torch_compile_compiles_the_teacher_too(tmp_path, fitted_teacher):
+    trainer = make_trainer(tmp_path, student(), None, None, fitted_teacher)
+    assert trainer.teacher._compiled_call_impl is None
+    try:
+        compiled = make_trainer(tmp_path, student(), None, None, fitted_teacher, torch_compile=True)
+        assert compiled.teacher._compiled_call_impl is not None
+    finally:
+        fitted_teacher._compiled_call_impl = None  # the session-wide fixture stays eager
 
 
 def test_teacher_with_other_classes_is_refused_before_training(tmp_path, fitted_teacher):
