@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.data import attach_transform
-from training.transforms import ImageTransform, build_batch_transform, build_train_transform
+from training.transforms import ImageTransform, build_batch_transform, build_train_transform, zero_bit_posterize
 
 from . import Measurement, time_interleaved
 
@@ -94,13 +94,18 @@ def deit_hf_loader(parquet: Path, aug_args: AugmentationArguments, batch_size: i
 
 
 def timm_loader(folder: Path, aug_args: AugmentationArguments, batch_size: int, use_prefetcher: bool) -> DataLoader:
-    """timm's ImageFolder path with the recipe's transform settings, without workers."""
-    transform = create_transform(
-        input_size=aug_args.input_size, is_training=True, scale=tuple(aug_args.scale), hflip=aug_args.hflip,
-        color_jitter=aug_args.color_jitter, auto_augment=aug_args.auto_augment,
-        interpolation=aug_args.train_interpolation, re_prob=aug_args.reprob, re_mode=aug_args.remode,
-        re_count=aug_args.recount, use_prefetcher=use_prefetcher,
-    )
+    """timm's ImageFolder path with the recipe's transform settings, without workers.
+
+    Built with deit-hf's posterize fix, as ours: timm's own RandAugment asks Pillow 13 for 0-bit posterize, which
+    raises, about once in 700 images (a crash within the first pass).
+    """
+    with zero_bit_posterize():
+        transform = create_transform(
+            input_size=aug_args.input_size, is_training=True, scale=tuple(aug_args.scale), hflip=aug_args.hflip,
+            color_jitter=aug_args.color_jitter, auto_augment=aug_args.auto_augment,
+            interpolation=aug_args.train_interpolation, re_prob=aug_args.reprob, re_mode=aug_args.remode,
+            re_count=aug_args.recount, use_prefetcher=use_prefetcher,
+        )
     dataset = ImageDataset(str(folder), transform=transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True)
 

@@ -38,7 +38,7 @@ def _posterize(image: PIL.Image.Image, bits_to_keep: int, **kwargs) -> PIL.Image
 
 
 @contextlib.contextmanager
-def _zero_bit_posterize():
+def zero_bit_posterize():
     """Build auto-augment ops whose posterize takes 0 bits: RandAugment 'inc1' asks for that at magnitude 10
     (about 1 image in 700 with the recipe's `rand-m9-mstd0.5-inc1`). Ops keep the function they were built with,
     so timm's table is restored on exit."""
@@ -56,7 +56,7 @@ def build_train_transform(aug_args: AugmentationArguments) -> Callable:
 
     Normalization and random erasing are per-batch steps of `BatchTransform`, on the device.
     """
-    with _zero_bit_posterize():
+    with zero_bit_posterize():
         return create_transform(
             input_size=aug_args.input_size,
             is_training=True,
