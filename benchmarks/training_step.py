@@ -198,6 +198,7 @@ class TrainerLoop:
             adam_epsilon=1e-8,
             lr_scheduler_type="constant",
             max_grad_norm=0.0,  # facebookresearch/deit does not clip by default
+            logging_nan_inf_filter=False,  # as `training.train` sets it: no host synchronization per step
             logging_strategy="no",
             save_strategy="no",
             report_to="none",

@@ -46,6 +46,9 @@ RECIPE_TRAINING_DEFAULTS = dict(
     save_strategy="epoch",
     save_total_limit=2,
     logging_steps=50,
+    # transformers' NaN/inf filter reads each step's loss on the host, a synchronization per step; without it a
+    # non-finite loss shows in the logged mean instead of being replaced.
+    logging_nan_inf_filter=False,
     report_to=["tensorboard"],
     remove_unused_columns=False,  # the image transform needs the raw columns
     dataloader_num_workers=8,

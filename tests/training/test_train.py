@@ -36,6 +36,7 @@ def test_recipe_defaults():
     assert (training_args.weight_decay, training_args.num_train_epochs, training_args.lr_scheduler_type.value) == (
         0.05, 300, "cosine_with_min_lr")
     assert training_args.max_grad_norm == 0  # no clipping (transformers' default clips at 1.0)
+    assert not training_args.logging_nan_inf_filter  # no host synchronization in the training step
     assert (aug_args.auto_augment, aug_args.mixup, aug_args.cutmix, aug_args.smoothing, aug_args.reprob) == (
         "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
     assert aug_args.repeated_aug and aug_args.num_repeats == 3
