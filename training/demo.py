@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--dataset_name", str(dataset_dir), "--teacher_model", str(teacher_dir), "--output_dir", str(student_dir),
         "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides", STUDENT_SIZE,
         "--drop_path_rate", "0.0", "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "64",
-        "--blr", "2.4e-2", "--warmup_epochs", "2", "--logging_steps", "20", "--save_strategy", "no",
+        # 48x the recipe's base learning rate, to learn in 30 epochs; clipping at 1.0 keeps that stable (the recipe
+        # does not clip: without it this run ends at 0.967 held-out instead of 0.989).
+        "--blr", "2.4e-2", "--max_grad_norm", "1.0", "--warmup_epochs", "2", "--logging_steps", "20", "--save_strategy", "no",
         "--dataloader_num_workers", "1", "--report_to", "none",
         *augmentation_flags,
     ])
