@@ -13,8 +13,8 @@ class DistillationCollator:
     (`training.transforms.BatchTransform`), after a copy of a quarter of float32's bytes. Floating-point ones become
     float32 (other dtypes are refused by `BatchTransform`). Samples whose `pixel_values` is `None` (undecodable
     images) are dropped, so a batch can be smaller than the DataLoader's batch size, and odd (`AnyBatchMixup`
-    handles that). A batch with no decodable image at all comes back empty: `{"pixel_values": tensor of shape (0,), "labels": tensor of shape (0,)}`; the trainer skips a batch
-    whose `labels` has no element.
+    handles that). A batch with no decodable image at all comes back empty: `{"pixel_values": tensor of shape (0,),
+    "labels": tensor of shape (0,)}`; the trainer skips a batch whose `labels` has no element.
     """
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:

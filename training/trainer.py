@@ -21,7 +21,8 @@ class DistillationTrainer(Trainer):
     are randomly erased and mixed (timm Mixup/CutMix). The frozen `teacher` then runs on that same mixed batch, then
     the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
-    so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and distillation parts of the loss are logged beside `loss`.
+    so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
+    distillation parts of the loss are logged beside `loss`.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
@@ -113,6 +114,7 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:  # a training log: add the means of the loss parts since the last one
             for name, parts in self._loss_parts.items():
                 if parts:
-                    logs[name] = round(nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean().item(), 4)
+                    mean = nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean()
+                    logs[name] = round(mean.item(), 4)
                     parts.clear()
         super().log(logs, start_time)

@@ -1,4 +1,4 @@
-"""Image transforms of the DeiT recipe, built with timm, in two parts: per image in the workers, per batch on the device.
+"""The DeiT recipe's image transforms, built with timm, in two parts: per image in the workers, per batch on the device.
 
 `ImageTransform` is what a dataset runs on each batch of rows, in the DataLoader workers: it decodes the images
 (kept undecoded by `training.data`), replaces undecodable ones by `None` for `DistillationCollator` to drop, and
