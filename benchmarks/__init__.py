@@ -31,6 +31,11 @@ BUSY_RETRIES_PER_REPEAT = 3
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to `dtype` on `device`'s type; off for float32, the models' own dtype."""
+    return torch.autocast(torch.device(device).type, dtype, enabled=dtype != torch.float32)
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for the work queued on an accelerator, so a timer stopped after this covers it (nothing on a CPU)."""
     if torch.device(device).type != "cpu":

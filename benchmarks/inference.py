@@ -18,7 +18,7 @@ import transformers
 
 from deit_hf.convert import convert_timm_model
 
-from . import DTYPE_NAMES, Measurement, synchronize, time_interleaved
+from . import DTYPE_NAMES, Measurement, autocast, synchronize, time_interleaved
 
 # The contenders deit_hf is compared with, in the ratios of the report.
 PEERS = ("timm", "transformers eager", "transformers sdpa")
@@ -88,11 +88,9 @@ def run(
             models["deit_hf sdpa compiled"] = torch.compile(models["deit_hf sdpa"])
             models["timm compiled"] = torch.compile(models["timm"])
 
-        autocast = dtype != torch.float32
-
         def forward(model):
             def call():
-                with torch.inference_mode(), torch.autocast(pixel_values.device.type, dtype, enabled=autocast):
+                with torch.inference_mode(), autocast(pixel_values.device, dtype):
                     model(pixel_values)
                 synchronize(pixel_values.device)
 

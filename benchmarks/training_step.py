@@ -46,7 +46,7 @@ from training.teacher import load_teacher
 from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
-from . import DTYPE_NAMES, Measurement, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
+from . import DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
 
 TRAINER, HAND_WRITTEN = "DistillationTrainer", "facebookresearch-style loop"
 
@@ -69,10 +69,6 @@ class TrainSettings:
     busy_retries: int | None = None  # see `benchmarks.keep_quiet_rounds`
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # bf16 = autocast
-
-    @property
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(torch.device(self.device).type, self.dtype, enabled=self.dtype != torch.float32)
 
     @property
     def learning_rate(self) -> float:
@@ -140,7 +136,7 @@ class HandWrittenLoop:
 
     def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
         samples, targets = self.mixup(samples, targets)
-        with self.settings.autocast:
+        with autocast(self.settings.device, self.settings.dtype):
             outputs, outputs_kd = self.student(samples)
             base_loss = self.criterion(outputs, targets)
             with torch.no_grad():
@@ -231,12 +227,12 @@ def _build(contender: str, settings: TrainSettings, output_dir: str):
 
 def _peak_memory_of_one_round(contender: str, settings: TrainSettings, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
-    on_cpu = settings.device == "cpu"
     after_imports = peak_rss_mib()
     with tempfile.TemporaryDirectory() as output_dir:
         _build(contender, settings, output_dir).run_round()
-    if on_cpu:
-        return {"peak_rss_mib": peak_rss_mib(), "peak_rss_above_imports_mib": peak_rss_mib() - after_imports}
+    if settings.device == "cpu":
+        peak = peak_rss_mib()
+        return {"peak_rss_mib": peak, "peak_rss_above_imports_mib": peak - after_imports}
     return {"peak_device_memory_mib": torch.accelerator.max_memory_allocated() / 2**20}
 
 
