@@ -174,10 +174,45 @@ def test_drop_path_grows_linearly_and_is_off_in_eval(pixel_values):
     torch.testing.assert_close(model(pixel_values).logits, model(pixel_values).logits, atol=0, rtol=0)
 
 
-def test_initialisation_is_timm_like(tiny_config):
+def _fresh_timm_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    from timm.models.deit import VisionTransformerDistilled
+
+    from deit_hf.convert import convert_state_dict
+
+    torch.manual_seed(seed)
+    timm_model = VisionTransformerDistilled(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=10
+    )
+    return convert_state_dict(timm_model.state_dict())
+
+
+def test_initialisation_matches_timm_tensor_by_tensor():
+    """Each tensor of a fresh model is drawn from the same distribution as its counterpart in a fresh timm
+    VisionTransformerDistilled (two-sample Kolmogorov-Smirnov test), the patch embedding's PyTorch default included."""
+    from scipy.stats import ks_2samp
+
+    torch.manual_seed(1)
+    config = DeiTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, num_labels=10)
+    ours = DeiTForImageClassificationWithTeacher(config).state_dict()
+    reference = _fresh_timm_state_dict(seed=0)
+    assert ours.keys() == reference.keys()
+    for name, tensor in ours.items():
+        expected = reference[name]
+        if expected.std() == 0:  # zero biases, LayerNorm ones and zeros
+            torch.testing.assert_close(tensor, expected, atol=0, rtol=0, msg=name)
+        else:
+            assert ks_2samp(tensor.flatten().numpy(), expected.flatten().numpy()).pvalue > 1e-3, name
+    # The two tensors whose scale decides the early training: the patch embedding and the class token.
+    patch_std = ours["deit.embeddings.patch_embeddings.projection.weight"].std().item()
+    assert 0.075 < patch_std < 0.092  # kaiming-uniform(a=sqrt(5)) at fan-in 48: 1/sqrt(144) = 0.083
+    assert ours["deit.embeddings.cls_token"].abs().max() < 1e-5  # normal(std=1e-6)
+    assert not torch.equal(ours["deit.embeddings.cls_token"], ours["deit.embeddings.distillation_token"])
+
+
+def test_initialisation_leaves_loaded_weights_alone(tmp_path, tiny_config):
     model = DeiTForImageClassificationWithTeacher(tiny_config)
-    embeddings = model.deit.embeddings
-    for token in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
-        assert 0.005 < token.std().item() < 0.03  # trunc_normal(std=0.02), not zeros
-    assert not torch.equal(embeddings.cls_token, embeddings.distillation_token)
-    assert model.cls_classifier.bias.abs().sum() == 0
+    model.save_pretrained(tmp_path)
+    reloaded = DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
