@@ -52,7 +52,8 @@ class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
         Cosine similarity of the final class and distillation token embeddings (the paper reports ~0.93): a
         value near 1 means the two tokens learned the same thing.
     base_loss, distillation_loss (`torch.Tensor` of shape `()`):
-        The two parts of `loss`, for logging; `distillation_loss` is None for `distillation_type="none"`.
+        The two parts of `loss`, for logging; `distillation_loss` is None without a teacher (then `base_loss` is the
+        cross-entropy of the fused `logits`).
     """
 
     loss: torch.Tensor | None = None
@@ -359,6 +360,8 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
     Inference returns their average as `logits`. Unlike transformers' class of the same name it trains: given
     `labels` (class ids, or Mixup soft targets) and, for hard/soft distillation, the teacher's `teacher_logits` on the
     same batch, it returns the loss of `deit_hf.losses.DistillationLoss` configured by `config.distillation_*`.
+    Given `labels` alone (or with `distillation_type="none"`), the loss is the cross-entropy of the fused `logits`,
+    which trains both heads: transformers' `Trainer`, PEFT and any Hugging Face loop fine-tune it as they are.
     """
 
     def __init__(self, config: DeiTConfig):

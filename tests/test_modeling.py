@@ -139,6 +139,32 @@ def test_forward_with_labels_trains_both_heads_and_matches_the_loss_module(tiny_
     assert model.deit.embeddings.distillation_token.grad.abs().sum() > 0
 
 
+def test_labels_without_teacher_logits_train_both_heads_on_the_fused_logits(tiny_config, pixel_values):
+    model = DeiTForImageClassificationWithTeacher(tiny_config).train()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    out = model(pixel_values, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert model.cls_classifier.weight.grad.abs().sum() > 0
+    assert model.distillation_classifier.weight.grad.abs().sum() > 0
+
+
+def test_plain_transformers_trainer_fine_tunes_it(tmp_path, tiny_config):
+    """No teacher, no deit_hf trainer: transformers' own Trainer trains both heads through the fused loss."""
+    generator = torch.Generator().manual_seed(0)
+    examples = [{"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": i % 3} for i in range(16)]
+    model = DeiTForImageClassificationWithTeacher(tiny_config)
+    heads_before = [model.cls_classifier.weight.clone(), model.distillation_classifier.weight.clone()]
+    trainer = transformers.Trainer(
+        model=model, train_dataset=examples,
+        args=transformers.TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                            learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no"),
+    )
+    assert trainer.train().training_loss > 0
+    for before, after in zip(heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight]):
+        assert not torch.equal(before, after.detach())
+
+
 def test_config_distillation_settings_reach_the_loss(pixel_values):
     model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, distillation_type="soft", distillation_tau=2.0))
     assert (model.loss_fct.distillation_type, model.loss_fct.tau) == ("soft", 2.0)
