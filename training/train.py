@@ -25,7 +25,7 @@ from .args import AugmentationArguments, DataArguments, DistillationArguments, M
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
-from .teacher import load_teacher
+from .teacher import check_class_names, check_teacher_accuracy, load_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     if distill_args.distillation_type != "none":
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
-            student_mean=mean, student_std=std,
+            student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
+            teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
         )
+        check_class_names(teacher, data.label_names)
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
     trainer = DistillationTrainer(
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
     )
+    if teacher is not None and distill_args.teacher_check_batches > 0:
+        check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it

@@ -204,3 +204,21 @@ def test_the_schedule_used_is_shown_at_the_default_log_level(small_digits_dir, r
                        "--learning_rate", "1e-3", "--warmup_steps", "0"))
     assert "Global batch 8: learning rate 0.001, 0 warm-up steps, 2 steps in all." in caplog.text
     assert logging.getLogger("training.train").isEnabledFor(logging.INFO)
+
+
+def test_a_teacher_near_chance_stops_the_run_before_step_1(small_digits_dir, random_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"top-1 on 32 validation images is .* near chance"):
+        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--teacher_check_batches", "1"))
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_teacher_with_other_class_names_is_refused(small_digits_dir, tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    names = [str(9 - digit) for digit in range(10)]  # the right classes in reverse order
+    ResNetForImageClassification(ResNetConfig(
+        embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=10, id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=r"\(10 of 10 differ\): class 0: teacher '9', dataset '0'"):
+        main(tiny_run_args(small_digits_dir, tmp_path / "teacher", tmp_path / "out", "--max_steps", "1"))
