@@ -181,7 +181,7 @@ class DistillationArguments:
 
     teacher_model: Optional[str] = field(
         default="regnety_160.deit_in1k",
-        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 % top-1) "
+        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
                   "or a local directory of any Hugging Face image classifier."},
     )
     teacher_checkpoint: Optional[str] = field(
