@@ -160,6 +160,19 @@ def apply_recipe_schedule(training_args: TrainingArguments, distill_args: Distil
     )
 
 
+def share_cpu_threads(dataloader_num_workers: int) -> int:
+    """Give this process's intra-op pool the cores left to it by the other local processes and its DataLoader
+    workers (each runs one thread), so none of them spins against another; `OMP_NUM_THREADS` set by the user (or
+    by `accelerate launch`) wins. Returns the thread count."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = max(1, cores // local_processes - dataloader_num_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resume_argument(training_args: TrainingArguments) -> str | bool | None:
     """`--resume_from_checkpoint last` (or true) resumes the newest checkpoint of `output_dir`; a path resumes it.
 
@@ -185,6 +198,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     # The run's own facts (schedule, teacher check, data) are shown at the default level, once.
     logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
     transformers.set_seed(training_args.seed)
+    logger.info("%d torch threads per process.", share_cpu_threads(training_args.dataloader_num_workers))
 
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
