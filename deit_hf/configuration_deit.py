@@ -2,8 +2,12 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DISTILLATION_TYPES = ("hard", "soft", "none")
+TRANSFORMERS_MODEL_TYPE = "deit"  # transformers' own DeiT, whose checkpoints load into deit_hf's classes
 
 # Sizes from the paper (Table 1); all 12 layers, patch 16, MLP ratio 4.
 _SIZES = {
@@ -100,6 +104,19 @@ class DeiTConfig(PreTrainedConfig):
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if self.distillation_tau <= 0:
             raise ValueError(f"`distillation_tau` must be positive, got {self.distillation_tau}.")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # A transformers DeiT folder (the hub's facebook/deit-*) holds this architecture under transformers' own
+        # model_type: say so once, instead of transformers' generic "can yield errors" warning.
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == TRANSFORMERS_MODEL_TYPE:
+            logger.warning_once(
+                f"Loading transformers' DeiT checkpoint {pretrained_model_name_or_path} (model_type 'deit') into "
+                "deit_hf: same architecture and weights, with the layer_norm_eps its config gives."
+            )
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "DeiTConfig":

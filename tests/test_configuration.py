@@ -72,3 +72,15 @@ def test_a_nonsense_saved_config_fails_at_load(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "distillation_type": "strong"}))
     with pytest.raises(ValueError, match="`distillation_type`"):
         DeiTConfig.from_pretrained(tmp_path)
+
+
+def test_a_transformers_deit_folder_is_announced_once_without_the_generic_warning(tmp_path, caplog):
+    import transformers
+
+    transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64).save_pretrained(tmp_path)
+    config = DeiTConfig.from_pretrained(tmp_path)
+    assert config.hidden_size == 32 and config.model_type == "deit_hf"
+    assert "Loading transformers' DeiT checkpoint" in caplog.text and "can yield errors" not in caplog.text
+    # transformers' own resolution is untouched
+    assert type(transformers.AutoConfig.from_pretrained(tmp_path)) is transformers.DeiTConfig

@@ -16,7 +16,8 @@ import sys
 
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+import yaml
+from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
@@ -62,19 +63,23 @@ ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, Augmen
 RECIPE_RULES = (("blr", "learning_rate"), ("warmup_epochs", "warmup_steps"))
 
 
-def _given_names(argv: list[str]) -> set[str]:
-    """Argument names given on the command line (`--name value`, `--name=value`) or as keys of a JSON file."""
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0]) as file:
-            return set(json.load(file))
-    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _read_config_file(path: str) -> dict:
+    with open(path) as file:
+        values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}.")
+    return values
 
 
 def parse_args(argv: list[str] | None = None):
-    """The five argument dataclasses from flags, or from a single `.json` file.
+    """The five argument dataclasses from flags, or from a `.json`/`.yaml` file followed by flags that override it.
 
     An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
-    `--warmup_epochs`); giving both of a pair is refused.
+    `--warmup_epochs`); giving both of a pair is refused. A checkpoint to fine-tune (`--model_name_or_path`) gives
+    the architecture and input size. Errors are argparse's one-line usage errors (exit code 2).
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
@@ -82,18 +87,53 @@ def parse_args(argv: list[str] | None = None):
     # would train alone on all the data.
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        arguments = parser.parse_json_file(argv[0])
-    else:
+    given = set()
+    if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        try:
+            file_values = _read_config_file(argv[0])
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            parser.error(f"cannot read the config file {argv[0]}: {error}")
+        unknown = sorted(set(file_values) - {action.dest for action in parser._actions})
+        if unknown:
+            parser.error(f"unknown arguments in {argv[0]}: {', '.join(unknown)}")
+        parser.set_defaults(**file_values)
+        given, argv = set(file_values), argv[1:]
+    given |= {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+    try:
         arguments = parser.parse_args_into_dataclasses(argv)
-    given = _given_names(argv)
-    distill_args = arguments[1]
+        _resolve_given(given, *arguments)
+    except ValueError as error:  # a dataclass's own check, or a conflict between arguments
+        parser.error(str(error))
+    return arguments
+
+
+def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_args, training_args) -> None:
+    """Apply what the user gave explicitly over what the recipe or a checkpoint would decide."""
     for rule, derived in RECIPE_RULES:
         if rule in given and derived in given:
-            parser.error(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
+            raise ValueError(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
         if derived in given:
             setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
-    return arguments
+    if "label_smoothing_factor" in given:
+        raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
+                         "the class targets, Mixup's soft targets included).")
+    if model_args.model_name_or_path is None:
+        return
+    for name in ("model_preset", "config_overrides"):
+        if name in given:
+            raise ValueError(f"--{name} and --model_name_or_path both describe the student: the checkpoint's "
+                             "architecture is used, drop one of them.")
+    try:
+        config = DeiTConfig.from_pretrained(model_args.model_name_or_path)
+    except OSError as error:
+        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
+    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    if height != width:
+        raise ValueError(f"The checkpoint takes {height}x{width} images; training supports square inputs only.")
+    if "input_size" in given and aug_args.input_size != height:
+        raise ValueError(f"--input_size {aug_args.input_size} but the checkpoint {model_args.model_name_or_path} "
+                         f"takes {height}x{width} images: drop --input_size.")
+    aug_args.input_size = height
 
 
 def build_student(
@@ -110,16 +150,44 @@ def build_student(
         label2id={name: index for index, name in id2label.items()},
     )
     if model_args.model_name_or_path:
-        return DeiTForImageClassificationWithTeacher.from_pretrained(
-            model_args.model_name_or_path,
-            attn_implementation=model_args.attn_implementation,
-            ignore_mismatched_sizes=True,  # a new label set replaces the heads
-            **settings,
-        )
+        return load_checkpoint_to_fine_tune(model_args.model_name_or_path, model_args.attn_implementation, settings)
     config = DeiTConfig.from_preset(
         model_args.model_preset, image_size=aug_args.input_size, **model_args.config_overrides_dict(), **settings
     )
     return DeiTForImageClassificationWithTeacher._from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+HEADS = ("cls_classifier.", "distillation_classifier.")
+
+
+def load_checkpoint_to_fine_tune(path: str, attn_implementation: str, settings: dict) -> DeiTForImageClassificationWithTeacher:
+    """The checkpoint with every weight but the heads loaded (or a ValueError summarising what did not load); heads
+    for another label set are new, and say so in one line."""
+    old = DeiTConfig.from_pretrained(path)
+    source_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
+    model, report = DeiTForImageClassificationWithTeacher.from_pretrained(
+        path, attn_implementation=attn_implementation, ignore_mismatched_sizes=True, output_loading_info=True,
+        **settings,
+    )
+    problems = {
+        "missing": [key for key in report["missing_keys"] if not key.startswith(HEADS)],
+        "unexpected": list(report["unexpected_keys"]),
+        "of another shape": [entry[0] for entry in report["mismatched_keys"] if not entry[0].startswith(HEADS)],
+    }
+    if any(problems.values()):
+        summary = "; ".join(
+            f"{len(keys)} {kind} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+            for kind, keys in problems.items() if keys
+        )
+        raise ValueError(
+            f"{path} (model_type {source_type!r}) is not a DeiT⚗ checkpoint deit_hf can fine-tune: weights {summary}."
+        )
+    new_names = settings["id2label"]
+    if old.num_labels != len(new_names) or [old.id2label[i] for i in range(old.num_labels)] != list(new_names.values()):
+        few = lambda names: ", ".join(map(str, list(names)[:3])) + (", ..." if len(names) > 3 else "")  # noqa: E731
+        logger.info("New heads: %d classes (%s) -> %d classes from the dataset (%s).", old.num_labels,
+                    few(old.id2label.values()), len(new_names), few(new_names.values()))
+    return model
 
 
 def apply_recipe_schedule(training_args: TrainingArguments, distill_args: DistillationArguments, train_size: int | None):

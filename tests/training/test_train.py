@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 
 import datasets
@@ -238,3 +239,90 @@ def test_cpu_threads_are_shared_with_the_workers_and_other_processes(monkeypatch
         assert share_cpu_threads(workers) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_yaml_config_file_with_flags_that_override_it(tmp_path):
+    path = tmp_path / "args.yaml"
+    path.write_text("dataset_name: x\nmixup: 0.0\ndistillation_type: soft\nscale: [0.5, 1.0]\n")
+    _, distill_args, data_args, aug_args, _ = parse_args([str(path), "--mixup", "0.5", "--blr", "1e-3"])
+    assert (data_args.dataset_name, distill_args.distillation_type, aug_args.scale) == ("x", "soft", [0.5, 1.0])
+    assert (aug_args.mixup, distill_args.blr) == (0.5, 1e-3)  # the flags win over the file
+
+
+def test_json_config_file_with_an_extra_flag(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"dataset_name": "x", "learning_rate": 1e-3}))
+    _, distill_args, _, _, training_args = parse_args([str(path), "--num_train_epochs", "3"])
+    assert (training_args.num_train_epochs, training_args.learning_rate, distill_args.blr) == (3, 1e-3, 0)
+
+
+@pytest.mark.parametrize("argv_in_file, flags, message", [
+    ({"dataset_name": "x", "mixpu": 0.5}, [], "unknown arguments in .*args.json: mixpu"),
+    ({"dataset_name": "x"}, ["--train_dir", "y"], "Pass exactly one of `dataset_name` or `train_dir`"),
+    ({"dataset_name": "x"}, ["--label_smoothing_factor", "0.1"], "use --smoothing"),
+])
+def test_argument_errors_are_one_line_usage_errors(tmp_path, capsys, argv_in_file, flags, message):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(argv_in_file))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(path), *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "Traceback" not in error
+
+
+def _fine_tune_args(dataset_dir, checkpoint, output_dir, *extra):
+    """`tiny_run_args` starting from a checkpoint: no preset or overrides, no teacher."""
+    args = tiny_run_args(dataset_dir, "unused", output_dir, "--model_name_or_path", str(checkpoint),
+                         "--distillation_type", "none", "--max_steps", "1", *extra)
+    for flag in ("--model_preset", "--config_overrides", "--input_size"):
+        index = args.index(flag)
+        del args[index:index + 2]
+    return args
+
+
+@pytest.fixture
+def deit_checkpoint(tmp_path):
+    """A 32 px, 3-class deit_hf checkpoint."""
+    from deit_hf import DeiTConfig
+
+    config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
+                        label2id={"cat": 0, "dog": 1, "fox": 2})
+    DeiTForImageClassificationWithTeacher(config).save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_fine_tuning_takes_size_and_architecture_from_the_checkpoint_and_swaps_heads(
+        small_digits_dir, deit_checkpoint, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="training.train")
+    trainer = main(_fine_tune_args(small_digits_dir, deit_checkpoint, tmp_path / "out"))
+    config = trainer.model.config
+    assert (config.image_size, config.hidden_size, config.num_labels) == (32, 32, 10)
+    assert "New heads: 3 classes (cat, dog, fox) -> 10 classes from the dataset (0, 1, 2, ...)." in caplog.text
+    kept = DeiTForImageClassificationWithTeacher.from_pretrained(deit_checkpoint).state_dict()
+    trained = load_file(tmp_path / "out" / "model.safetensors")
+    assert trained["deit.embeddings.cls_token"].shape == kept["deit.embeddings.cls_token"].shape
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input_size", "64"], "--input_size 64 but the checkpoint .* takes 32x32 images"),
+    (["--config_overrides", "hidden_dropout_prob=0.1"], "--config_overrides and --model_name_or_path"),
+    (["--model_preset", "deit-small-distilled-patch16-224"], "--model_preset and --model_name_or_path"),
+])
+def test_fine_tuning_refuses_flags_that_contradict_the_checkpoint(small_digits_dir, deit_checkpoint, tmp_path, capsys,
+                                                                  extra, message):
+    with pytest.raises(SystemExit):
+        parse_args(_fine_tune_args(small_digits_dir, deit_checkpoint, tmp_path / "out", *extra))
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_fine_tuning_refuses_a_checkpoint_whose_weights_do_not_load(small_digits_dir, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64, num_labels=10)).save_pretrained(
+        tmp_path / "vit")
+    with pytest.raises(ValueError, match=r"model_type 'vit'\) is not a DeiT⚗ checkpoint .*: weights \d+ missing"):
+        main(_fine_tune_args(small_digits_dir, tmp_path / "vit", tmp_path / "out"))
+
