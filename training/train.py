@@ -55,6 +55,9 @@ RECIPE_TRAINING_DEFAULTS = dict(
     report_to=["tensorboard"],
     remove_unused_columns=False,  # the image transform needs the raw columns
     dataloader_num_workers=8,
+    # Workers live across epochs, as timm's loader keeps them: where workers are spawned (macOS, Windows, a spawned
+    # parent, Python 3.14's forkserver), each new one imports torch and the data stack again.
+    dataloader_persistent_workers=True,
 )
 ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, TrainingArguments)
 
@@ -114,6 +117,8 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
             raise ValueError(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
         if derived in given:
             setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
+    if training_args.dataloader_num_workers == 0:
+        training_args.dataloader_persistent_workers = False  # no workers to keep (torch refuses the pair)
     if "label_smoothing_factor" in given:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")

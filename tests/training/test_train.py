@@ -40,6 +40,7 @@ def test_recipe_defaults():
     assert training_args.max_grad_norm == 0  # no clipping (transformers' default clips at 1.0)
     assert not training_args.logging_nan_inf_filter  # no host synchronization in the training step
     assert training_args.ddp_find_unused_parameters is False  # every parameter gets a gradient: no DDP warning
+    assert training_args.dataloader_persistent_workers
     assert (aug_args.auto_augment, aug_args.mixup, aug_args.cutmix, aug_args.smoothing, aug_args.reprob) == (
         "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
     assert aug_args.repeated_aug and aug_args.num_repeats == 3
