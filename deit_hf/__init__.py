@@ -9,8 +9,8 @@ Saved checkpoints also carry `auto_map` and the model code, so plain transformer
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_deit import PRESETS, DeiTConfig
-from .image_processing_deit import DeiTImageProcessor
-from .image_processing_deit_fast import DeiTImageProcessorFast
+from .image_processing_deit import DeiTHfImageProcessorPil
+from .image_processing_deit_fast import DeiTHfImageProcessor
 from .losses import DistillationLoss, DistillationLossOutput
 from .modeling_deit import (
     DeiTForImageClassification,
@@ -27,7 +27,9 @@ AutoModelForImageClassification.register(
     DeiTConfig, (DeiTForImageClassificationWithTeacher, DeiTForImageClassification), exist_ok=True
 )
 AutoImageProcessor.register(
-    DeiTConfig, image_processor_classes={"pil": DeiTImageProcessor, "torchvision": DeiTImageProcessorFast}, exist_ok=True
+    DeiTConfig,
+    image_processor_classes={"pil": DeiTHfImageProcessorPil, "torchvision": DeiTHfImageProcessor},
+    exist_ok=True,
 )
 
 # The processors get no `auto_map`: transformers' pipeline would take it for a video processor's and ask, at a
@@ -44,8 +46,8 @@ __all__ = [
     "DeiTForImageClassification",
     "DeiTForImageClassificationWithTeacher",
     "DeiTForImageClassificationWithTeacherOutput",
-    "DeiTImageProcessor",
-    "DeiTImageProcessorFast",
+    "DeiTHfImageProcessor",
+    "DeiTHfImageProcessorPil",
     "DeiTModel",
     "DeiTPreTrainedModel",
     "DistillationLoss",

@@ -91,14 +91,14 @@ class DeiTImageInputMixin:
         return make_flat_list_of_images(_as_backend_input(self.fetch_images(images)), expected_ndims=expected_ndims)
 
 
-class DeiTImageProcessor(DeiTImageInputMixin, PilBackend):
+class DeiTHfImageProcessorPil(DeiTImageInputMixin, PilBackend):
     r"""
     DeiT image processor (PIL/NumPy backend) implementing the eval transform of the DeiT recipe and timm:
     resize the shortest edge to `int(224 / 0.875) = 256` with bicubic resampling, center crop 224x224, rescale
     by 1/255 and normalize with the ImageNet mean and std. (transformers' own DeiT processor resizes to a 256x256
     square and normalizes with mean/std 0.5, which is not what DeiT was trained with.)
 
-    For another resolution use `DeiTImageProcessor.for_input_size(R)`.
+    For another resolution use `DeiTHfImageProcessorPil.for_input_size(R)`.
     An int `size` means the shortest edge. Grayscale, RGBA, paletted, CMYK and 16-bit images are converted to RGB.
     """
 
@@ -127,4 +127,4 @@ class DeiTImageProcessor(DeiTImageInputMixin, PilBackend):
         return image[..., top : top + size.height, left : left + size.width]
 
 
-__all__ = ["DeiTImageInputMixin", "DeiTImageProcessor", "check_images_argument"]
+__all__ = ["DeiTImageInputMixin", "DeiTHfImageProcessorPil", "check_images_argument"]

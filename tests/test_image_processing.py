@@ -9,10 +9,10 @@ import torch
 from skimage import data
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from deit_hf.image_processing_deit import DeiTImageProcessor
-from deit_hf.image_processing_deit_fast import DeiTImageProcessorFast
+from deit_hf.image_processing_deit import DeiTHfImageProcessorPil
+from deit_hf.image_processing_deit_fast import DeiTHfImageProcessor
 
-PROCESSORS = [DeiTImageProcessor, DeiTImageProcessorFast]
+PROCESSORS = [DeiTHfImageProcessorPil, DeiTHfImageProcessor]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]  # rocket is 640x427: its resized long side minus 224 is odd
 SMALL = {"size": {"shortest_edge": int(32 / 0.875)}, "crop_size": {"height": 32, "width": 32}}
 
@@ -59,8 +59,8 @@ def test_processors_match_timm_eval_transform(timm_eval_transform, name, resolut
     sizes = {"size": {"shortest_edge": int(resolution / 0.875)}, "crop_size": crop_size}
     expected = timm_eval_transform(resolution)(image)[None]
 
-    slow = pixels(DeiTImageProcessor(**sizes), image)
-    fast = pixels(DeiTImageProcessorFast(**sizes), image)
+    slow = pixels(DeiTHfImageProcessorPil(**sizes), image)
+    fast = pixels(DeiTHfImageProcessor(**sizes), image)
 
     torch.testing.assert_close(slow, expected, atol=PIL_TIMM_ATOL, rtol=0)
     assert_close_to_one_level(fast, expected)
@@ -189,7 +189,7 @@ def test_save_and_load_keeps_the_settings(processor_class, tmp_path):
     torch.testing.assert_close(pixels(loaded, image), pixels(processor, image), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("processor_class", [DeiTImageProcessor, DeiTImageProcessorFast])
+@pytest.mark.parametrize("processor_class", [DeiTHfImageProcessorPil, DeiTHfImageProcessor])
 @pytest.mark.parametrize("image_size, shortest_edge", [(224, 256), (384, 438), (32, 36)])
 def test_for_input_size_is_the_recipe_eval_transform(processor_class, image_size, shortest_edge):
     processor = processor_class.for_input_size(image_size)

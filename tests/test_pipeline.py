@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
 from .conftest import TINY
 
@@ -22,7 +22,7 @@ LABELS = {0: "cat", 1: "dog", 2: "bird"}
 def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
-    processor = DeiTImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    processor = DeiTHfImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     return tmp_path, model.eval(), processor
