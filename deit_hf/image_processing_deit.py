@@ -86,7 +86,7 @@ def eight_bit(pixels: np.ndarray, full_scale: float | None = None) -> np.ndarray
         full_scale = 65535 if pixels.dtype == np.uint16 else 255
     low, high = pixels.min().item(), pixels.max().item()
     if low < 0 or high > full_scale:
-        hint = "" if full_scale == 65535 else " (16-bit pictures: pass a uint16 array)"
+        hint = " (16-bit pictures: pass a uint16 array)" if full_scale == 255 and 255 < high <= 65535 else ""
         raise ValueError(f"{pixels.dtype} image values span [{low}, {high}]: expected [0, {full_scale}]{hint}.")
     if full_scale == 255:
         return pixels.astype(np.uint8)
@@ -147,6 +147,12 @@ def as_eight_bit_image(image, input_data_format=None) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
 
 
+def _is_float_image(image) -> bool:
+    if isinstance(image, PIL.Image.Image):
+        return image.mode == "F"
+    return image.dtype.is_floating_point if hasattr(image.dtype, "is_floating_point") else image.dtype.kind == "f"
+
+
 def flat_list_of_images(images) -> list:
     """The images of a single image, a list, a nested list or a 4-D batch, in order."""
     if isinstance(images, (list, tuple)):
@@ -204,7 +210,14 @@ class DeiTImageInputMixin:
 
     def _prepare_image_like_inputs(self, images, *args, input_data_format=None, expected_ndims=3, **kwargs):
         check_images_argument(images, type(self).__name__)
-        images = [as_eight_bit_image(image, input_data_format) for image in flat_list_of_images(self.fetch_images(images))]
+        images = flat_list_of_images(self.fetch_images(images))
+        if kwargs.get("do_rescale") is False and any(_is_float_image(image) for image in images):
+            # transformers' idiom for images already in [0, 1]; here it would leave them 255 times too bright
+            raise ValueError(
+                f"{type(self).__name__} reads a float image's scale from its values ([0, 1] or 0-255) and brings it "
+                "to 0-255 levels: keep `do_rescale=True` for float images."
+            )
+        images = [as_eight_bit_image(image, input_data_format) for image in images]
         return [self.process_image(image, *args, **kwargs) for image in images]
 
     def resize(self, image, size: SizeDict, *args, **kwargs):
