@@ -21,6 +21,7 @@ from .conftest import TINY
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 SMALL = {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}}
 BACKENDS = {"pil": DeiTHfImageProcessorPil, "torchvision": DeiTHfImageProcessor}
+PROCESSOR_FILES = {"image_processing_deit.py", "image_processing_deit_fast.py"}
 
 
 @pytest.fixture
@@ -96,8 +97,8 @@ def test_checkpoint_carries_auto_map_and_code(checkpoint):
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"].endswith("DeiTForImageClassificationWithTeacher")
     assert config["auto_map"]["AutoConfig"].endswith("DeiTConfig")
-    expected_files = {"modeling_deit.py", "configuration_deit.py", "losses.py"}
-    assert expected_files | {"image_processing_deit.py", "image_processing_deit_fast.py"} <= {p.name for p in path.iterdir()}
+    saved_files = {p.name for p in path.iterdir()}
+    assert {"modeling_deit.py", "configuration_deit.py", "losses.py"} | PROCESSOR_FILES <= saved_files
 
 
 def test_both_backends_save_the_same_config(tmp_path):
@@ -105,7 +106,7 @@ def test_both_backends_save_the_same_config(tmp_path):
     for backend, processor_class in BACKENDS.items():
         processor_class(**SMALL).save_pretrained(tmp_path / backend)
         saved[backend] = json.loads((tmp_path / backend / "preprocessor_config.json").read_text())
-        assert {"image_processing_deit.py", "image_processing_deit_fast.py"} <= {p.name for p in (tmp_path / backend).iterdir()}
+        assert PROCESSOR_FILES <= {p.name for p in (tmp_path / backend).iterdir()}
     assert saved["pil"] == saved["torchvision"]
     assert saved["pil"]["image_processor_type"] == "DeiTHfImageProcessor"
 
@@ -168,7 +169,8 @@ def transformers_deit_folder(tmp_path):
         transformers.DeiTImageProcessor(size=36, crop_size=32).save_pretrained(folder)
         settings = json.loads((folder / "preprocessor_config.json").read_text())
         if processor_key == "feature_extractor_type":
-            settings["feature_extractor_type"] = settings.pop("image_processor_type").replace("ImageProcessor", "FeatureExtractor")
+            del settings["image_processor_type"]
+            settings["feature_extractor_type"] = "DeiTFeatureExtractor"  # as the hub's facebook/deit-* configs say
         (folder / "preprocessor_config.json").write_text(json.dumps(settings))
         return folder
 
@@ -183,7 +185,8 @@ folder, image_path, output = sys.argv[1:]
 image = Image.open(image_path)
 
 def load():
-    processor, model = AutoImageProcessor.from_pretrained(folder), AutoModelForImageClassification.from_pretrained(folder)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForImageClassification.from_pretrained(folder)
     pixels = processor(image, return_tensors="pt").pixel_values
     with torch.no_grad():
         logits = model(pixel_values=pixels).logits
@@ -208,7 +211,8 @@ def test_transformers_deit_checkpoint_is_not_shadowed(transformers_deit_folder, 
     image = Image.open(tmp_path / "image.png")
     expected_pixels = transformers.DeiTImageProcessor(size=36, crop_size=32)(image, return_tensors="pt").pixel_values
     # what deit_hf's processor would have made of the same settings: a shortest edge, not a square
-    assert not torch.allclose(DeiTHfImageProcessor(size=36, crop_size=32)(image, return_tensors="pt").pixel_values, expected_pixels)
+    deit_hf_pixels = DeiTHfImageProcessor(size=36, crop_size=32)(image, return_tensors="pt").pixel_values
+    assert not torch.allclose(deit_hf_pixels, expected_pixels)
     for case in ("without", "with"):
         assert result[case]["processor"] == "transformers.models.deit.image_processing_deit.DeiTImageProcessor"
         assert result[case]["model"].startswith("transformers.models.deit.modeling_deit.")
