@@ -66,6 +66,8 @@ def eight_bit(pixels: np.ndarray, full_scale: float | None = None) -> np.ndarray
     white) overrides the dtype's, as for Pillow's 32-bit `I` mode that holds 16-bit pictures."""
     if pixels.size == 0:
         raise ValueError(f"Image has zero size (shape {pixels.shape}).")
+    if not pixels.dtype.isnative:  # big-endian data (e.g. Pillow's I;16B): the dtype rules compare native dtypes
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype == np.bool_:
