@@ -29,6 +29,7 @@ import PIL.Image
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_transforms import convert_to_rgb as transformers_convert_to_rgb
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -96,9 +97,10 @@ def eight_bit(pixels: np.ndarray, full_scale: float | None = None) -> np.ndarray
 
 
 def convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """An RGB copy of a PIL image of any mode; `I`/`I;16*`, `F` and `1` are scaled by their real range (see the
-    module docstring) where Pillow's own conversion would clip or blacken them."""
-    return _as_eight_bit_pil(image).convert("RGB")
+    """An RGB copy of a PIL image of any mode, as both processors see it: `I`/`I;16*`, `F` and `1` scaled by their
+    real range (see the module docstring) where Pillow's own conversion would clip or blacken them, and transparency
+    composited onto white (transformers' rule), so that training decodes images as inference does."""
+    return PIL.Image.fromarray(transformers_convert_to_rgb(_as_eight_bit_pil(image), return_numpy=True))
 
 
 def _as_eight_bit_pil(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -114,7 +114,8 @@ def random_pil_image(seed: int, height: int, width: int, mode: str, unit_floats:
         deep = rng.integers(0, 65536, (height, width)).astype(np.uint16)
         return PIL.Image.fromarray(deep).convert("I") if mode == "I" else PIL.Image.fromarray(deep).convert(mode)
     if mode in ("F", "1"):
-        return PIL.Image.fromarray(random_pixels(seed, (height, width), "float32" if mode == "F" else "bool", unit_floats))
+        dtype = "float32" if mode == "F" else "bool"
+        return PIL.Image.fromarray(random_pixels(seed, (height, width), dtype, unit_floats))
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
 
 
@@ -147,8 +148,7 @@ def test_every_pil_mode_is_the_reference_picture(timm_eval_transform, seed, heig
 
     torch.testing.assert_close(pixels(slow, image), timm_eval_transform(32)(picture)[None], atol=PIL_TIMM_ATOL, rtol=0)
     torch.testing.assert_close(pixels(fast, image), pixels(fast, picture), atol=0, rtol=0)
-    if "A" not in image.getbands():  # training's decode drops alpha, as timm's loader does; the processors composite
-        assert np.array_equal(np.asarray(convert_to_rgb(image)), np.asarray(picture))
+    assert np.array_equal(np.asarray(convert_to_rgb(image)), np.asarray(picture))  # training's decode path
 
 
 @pytest.mark.parametrize("processor_class", PROCESSORS)
