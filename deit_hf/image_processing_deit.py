@@ -80,6 +80,8 @@ def eight_bit(pixels: np.ndarray, full_scale: float | None = None) -> np.ndarray
         low, high = pixels.min().item(), pixels.max().item()
         if full_scale is None:
             full_scale = 1.0 if low >= 0 and high <= 1 else 255.0
+            if full_scale == 1.0:
+                logger.warning_once("Float images with all values in [0, 1] are read as already rescaled (x255).")
         if low < 0 or high > full_scale:
             raise ValueError(f"Float image values span [{low:g}, {high:g}]: expected [0, 1] or [0, 255].")
         return np.rint(pixels * (255 / full_scale)).astype(np.uint8)
