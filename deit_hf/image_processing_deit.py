@@ -9,15 +9,17 @@ rule per input kind, the same for both backends:
   the float rule below, `1` gives 0 / 255.
 - **Arrays and tensors**, by dtype: `uint8` as is; `bool` gives 0 / 255; `uint16` is scaled from 0–65535; every other
   integer dtype holds 8-bit levels 0–255; floats whose values all lie in [0, 1] are taken as already rescaled (x255,
-  as `ToTensor` makes them), else as 0–255 levels. Values outside those ranges, NaN and infinities are refused with
-  a `ValueError` naming them: never clipped, never near-black. Zero-size images are refused too.
+  as `ToTensor` makes them; said once per process), else as 0–255 levels. Values outside those ranges, NaN and
+  infinities are refused with a `ValueError` naming them: never clipped, never near-black. Zero-size images are
+  refused too, and so is `do_rescale=False` with a float image (transformers' idiom for [0, 1] floats, which here
+  would leave them 255 times too large). Training's decode (`convert_to_rgb`) follows the same PIL rules.
 - **Layout**: 2-D is grayscale; 3-D is channels-first or channels-last, with 1 (grey), 3 (RGB) or 4 (RGBA) channels;
   `input_data_format` is honoured when given. Without it, a shape whose both ends could be the channels (an image 1–4
   px tall or wide, e.g. `(1, 20000, 3)`) is read the way its library lays images out: NumPy arrays channels-last (as
   `np.asarray(pil_image)`), torch tensors channels-first (as torchvision), with a warning. Any memory order
   (Fortran, negative strides) is accepted.
-- **Extreme aspect ratios**: before a shortest-edge resize, an image longer than `MAX_ASPECT_RATIO` times its short
-  side is center-cropped to that ratio. The recipe's center crop keeps only the middle anyway, so the pixels are
+- **Extreme aspect ratios**: before a shortest-edge resize, an image longer than `MAX_ASPECT_RATIO` (16) times its
+  short side is center-cropped to that ratio. The recipe's center crop keeps only the middle anyway, so the pixels are
   those of resize-then-crop (up to a sub-pixel shift), but a 1x20000 image no longer becomes a 256x5,120,000
   intermediate (timm's and torchvision's eval transforms would build it: ~4 GB).
 """
