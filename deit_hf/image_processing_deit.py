@@ -220,7 +220,7 @@ class DeiTImageInputMixin:
         check_images_argument(images, type(self).__name__)
         images = flat_list_of_images(self.fetch_images(images))
         if kwargs.get("do_rescale") is False and any(_is_float_image(image) for image in images):
-            # transformers' idiom for images already in [0, 1]; here it would leave them 255 times too bright
+            # transformers' idiom for images already in [0, 1]; here it would leave them 255 times too large
             raise ValueError(
                 f"{type(self).__name__} reads a float image's scale from its values ([0, 1] or 0-255) and brings it "
                 "to 0-255 levels: keep `do_rescale=True` for float images."
