@@ -2,15 +2,15 @@
 
 Importing the package registers its config, models and image processors with transformers' Auto classes, so
 `AutoModelForImageClassification.from_pretrained(dir)` and `pipeline("image-classification", model=dir)` work.
-Saved checkpoints also carry `auto_map` and the model code, so plain transformers loads them with
+Saved checkpoints also carry `auto_map` and the model and processor code, so plain transformers loads them with
 `trust_remote_code=True`.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_deit import PRESETS, DeiTConfig
-from .image_processing_deit import DeiTImageProcessor
-from .image_processing_deit_fast import DeiTImageProcessorFast
+from .image_processing_deit import DeiTHfImageProcessorPil
+from .image_processing_deit_fast import DeiTHfImageProcessor
 from .losses import DistillationLoss, DistillationLossOutput
 from .modeling_deit import (
     DeiTForImageClassification,
@@ -27,12 +27,14 @@ AutoModelForImageClassification.register(
     DeiTConfig, (DeiTForImageClassificationWithTeacher, DeiTForImageClassification), exist_ok=True
 )
 AutoImageProcessor.register(
-    DeiTConfig, image_processor_classes={"pil": DeiTImageProcessor, "torchvision": DeiTImageProcessorFast}, exist_ok=True
+    DeiTConfig,
+    image_processor_classes={"pil": DeiTHfImageProcessorPil, "torchvision": DeiTHfImageProcessor},
+    exist_ok=True,
 )
 
-# The processors get no `auto_map`: transformers' pipeline would take it for a video processor's and ask, at a
-# terminal, whether to run it. Without deit_hf, "DeiTImageProcessor" resolves to transformers' class of that name,
-# which reads the same saved size, crop, mean and std.
+# The processors' names are not transformers' own (DeiTImageProcessor / DeiTImageProcessorPil): its DeiT checkpoints
+# keep resolving to its classes with deit_hf imported. They save their own `auto_map`, naming both backends
+# (`image_processing_deit.AUTO_MAP`).
 DeiTConfig.register_for_auto_class()
 DeiTModel.register_for_auto_class("AutoModel")
 DeiTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
@@ -44,8 +46,8 @@ __all__ = [
     "DeiTForImageClassification",
     "DeiTForImageClassificationWithTeacher",
     "DeiTForImageClassificationWithTeacherOutput",
-    "DeiTImageProcessor",
-    "DeiTImageProcessorFast",
+    "DeiTHfImageProcessor",
+    "DeiTHfImageProcessorPil",
     "DeiTModel",
     "DeiTPreTrainedModel",
     "DistillationLoss",

@@ -26,7 +26,7 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 from .configuration_deit import DeiTConfig
-from .image_processing_deit import DeiTImageProcessor
+from .image_processing_deit import DeiTHfImageProcessorPil
 from .modeling_deit import DeiTForImageClassificationWithTeacher
 
 # Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
@@ -183,7 +183,7 @@ def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassific
 
 def convert_timm_model(
     timm_model: nn.Module, **config_overrides
-) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
+) -> tuple[DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
     """Convert a timm `VisionTransformerDistilled` (with its current weights) into deit_hf, in eval mode.
 
     Checks that the converted model reproduces timm's eval logits (the mean of both heads) on a random image.
@@ -201,7 +201,7 @@ def convert_timm_model(
         model, convert_state_dict(timm_model.state_dict()), "the converted timm weights", "the deit_hf model"
     )
     _verify(timm_model, model)
-    return model, DeiTImageProcessor.for_input_size(config.image_size)
+    return model, DeiTHfImageProcessorPil.for_input_size(config.image_size)
 
 
 def read_label_names(path: str | Path) -> list[str]:
@@ -229,7 +229,7 @@ def convert_timm_checkpoint(
     pretrained: bool = False,
     random_init: bool = False,
     label_names: list[str] | None = None,
-) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
+) -> tuple[DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
     """Build timm's `timm_model_name` with the weights of `checkpoint_path` (loaded strictly; its heads give the
     class count, so fine-tuned checkpoints convert), or timm's own pretrained weights (`pretrained`, fetched by
     timm), and convert it to deit_hf.

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from deit_hf import DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+from deit_hf import DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 from deit_hf.convert import convert_timm_checkpoint, convert_timm_model, load_state_dict_file, main
 
 # A timm DeiT⚗ small enough to convert in milliseconds, for the error paths that take a model object.
@@ -94,7 +94,7 @@ def test_checkpoint_round_trip_through_cli(tmp_path, file_format):
 def test_random_init_conversion_only_when_asked():
     model, image_processor = convert_timm_checkpoint("deit_tiny_distilled_patch16_224", random_init=True)
     assert isinstance(model, DeiTForImageClassificationWithTeacher) and not model.training
-    assert isinstance(image_processor, DeiTImageProcessor)
+    assert isinstance(image_processor, DeiTHfImageProcessorPil)
     assert model.config.id2label[0] == "tench, Tinca tinca"  # 1000 classes: ImageNet-1k's names by default
     with pytest.raises(ValueError, match="exactly one source of weights"):
         convert_timm_checkpoint("deit_tiny_distilled_patch16_224")

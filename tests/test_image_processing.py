@@ -1,4 +1,7 @@
-"""DeiT image processors: parity with timm's eval transform, slow/fast agreement, odd inputs, save/load."""
+"""DeiT image processors: parity with timm's eval transform, slow/fast agreement, odd inputs, save/load (the input
+rules by property: test_image_inputs.py)."""
+
+import functools
 
 import numpy as np
 import PIL.Image
@@ -9,10 +12,10 @@ import torch
 from skimage import data
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from deit_hf.image_processing_deit import DeiTImageProcessor
-from deit_hf.image_processing_deit_fast import DeiTImageProcessorFast
+from deit_hf.image_processing_deit import DeiTHfImageProcessorPil
+from deit_hf.image_processing_deit_fast import DeiTHfImageProcessor
 
-PROCESSORS = [DeiTImageProcessor, DeiTImageProcessorFast]
+PROCESSORS = [DeiTHfImageProcessorPil, DeiTHfImageProcessor]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]  # rocket is 640x427: its resized long side minus 224 is odd
 SMALL = {"size": {"shortest_edge": int(32 / 0.875)}, "crop_size": {"height": 32, "width": 32}}
 
@@ -29,8 +32,8 @@ def photo(name: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(getattr(data, name)())
 
 
-def pixels(processor, images) -> torch.Tensor:
-    return processor(images, return_tensors="pt").pixel_values
+def pixels(processor, images, **kwargs) -> torch.Tensor:
+    return processor(images, return_tensors="pt", **kwargs).pixel_values
 
 
 def assert_close_to_one_level(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -43,6 +46,7 @@ def assert_close_to_one_level(actual: torch.Tensor, expected: torch.Tensor) -> N
 def timm_eval_transform():
     """The DeiT recipe's eval transform as timm builds it (crop_pct 0.875; timm's own DeiT default is 0.9)."""
 
+    @functools.cache  # building the model is the slow part
     def build(resolution: int):
         model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
         overrides = {"crop_pct": 0.875, "input_size": (3, resolution, resolution)}
@@ -59,8 +63,8 @@ def test_processors_match_timm_eval_transform(timm_eval_transform, name, resolut
     sizes = {"size": {"shortest_edge": int(resolution / 0.875)}, "crop_size": crop_size}
     expected = timm_eval_transform(resolution)(image)[None]
 
-    slow = pixels(DeiTImageProcessor(**sizes), image)
-    fast = pixels(DeiTImageProcessorFast(**sizes), image)
+    slow = pixels(DeiTHfImageProcessorPil(**sizes), image)
+    fast = pixels(DeiTHfImageProcessor(**sizes), image)
 
     torch.testing.assert_close(slow, expected, atol=PIL_TIMM_ATOL, rtol=0)
     assert_close_to_one_level(fast, expected)
@@ -133,7 +137,7 @@ def test_grayscale_image_and_2d_array_replicate_the_grey(processor_class, gray, 
 
 
 @pytest.mark.parametrize("processor_class", PROCESSORS)
-@pytest.mark.parametrize("sixteen_bit", ["I;16", "I", "uint16 array"])
+@pytest.mark.parametrize("sixteen_bit", ["I;16", "I;16B", "I", "uint16 array", "big-endian uint16 array"])
 def test_sixteen_bit_image_equals_its_eight_bit_version(processor_class, gray, sixteen_bit):
     processor = processor_class(**SMALL)
     gray, replicated = gray
@@ -142,8 +146,10 @@ def test_sixteen_bit_image_equals_its_eight_bit_version(processor_class, gray, s
     deep = np.clip(np.asarray(gray, dtype=np.int64) * 257 + offsets, 0, 65535).astype(np.uint16)
     image = {
         "I;16": PIL.Image.fromarray(deep),
+        "I;16B": PIL.Image.frombytes("I;16B", gray.size, deep.astype(">u2").tobytes()),
         "I": PIL.Image.fromarray(deep).convert("I"),
         "uint16 array": deep,
+        "big-endian uint16 array": deep.astype(">u2"),
     }[sixteen_bit]
     assert getattr(image, "mode", sixteen_bit) == sixteen_bit
 
@@ -189,7 +195,7 @@ def test_save_and_load_keeps_the_settings(processor_class, tmp_path):
     torch.testing.assert_close(pixels(loaded, image), pixels(processor, image), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("processor_class", [DeiTImageProcessor, DeiTImageProcessorFast])
+@pytest.mark.parametrize("processor_class", [DeiTHfImageProcessorPil, DeiTHfImageProcessor])
 @pytest.mark.parametrize("image_size, shortest_edge", [(224, 256), (384, 438), (32, 36)])
 def test_for_input_size_is_the_recipe_eval_transform(processor_class, image_size, shortest_edge):
     processor = processor_class.for_input_size(image_size)

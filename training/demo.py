@@ -18,7 +18,7 @@ import transformers
 from torchvision import transforms as T
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, pipeline
 
-from deit_hf import DeiTImageProcessor
+from deit_hf import DeiTHfImageProcessorPil
 
 from .args import AugmentationArguments, DataArguments
 from .collator import DistillationCollator
@@ -41,7 +41,7 @@ STUDENT_SIZE = "patch_size=8,hidden_size=64,num_hidden_layers=4,num_attention_he
 def train_teacher(dataset_dir: Path, output_dir: Path, epochs: int) -> None:
     """A ~20k-parameter ResNet trained with the plain Trainer, saved with its image processor."""
     digits = load_image_datasets(DataArguments(dataset_name=str(dataset_dir))).dataset_dict
-    processor = DeiTImageProcessor.for_input_size(IMAGE_SIZE)
+    processor = DeiTHfImageProcessorPil.for_input_size(IMAGE_SIZE)
     augmentation = AugmentationArguments(**DIGIT_AUGMENTATION)
     # The plain Trainer has no per-batch step on the device (`BatchTransform`): normalize here, per image.
     transform = ImageTransform(

@@ -20,7 +20,7 @@ import yaml
 from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
 from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
 from .collator import DistillationCollator
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
     model = build_student(model_args, distill_args, aug_args, data.id2label)
-    processor = DeiTImageProcessor.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
+    processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
     train_dataset = attach_transform(
         train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column)

@@ -9,7 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from deit_hf import DeiTImageProcessor
+from deit_hf import DeiTHfImageProcessorPil
 from training.digits import load_digits_dataset
 from training.teacher import Teacher
 
@@ -61,7 +61,7 @@ def random_teacher_dir(tmp_path_factory):
             id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
         )
     ).save_pretrained(path)
-    DeiTImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    DeiTHfImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
 
@@ -88,7 +88,7 @@ def fitted_teacher(digits):
     """A real teacher in a second: scikit-learn's logistic regression on the training digits (~95 % held out)."""
     from sklearn.linear_model import LogisticRegression
 
-    processor = DeiTImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    processor = DeiTHfImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
     pixels = processor(list(digits["train"]["image"]), return_tensors="pt")["pixel_values"]
     regression = LogisticRegression(max_iter=2000).fit(
         PooledLinearClassifier.features(pixels).numpy(), list(digits["train"]["label"])
