@@ -175,14 +175,14 @@ def test_non_distilled_checkpoint_names_the_missing_distillation_keys(tmp_path):
 
 def test_non_distilled_model_name_is_refused():
     with pytest.raises(ValueError, match="'deit_tiny_patch16_224' has no distillation token"):
-        convert_timm_checkpoint("deit_tiny_patch16_224")
+        convert_timm_checkpoint("deit_tiny_patch16_224", random_init=True)
     with pytest.raises(ValueError, match="VisionTransformer is not a distilled DeiT"):
         convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
 
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown timm model 'deit_huge_distilled'"):
-        convert_timm_checkpoint("deit_huge_distilled")
+        convert_timm_checkpoint("deit_huge_distilled", random_init=True)
 
 
 def test_wrong_size_checkpoint_names_key_and_shapes(tmp_path):
