@@ -60,6 +60,26 @@ class DataArguments:
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where downloaded and prepared datasets are cached."}
     )
+    num_labels: Optional[int] = field(
+        default=None,
+        metadata={"help": "The number of classes of an integer label column without a ClassLabel feature; default: "
+                  "the largest train label + 1 when the labels are dense (at least half the ids occur)."},
+    )
+    max_image_pixels: int = field(
+        default=89_478_485,  # Pillow's MAX_IMAGE_PIXELS, its decompression-bomb warning threshold
+        metadata={"help": "Images with more pixels are skipped, read from their header before decoding; JPEGs are "
+                  "decoded at 1/2, 1/4 or 1/8 scale instead when that fits."},
+    )
+    max_image_aspect_ratio: float = field(
+        default=100.0,
+        metadata={"help": "Images whose long side exceeds this many times the short side are skipped (a 1x20000 "
+                  "image resized to 256 px on its short side would take gigabytes)."},
+    )
+    min_decodable_fraction: float = field(
+        default=0.9,
+        metadata={"help": "Stop when a smaller fraction of an epoch's (or an evaluation's) images could be used; "
+                  "checked at each epoch end, and at each log once 1000 images of the epoch were read. 0 never stops."},
+    )
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_dir is None):
@@ -70,10 +90,17 @@ class DataArguments:
             raise ValueError(
                 f"`validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}."
             )
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "num_labels"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"`{name}` must be a positive number of examples, got {value}.")
+                raise ValueError(f"`{name}` must be a positive number, got {value}.")
+        if self.max_image_pixels < 1 or self.max_image_aspect_ratio < 1:
+            raise ValueError(
+                f"`max_image_pixels` ({self.max_image_pixels}) and `max_image_aspect_ratio` "
+                f"({self.max_image_aspect_ratio}) must be >= 1."
+            )
+        if not 0 <= self.min_decodable_fraction <= 1:
+            raise ValueError(f"`min_decodable_fraction` must be in [0, 1], got {self.min_decodable_fraction}.")
 
 
 @dataclass

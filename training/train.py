@@ -24,6 +24,7 @@ from .args import AugmentationArguments, DataArguments, DistillationArguments, M
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .skipped_images import SkippedImageCounter
 from .teacher import load_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
@@ -141,11 +142,12 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     processor = DeiTImageProcessor.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
+    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
     train_dataset = attach_transform(
-        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column)
+        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
     eval_dataset = attach_transform(
-        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column)
+        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
     teacher = None
     if distill_args.distillation_type != "none":
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         teacher=teacher,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
+        skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
     )
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
