@@ -30,7 +30,7 @@ class DeiTConfig(PreTrainedConfig):
         Stochastic depth rate of the last layer; it grows linearly from 0 over the layers (the recipe uses 0.1).
     distillation_type (`str`, defaults to `"hard"`):
         `"hard"`: the distillation head learns the teacher's argmax; `"soft"`: KL to the teacher's softened
-        distribution; `"none"`: no teacher, only the class-token loss.
+        distribution; `"none"`: no teacher, both heads trained on the cross-entropy of the fused logits.
     distillation_alpha (`float`, defaults to 0.5):
         Weight of the distillation loss; the class-token loss gets `1 - alpha`.
     distillation_tau (`float`, defaults to 1.0):

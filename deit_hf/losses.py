@@ -5,6 +5,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -24,7 +27,10 @@ class DistillationLoss(nn.Module):
       of shape (batch, num_classes) from Mixup/CutMix, which already carry their smoothing.
     - hard: cross-entropy of the distillation head against the teacher's argmax (no smoothing on teacher targets).
     - soft: KL(student/tau || teacher/tau) * tau^2, summed and divided by the logits' element count, as the paper.
-    - none: the base loss alone (the distillation head gets no gradient), as facebookresearch/deit.
+    - none, or no `teacher_logits`: the cross-entropy of the fused prediction `(cls + dist) / 2`, which trains both
+      heads (timm's way of training a distilled DeiT without a teacher), so the prediction never averages in an
+      untrained head. facebookresearch/deit's "none" trains the class head alone. Given only `cls_logits` (a model
+      with one head), the base loss alone.
     """
 
     def __init__(self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0):
@@ -49,14 +55,20 @@ class DistillationLoss(nn.Module):
     ) -> DistillationLossOutput:
         # Soft targets already carry Mixup's smoothing; smoothing them again would double it.
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
-        base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
-        if self.distillation_type == "none":
+        if self.distillation_type == "none" or teacher_logits is None:
+            if self.distillation_type != "none":
+                logger.warning_once(
+                    f"distillation_type={self.distillation_type!r} but no `teacher_logits` were given: training both "
+                    "heads on the cross-entropy of the fused logits, without a teacher."
+                )
+            logits = cls_logits if distillation_logits is None else (cls_logits + distillation_logits) / 2
+            base_loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
             return DistillationLossOutput(loss=base_loss, base_loss=base_loss)
-        if distillation_logits is None or teacher_logits is None:
+        if distillation_logits is None:
             raise ValueError(
-                f"distillation_type={self.distillation_type!r} needs `distillation_logits` and `teacher_logits`; "
-                "pass the teacher's logits for the same batch, or set distillation_type='none'."
+                f"distillation_type={self.distillation_type!r} needs `distillation_logits` beside `teacher_logits`."
             )
+        base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
         if teacher_logits.shape != distillation_logits.shape:
             raise ValueError(
                 f"teacher_logits has shape {tuple(teacher_logits.shape)} but the student's distillation logits have "

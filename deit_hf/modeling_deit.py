@@ -4,6 +4,7 @@ Module and parameter names are those of transformers' DeiT checkpoints (facebook
 `model.safetensors` loads as is; `deit_hf.convert` maps timm/facebookresearch checkpoints onto the same names.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,8 @@ class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
         Cosine similarity of the final class and distillation token embeddings (the paper reports ~0.93): a
         value near 1 means the two tokens learned the same thing.
     base_loss, distillation_loss (`torch.Tensor` of shape `()`):
-        The two parts of `loss`, for logging; `distillation_loss` is None for `distillation_type="none"`.
+        The two parts of `loss`, for logging; `distillation_loss` is None without a teacher (then `base_loss` is the
+        cross-entropy of the fused `logits`).
     """
 
     loss: torch.Tensor | None = None
@@ -259,7 +261,7 @@ class DeiTEncoder(nn.Module):
 
 
 class DeiTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation (timm's: truncated normal 0.02 for linear layers and tokens) and shared settings."""
+    """Weight initialisation (the DeiT reference's: timm `VisionTransformerDistilled`) and shared settings."""
 
     config: DeiTConfig
     base_model_prefix = "deit"
@@ -276,16 +278,28 @@ class DeiTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        # Tensor by tensor as timm's VisionTransformerDistilled (`init_weights` + `init_weights_vit_timm`), which
+        # trains better from scratch than transformers' ViT convention (it trunc-normals the patch embedding too).
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # q, k, v, projections, MLP and both heads: truncated normal, zero bias
+            init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # The patch embedding keeps PyTorch's default init, as timm leaves it: kaiming-uniform(a=sqrt(5)) weights
+            # (std ~0.083 at fan-in 48) and a uniform bias in +-1/sqrt(fan_in).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, DeiTEmbeddings):
-            for parameter in (module.position_embeddings, module.cls_token, module.distillation_token):
-                init.trunc_normal_(parameter, mean=0.0, std=self.config.initializer_range)
+            init.trunc_normal_(module.position_embeddings, std=std)
+            init.normal_(module.cls_token, std=1e-6)  # timm's (facebookresearch/deit's original: trunc-normal 0.02)
+            init.trunc_normal_(module.distillation_token, std=std)
 
 
 class DeiTModel(DeiTPreTrainedModel):
@@ -346,6 +360,8 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
     Inference returns their average as `logits`. Unlike transformers' class of the same name it trains: given
     `labels` (class ids, or Mixup soft targets) and, for hard/soft distillation, the teacher's `teacher_logits` on the
     same batch, it returns the loss of `deit_hf.losses.DistillationLoss` configured by `config.distillation_*`.
+    Given `labels` alone (or with `distillation_type="none"`), the loss is the cross-entropy of the fused `logits`,
+    which trains both heads: transformers' `Trainer`, PEFT and any Hugging Face loop fine-tune it as they are.
     """
 
     def __init__(self, config: DeiTConfig):

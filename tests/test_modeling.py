@@ -139,6 +139,32 @@ def test_forward_with_labels_trains_both_heads_and_matches_the_loss_module(tiny_
     assert model.deit.embeddings.distillation_token.grad.abs().sum() > 0
 
 
+def test_labels_without_teacher_logits_train_both_heads_on_the_fused_logits(tiny_config, pixel_values):
+    model = DeiTForImageClassificationWithTeacher(tiny_config).train()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    out = model(pixel_values, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    assert model.cls_classifier.weight.grad.abs().sum() > 0
+    assert model.distillation_classifier.weight.grad.abs().sum() > 0
+
+
+def test_plain_transformers_trainer_fine_tunes_it(tmp_path, tiny_config):
+    """No teacher, no deit_hf trainer: transformers' own Trainer trains both heads through the fused loss."""
+    generator = torch.Generator().manual_seed(0)
+    examples = [{"pixel_values": torch.randn(3, 32, 32, generator=generator), "labels": i % 3} for i in range(16)]
+    model = DeiTForImageClassificationWithTeacher(tiny_config)
+    heads_before = [model.cls_classifier.weight.clone(), model.distillation_classifier.weight.clone()]
+    trainer = transformers.Trainer(
+        model=model, train_dataset=examples,
+        args=transformers.TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                            learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no"),
+    )
+    assert trainer.train().training_loss > 0
+    for before, after in zip(heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight]):
+        assert not torch.equal(before, after.detach())
+
+
 def test_config_distillation_settings_reach_the_loss(pixel_values):
     model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, distillation_type="soft", distillation_tau=2.0))
     assert (model.loss_fct.distillation_type, model.loss_fct.tau) == ("soft", 2.0)
@@ -174,10 +200,45 @@ def test_drop_path_grows_linearly_and_is_off_in_eval(pixel_values):
     torch.testing.assert_close(model(pixel_values).logits, model(pixel_values).logits, atol=0, rtol=0)
 
 
-def test_initialisation_is_timm_like(tiny_config):
+def _fresh_timm_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    from timm.models.deit import VisionTransformerDistilled
+
+    from deit_hf.convert import convert_state_dict
+
+    torch.manual_seed(seed)
+    timm_model = VisionTransformerDistilled(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=10
+    )
+    return convert_state_dict(timm_model.state_dict())
+
+
+def test_initialisation_matches_timm_tensor_by_tensor():
+    """Each tensor of a fresh model is drawn from the same distribution as its counterpart in a fresh timm
+    VisionTransformerDistilled (two-sample Kolmogorov-Smirnov test), the patch embedding's PyTorch default included."""
+    from scipy.stats import ks_2samp
+
+    torch.manual_seed(1)
+    config = DeiTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, num_labels=10)
+    ours = DeiTForImageClassificationWithTeacher(config).state_dict()
+    reference = _fresh_timm_state_dict(seed=0)
+    assert ours.keys() == reference.keys()
+    for name, tensor in ours.items():
+        expected = reference[name]
+        if expected.std() == 0:  # zero biases, LayerNorm ones and zeros
+            torch.testing.assert_close(tensor, expected, atol=0, rtol=0, msg=name)
+        else:
+            assert ks_2samp(tensor.flatten().numpy(), expected.flatten().numpy()).pvalue > 1e-3, name
+    # The two tensors whose scale decides the early training: the patch embedding and the class token.
+    patch_std = ours["deit.embeddings.patch_embeddings.projection.weight"].std().item()
+    assert 0.075 < patch_std < 0.092  # kaiming-uniform(a=sqrt(5)) at fan-in 48: 1/sqrt(144) = 0.083
+    assert ours["deit.embeddings.cls_token"].abs().max() < 1e-5  # normal(std=1e-6)
+    assert not torch.equal(ours["deit.embeddings.cls_token"], ours["deit.embeddings.distillation_token"])
+
+
+def test_initialisation_leaves_loaded_weights_alone(tmp_path, tiny_config):
     model = DeiTForImageClassificationWithTeacher(tiny_config)
-    embeddings = model.deit.embeddings
-    for token in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
-        assert 0.005 < token.std().item() < 0.03  # trunc_normal(std=0.02), not zeros
-    assert not torch.equal(embeddings.cls_token, embeddings.distillation_token)
-    assert model.cls_classifier.bias.abs().sum() == 0
+    model.save_pretrained(tmp_path)
+    reloaded = DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)

@@ -223,8 +223,8 @@ class DistillationArguments:
     distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
     blr: float = field(
         default=5e-4,
-        metadata={"help": "Learning rate per 512 images: lr = blr x global batch / 512. 0 keeps --learning_rate."},
+        metadata={"help": "Learning rate per 512 images: lr = blr x global batch / 512. An explicit --learning_rate replaces it."},
     )
     warmup_epochs: float = field(
-        default=5, metadata={"help": "Linear warm-up length in epochs. 0 keeps --warmup_steps."}
+        default=5, metadata={"help": "Linear warm-up length in epochs. An explicit --warmup_steps replaces it."}
     )

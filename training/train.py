@@ -8,6 +8,7 @@ Arguments are the dataclasses of `training.args` plus transformers' `TrainingArg
 Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--help`.
 """
 
+import json
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ RECIPE_TRAINING_DEFAULTS = dict(
     # transformers' NaN/inf filter reads each step's loss on the host, a synchronization per step; without it a
     # non-finite loss shows in the logged mean instead of being replaced.
     logging_nan_inf_filter=False,
+    ddp_find_unused_parameters=False,  # every parameter gets a gradient (both heads, with or without a teacher)
     report_to=["tensorboard"],
     remove_unused_columns=False,  # the image transform needs the raw columns
     dataloader_num_workers=8,
@@ -57,8 +59,24 @@ RECIPE_TRAINING_DEFAULTS = dict(
 ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, TrainingArguments)
 
 
+# A flag of the recipe's rule and the TrainingArguments value it derives: the one the user gave wins.
+RECIPE_RULES = (("blr", "learning_rate"), ("warmup_epochs", "warmup_steps"))
+
+
+def _given_names(argv: list[str]) -> set[str]:
+    """Argument names given on the command line (`--name value`, `--name=value`) or as keys of a JSON file."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0]) as file:
+            return set(json.load(file))
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
 def parse_args(argv: list[str] | None = None):
-    """The five argument dataclasses from flags, or from a single `.json` file."""
+    """The five argument dataclasses from flags, or from a single `.json` file.
+
+    An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
+    `--warmup_epochs`); giving both of a pair is refused.
+    """
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
@@ -66,8 +84,17 @@ def parse_args(argv: list[str] | None = None):
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+        arguments = parser.parse_json_file(argv[0])
+    else:
+        arguments = parser.parse_args_into_dataclasses(argv)
+    given = _given_names(argv)
+    distill_args = arguments[1]
+    for rule, derived in RECIPE_RULES:
+        if rule in given and derived in given:
+            parser.error(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
+        if derived in given:
+            setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
+    return arguments
 
 
 def build_student(
@@ -97,20 +124,40 @@ def build_student(
 
 
 def apply_recipe_schedule(training_args: TrainingArguments, distill_args: DistillationArguments, train_size: int | None):
-    """DeiT's linear scaling rule (lr = blr x global batch / 512) and warm-up counted in epochs."""
+    """DeiT's linear scaling rule (lr = blr x global batch / 512) and warm-up counted in epochs, then checks of the
+    schedule that results; the values used are logged."""
     global_batch = (
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     )
+    steps_per_epoch = None if train_size is None else math.ceil(train_size / global_batch)
     if distill_args.blr > 0:
         training_args.learning_rate = distill_args.blr * global_batch / 512
     if distill_args.warmup_epochs > 0:
-        if train_size is None:
+        if steps_per_epoch is None:
             logger.warning("A streamed dataset has no length: warm-up in epochs is off, use --warmup_steps.")
         else:
-            training_args.warmup_steps = int(distill_args.warmup_epochs * math.ceil(train_size / global_batch))
+            training_args.warmup_steps = int(distill_args.warmup_epochs * steps_per_epoch)
+    min_lr = (training_args.lr_scheduler_kwargs or {}).get("min_lr")
+    if min_lr is not None and min_lr >= training_args.learning_rate:
+        # The cosine would climb from the learning rate up to its floor instead of decaying.
+        logger.warning(
+            "The learning rate %.3g is not above the cosine's min_lr %.3g: the cosine decays to 0 instead.",
+            training_args.learning_rate, min_lr,
+        )
+        training_args.lr_scheduler_kwargs = {**training_args.lr_scheduler_kwargs, "min_lr": 0.0}
+    total_steps = (
+        training_args.max_steps if training_args.max_steps > 0
+        else None if steps_per_epoch is None else math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    )
+    warmup_steps = training_args.get_warmup_steps(total_steps or 0)
+    if total_steps is not None and warmup_steps >= total_steps:
+        logger.warning(
+            "Warm-up (%d steps) is as long as the whole run (%d steps): the learning rate never reaches %.3g.",
+            warmup_steps, total_steps, training_args.learning_rate,
+        )
     logger.info(
-        "Global batch %d: learning rate %.3g, %d warm-up steps.",
-        global_batch, training_args.learning_rate, training_args.warmup_steps,
+        "Global batch %d: learning rate %.3g, %d warm-up steps, %s steps in all.",
+        global_batch, training_args.learning_rate, warmup_steps, total_steps if total_steps is not None else "unknown",
     )
 
 
@@ -133,8 +180,11 @@ def resume_argument(training_args: TrainingArguments) -> str | bool | None:
 
 def main(argv: list[str] | None = None) -> DistillationTrainer:
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    log_level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    # The run's own facts (schedule, teacher check, data) are shown at the default level, once.
+    logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
     transformers.set_seed(training_args.seed)
 
     data = load_image_datasets(data_args)

@@ -1,16 +1,17 @@
 """`python -m training.train` end to end: dataset layouts, the saved checkpoint, resuming, and bad inputs."""
 
 import json
+import logging
 import shutil
 
 import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import get_scheduler, pipeline
 
 from deit_hf import DeiTForImageClassificationWithTeacher
-from training.train import main, parse_args
+from training.train import apply_recipe_schedule, main, parse_args
 
 from .conftest import tiny_run_args
 
@@ -37,6 +38,7 @@ def test_recipe_defaults():
         0.05, 300, "cosine_with_min_lr")
     assert training_args.max_grad_norm == 0  # no clipping (transformers' default clips at 1.0)
     assert not training_args.logging_nan_inf_filter  # no host synchronization in the training step
+    assert training_args.ddp_find_unused_parameters is False  # every parameter gets a gradient: no DDP warning
     assert (aug_args.auto_augment, aug_args.mixup, aug_args.cutmix, aug_args.smoothing, aug_args.reprob) == (
         "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
     assert aug_args.repeated_aug and aug_args.num_repeats == 3
@@ -124,3 +126,81 @@ def test_teacher_with_other_classes_fails_before_training(small_digits_dir, tmp_
 def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="`image_size`"):
         main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--config_overrides", "patch_size=5"))
+
+
+def _schedule(*flags, train_size=1000):
+    """The learning rate and warm-up `main` would train with, from the given flags (batch 8 on one process)."""
+    _, distill_args, _, _, training_args = parse_args(
+        ["--dataset_name", "x", "--per_device_train_batch_size", "8", "--num_train_epochs", "10", *flags])
+    apply_recipe_schedule(training_args, distill_args, train_size)
+    return training_args
+
+
+def _learning_rates(training_args, total_steps):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training_args.learning_rate)
+    scheduler = get_scheduler(
+        training_args.lr_scheduler_type, optimizer, training_args.get_warmup_steps(total_steps), total_steps,
+        scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(total_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_recipe_rule_derives_the_schedule_by_default():
+    training_args = _schedule()
+    assert training_args.learning_rate == pytest.approx(5e-4 * 8 / 512)
+    assert training_args.warmup_steps == 5 * 125  # 5 epochs of 1000 / 8 steps
+
+
+@pytest.mark.parametrize("flags, learning_rate, warmup_steps", [
+    (["--learning_rate", "1e-3", "--warmup_steps", "0"], 1e-3, 0),
+    (["--learning_rate=1e-3"], 1e-3, 625),
+    (["--warmup_steps", "7"], 5e-4 * 8 / 512, 7),
+    (["--blr", "1e-3"], 1e-3 * 8 / 512, 625),
+])
+def test_an_explicit_learning_rate_or_warmup_wins_over_the_recipe_rule(flags, learning_rate, warmup_steps):
+    training_args = _schedule(*flags)
+    assert (training_args.learning_rate, training_args.warmup_steps) == (pytest.approx(learning_rate), warmup_steps)
+    rates = _learning_rates(training_args, 1250)
+    assert max(rates) == pytest.approx(learning_rate)  # what the optimizer actually gets
+
+
+def test_an_explicit_learning_rate_in_a_json_file_wins_too(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"dataset_name": "x", "learning_rate": 2e-3, "per_device_train_batch_size": 8}))
+    model_args, distill_args, data_args, aug_args, training_args = parse_args([str(path)])
+    apply_recipe_schedule(training_args, distill_args, 1000)
+    assert training_args.learning_rate == 2e-3
+
+
+@pytest.mark.parametrize("pair", [("--blr", "--learning_rate"), ("--warmup_epochs", "--warmup_steps")])
+def test_both_flags_of_a_pair_are_refused_naming_both(pair, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", pair[0], "1", pair[1], "1"])
+    error = capsys.readouterr().err
+    assert pair[0] in error and pair[1] in error
+
+
+def test_a_learning_rate_below_the_cosine_floor_never_rises(caplog):
+    training_args = _schedule("--learning_rate", "2e-6", "--warmup_steps", "10")
+    assert "not above the cosine's min_lr" in caplog.text
+    rates = _learning_rates(training_args, 100)
+    assert max(rates) == pytest.approx(2e-6)
+    after_warmup = rates[10:]
+    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:]))
+
+
+def test_warmup_longer_than_the_run_warns(caplog):
+    _schedule("--warmup_epochs", "20")
+    assert "Warm-up (2500 steps) is as long as the whole run (1250 steps)" in caplog.text
+
+
+def test_the_schedule_used_is_shown_at_the_default_log_level(small_digits_dir, random_teacher_dir, tmp_path, caplog):
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--max_steps", "2",
+                       "--learning_rate", "1e-3", "--warmup_steps", "0"))
+    assert "Global batch 8: learning rate 0.001, 0 warm-up steps, 2 steps in all." in caplog.text
+    assert logging.getLogger("training.train").isEnabledFor(logging.INFO)

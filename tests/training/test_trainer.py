@@ -168,7 +168,8 @@ def test_training_without_distillation_needs_no_teacher(tmp_path, pixel_batch):
     trainer = make_trainer(tmp_path, model, None, None, None)
     pixels, labels = pixel_batch
     assert trainer.training_step(model.train(), {"pixel_values": pixels, "labels": labels}) > 0
-    assert model.distillation_classifier.weight.grad is None
+    # the fused prediction's cross-entropy trains both heads, so neither stays at chance
+    assert model.distillation_classifier.weight.grad.abs().sum() > 0
 
 
 @pytest.fixture
