@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
 
-from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
+from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments, check_arguments
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
@@ -75,18 +75,23 @@ def parse_args(argv: list[str] | None = None):
     """The five argument dataclasses from flags, or from a single `.json` file.
 
     An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
-    `--warmup_epochs`); giving both of a pair is refused.
+    `--warmup_epochs`); giving both of a pair is refused. A value that an argument dataclass or
+    `training.args.check_arguments` refuses exits as argparse does (status 2), with a line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
     # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
     # would train alone on all the data.
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        arguments = parser.parse_json_file(argv[0])
-    else:
-        arguments = parser.parse_args_into_dataclasses(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            arguments = parser.parse_json_file(argv[0])
+        else:
+            arguments = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # a dataclass refused a value: one line naming it, as argparse's own errors
+        parser.error(str(error))
     given = _given_names(argv)
     distill_args = arguments[1]
     for rule, derived in RECIPE_RULES:
@@ -94,6 +99,11 @@ def parse_args(argv: list[str] | None = None):
             parser.error(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
         if derived in given:
             setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
+    model_args, distill_args, _, aug_args, training_args = arguments
+    try:
+        check_arguments(model_args, distill_args, aug_args, training_args)
+    except ValueError as error:
+        parser.error(str(error))
     return arguments
 
 
@@ -111,12 +121,15 @@ def build_student(
         label2id={name: index for index, name in id2label.items()},
     )
     if model_args.model_name_or_path:
-        return DeiTForImageClassificationWithTeacher.from_pretrained(
-            model_args.model_name_or_path,
-            attn_implementation=model_args.attn_implementation,
-            ignore_mismatched_sizes=True,  # a new label set replaces the heads
-            **settings,
-        )
+        try:
+            return DeiTForImageClassificationWithTeacher.from_pretrained(
+                model_args.model_name_or_path,
+                attn_implementation=model_args.attn_implementation,
+                ignore_mismatched_sizes=True,  # a new label set replaces the heads
+                **settings,
+            )
+        except OSError as error:  # no such Hub model, or no weights in the directory
+            raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r}: {error}") from error
     config = DeiTConfig.from_preset(
         model_args.model_preset, image_size=aug_args.input_size, **model_args.config_overrides_dict(), **settings
     )
