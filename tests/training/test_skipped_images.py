@@ -1,6 +1,7 @@
 """Skipped images: counted over DataLoader workers into the logs and metrics, and a stop when too few decode."""
 
 import json
+import sys
 
 import datasets
 import pytest
@@ -12,6 +13,7 @@ from training.skipped_images import MIN_IMAGES_FOR_EARLY_CHECK, SkippedImageCoun
 from training.train import main
 
 from .conftest import tiny_run_args
+from .test_distributed import free_port, run
 
 GARBAGE = b"\x89PNG\r\n\x1a\n not really a png"
 
@@ -120,3 +122,25 @@ def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, ra
     with pytest.raises(TooFewDecodableImagesError, match="Only 0 of the 16 images read in epoch 1"):
         main(args)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_two_processes_sum_their_skips(digits, random_teacher_dir, tmp_path):
+    datasets.DatasetDict({
+        "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
+        "validation": with_garbage(digits["validation"].select(range(32)), {3, 20}),
+    }).save_to_disk(str(tmp_path / "data"))
+    # 48 = 6 steps x 2 processes x 4 and 32 = 2 x 16: no batch is padded with repeated images to even the processes
+    # out (accelerate's even_batches), which would be read, and counted, twice.
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
+                         "--repeated_aug", "false", "--eval_strategy", "no", "--do_eval", "true",
+                         "--min_decodable_fraction", "0.8", "--dataloader_num_workers", "1")
+    args[args.index("--per_device_train_batch_size") + 1] = "4"
+    args[args.index("--per_device_eval_batch_size") + 1] = "16"
+    stdout = run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+        args, tmp_path / "saves",
+    )
+    assert "WORLD_SIZE 2" in stdout
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_skipped_images"] == 5
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 2
