@@ -70,6 +70,7 @@ def test_what_is_accepted():
 
 def test_a_checkpoint_that_does_not_load_names_the_option(tmp_path):
     DeiTConfig.from_preset("deit-tiny-distilled-patch16-224").save_pretrained(tmp_path)  # a config, no weights
-    model_args, distill_args, _, aug_args, _ = parse_args(["--dataset_name", "x", "--model_name_or_path", str(tmp_path)])
+    arguments = parse_args(["--dataset_name", "x", "--model_name_or_path", str(tmp_path)])
+    model_args, distill_args, _, aug_args, _ = arguments
     with pytest.raises(ValueError, match=rf"--model_name_or_path '{tmp_path}': .*model.safetensors"):
         build_student(model_args, distill_args, aug_args, {0: "a", 1: "b"})
