@@ -39,7 +39,9 @@ class SkippedImageCounter(TrainerCallback):
     When a smaller fraction of an epoch's images than `min_decodable_fraction` could be used (checked at the epoch
     end, and at each log once `MIN_IMAGES_FOR_EARLY_CHECK` images were read), or of an evaluation's, the run stops
     with `TooFewDecodableImagesError`: a dataset that is mostly corrupt never yields a quietly untrained model.
-    Every process sees the same sums, so all of them stop at the same point.
+    Every process sees the same sums, so all of them stop at the same point. The counts are of images read: in a
+    run over several processes, the images accelerate repeats to even out a last, partial batch (`even_batches`)
+    are read, and counted, twice.
     """
 
     def __init__(self, min_decodable_fraction: float = 0.9):
