@@ -3,7 +3,8 @@
     python -m deit_hf.convert --timm-model deit_small_distilled_patch16_224 \
         --checkpoint deit_small_distilled_patch16_224-649709d9.pth --output deit-small-distilled
 
-writes `model.safetensors`, `config.json` and `preprocessor_config.json`, loadable with
+(or `--pretrained` for timm's own weights, `--random-init` for tests) writes `model.safetensors`, `config.json` and
+`preprocessor_config.json`, loadable with
 `DeiTForImageClassificationWithTeacher.from_pretrained` or, after `import deit_hf`,
 `AutoModelForImageClassification.from_pretrained`. facebookresearch/deit builds its models with timm, so both
 share timm's parameter names. The conversion is checked: the converted model must reproduce timm's logits.
@@ -12,6 +13,7 @@ share timm's parameter names. The conversion is checked: the converted model mus
 """
 
 import argparse
+import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -126,20 +128,23 @@ def config_from_timm(timm_model: VisionTransformerDistilled, **overrides) -> Dei
         if timm_model.num_classes == imagenet.num_classes()
         else None
     )
-    return DeiTConfig(
-        hidden_size=timm_model.embed_dim,
-        num_hidden_layers=len(timm_model.blocks),
-        num_attention_heads=block.attn.num_heads,
-        intermediate_size=block.mlp.fc1.out_features,
-        qkv_bias=block.attn.qkv.bias is not None,
-        layer_norm_eps=timm_model.norm.eps,
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=timm_model.patch_embed.proj.in_channels,
-        num_labels=timm_model.num_classes,
+    settings = {
+        "hidden_size": timm_model.embed_dim,
+        "num_hidden_layers": len(timm_model.blocks),
+        "num_attention_heads": block.attn.num_heads,
+        "intermediate_size": block.mlp.fc1.out_features,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "layer_norm_eps": timm_model.norm.eps,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_channels": timm_model.patch_embed.proj.in_channels,
+        "num_labels": timm_model.num_classes,
         **({"id2label": id2label} if id2label else {}),
         **overrides,
-    )
+    }
+    if "id2label" in settings and "label2id" not in settings:
+        settings["label2id"] = {name: index for index, name in settings["id2label"].items()}
+    return DeiTConfig(**settings)
 
 
 def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,32 +204,69 @@ def convert_timm_model(
     return model, DeiTImageProcessor.for_input_size(config.image_size)
 
 
-def convert_timm_checkpoint(
-    timm_model_name: str, checkpoint_path: str | Path | None = None
-) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
-    """Build timm's `timm_model_name`, load `checkpoint_path` into it (strictly) and convert it to deit_hf.
+def read_label_names(path: str | Path) -> list[str]:
+    """Class names from a file: a JSON list, or one name per line (blank lines ignored)."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{path} must hold a JSON list of strings.")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
-    Without `checkpoint_path` the weights are timm's random initialisation (`pretrained=False`: nothing is
-    downloaded), which is only good for testing the conversion.
+
+def _head_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count of a checkpoint's heads (both must agree), or None for a headless one."""
+    counts = {key: state_dict[key].shape[0] for key in ("head.weight", "head_dist.weight") if key in state_dict}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"The checkpoint's heads predict different class counts: {counts}.")
+    return next(iter(counts.values()), None)
+
+
+def convert_timm_checkpoint(
+    timm_model_name: str,
+    checkpoint_path: str | Path | None = None,
+    pretrained: bool = False,
+    random_init: bool = False,
+    label_names: list[str] | None = None,
+) -> tuple[DeiTForImageClassificationWithTeacher, DeiTImageProcessor]:
+    """Build timm's `timm_model_name` with the weights of `checkpoint_path` (loaded strictly; its heads give the
+    class count, so fine-tuned checkpoints convert), or timm's own pretrained weights (`pretrained`, fetched by
+    timm), and convert it to deit_hf.
+
+    `label_names` name the classes in order (default: ImageNet-1k's for 1000-class heads). timm's random
+    initialisation needs `random_init=True`: it is only good for testing, and must never be written by mistake.
     """
+    if sum((checkpoint_path is not None, pretrained, random_init)) != 1:
+        raise ValueError("Give exactly one source of weights: a checkpoint, pretrained (timm fetches the model's "
+                         "own weights) or random_init (for tests only).")
     if not timm.is_model(timm_model_name):
         raise ValueError(
             f"Unknown timm model {timm_model_name!r}; the distilled DeiTs are {DISTILLED_DEIT_MODELS}."
         )
-    timm_model = timm.create_model(timm_model_name, pretrained=False)
+    state_dict = load_state_dict_file(checkpoint_path) if checkpoint_path is not None else None
+    if state_dict is not None:
+        num_classes = _head_classes(state_dict)
+    else:  # timm's pretrained weights keep their head; a random one takes the names' count
+        num_classes = len(label_names) if random_init and label_names is not None else None
+    timm_model = timm.create_model(
+        timm_model_name, pretrained=pretrained, **({"num_classes": num_classes} if num_classes is not None else {})
+    )
     if not isinstance(timm_model, VisionTransformerDistilled):
         raise ValueError(
             f"timm model {timm_model_name!r} has no distillation token: deit_hf converts distilled DeiTs only, "
             f"i.e. {DISTILLED_DEIT_MODELS}."
         )
-    if checkpoint_path is not None:
-        load_state_dict_strict(
-            timm_model,
-            load_state_dict_file(checkpoint_path),
-            f"checkpoint {checkpoint_path}",
-            f"timm model {timm_model_name!r}",
+    if label_names is not None and len(label_names) != timm_model.num_classes:
+        raise ValueError(
+            f"{len(label_names)} label names were given for weights of {timm_model.num_classes} classes."
         )
-    return convert_timm_model(timm_model)
+    if state_dict is not None:
+        load_state_dict_strict(
+            timm_model, state_dict, f"checkpoint {checkpoint_path}", f"timm model {timm_model_name!r}"
+        )
+    overrides = {"id2label": dict(enumerate(label_names))} if label_names is not None else {}
+    return convert_timm_model(timm_model, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,20 +277,32 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="timm model name, e.g. deit_base_distilled_patch16_384 (distilled DeiTs only).",
     )
-    parser.add_argument(
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument(
         "--checkpoint",
-        help="timm or facebookresearch/deit weights (.pth/.pt, optionally under a 'model' key, or .safetensors). "
-        "Without it the model keeps timm's random initialisation: for testing the conversion only.",
+        help="timm or facebookresearch/deit weights (.pth/.pt, optionally under a 'model' key, or .safetensors); "
+        "fine-tuned heads of any class count convert.",
+    )
+    weights.add_argument("--pretrained", action="store_true", help="Let timm fetch the model's own weights.")
+    weights.add_argument("--random-init", action="store_true", help="timm's random initialisation (tests only).")
+    parser.add_argument(
+        "--label-names", type=Path,
+        help="Class names in order: a JSON list or one name per line (default: ImageNet-1k's for 1000 classes).",
     )
     parser.add_argument("--output", required=True, type=Path, help="Directory to write the deit_hf checkpoint to.")
     args = parser.parse_args(argv)
     try:
-        model, image_processor = convert_timm_checkpoint(args.timm_model, args.checkpoint)
-    except (ValueError, FileNotFoundError) as error:
+        label_names = read_label_names(args.label_names) if args.label_names else None
+        model, image_processor = convert_timm_checkpoint(
+            args.timm_model, args.checkpoint, pretrained=args.pretrained, random_init=args.random_init,
+            label_names=label_names,
+        )
+    except (ValueError, OSError, RuntimeError) as error:
         parser.error(str(error))
     model.save_pretrained(args.output)
     image_processor.save_pretrained(args.output)
-    print(f"Wrote {args.timm_model}{f' ({args.checkpoint})' if args.checkpoint else ' (random init)'} to {args.output}")
+    source = args.checkpoint or ("timm's pretrained weights" if args.pretrained else "random init")
+    print(f"Wrote {args.timm_model} ({source}, {model.config.num_labels} classes) to {args.output}")
 
 
 if __name__ == "__main__":

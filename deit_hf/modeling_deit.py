@@ -251,7 +251,8 @@ class DeiTEncoder(nn.Module):
 
     def __init__(self, config: DeiTConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # On the CPU whatever the default device: under `torch.device("meta")` the rates could not be read.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layer = nn.ModuleList(DeiTLayer(config, rate) for rate in rates)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """timm / facebookresearch DeiT⚗ -> deit_hf conversion: logit parity, checkpoint round trips, clear errors."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -89,10 +91,60 @@ def test_checkpoint_round_trip_through_cli(tmp_path, file_format):
     assert tuple(image_processor.image_std) == pytest.approx((0.229, 0.224, 0.225))
 
 
-def test_random_init_conversion_without_checkpoint():
-    model, image_processor = convert_timm_checkpoint("deit_tiny_distilled_patch16_224")
+def test_random_init_conversion_only_when_asked():
+    model, image_processor = convert_timm_checkpoint("deit_tiny_distilled_patch16_224", random_init=True)
     assert isinstance(model, DeiTForImageClassificationWithTeacher) and not model.training
     assert isinstance(image_processor, DeiTImageProcessor)
+    assert model.config.id2label[0] == "tench, Tinca tinca"  # 1000 classes: ImageNet-1k's names by default
+    with pytest.raises(ValueError, match="exactly one source of weights"):
+        convert_timm_checkpoint("deit_tiny_distilled_patch16_224")
+
+
+def test_cli_without_weights_refuses(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timm-model", "deit_tiny_distilled_patch16_224", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "one of the arguments --checkpoint --pretrained --random-init is required" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("names_format", ["json", "lines"])
+def test_fine_tuned_head_converts_with_its_class_count_and_names(tmp_path, names_format):
+    name = "deit_tiny_distilled_patch16_224"
+    timm_model = randomized(timm.create_model(name, pretrained=False, num_classes=10), seed=3)
+    save_file(timm_model.state_dict(), tmp_path / "fine_tuned.safetensors")
+    names = [f"digit {i}" for i in range(10)]
+    names_file = tmp_path / "names.txt"
+    names_file.write_text(json.dumps(names) if names_format == "json" else "\n".join(names) + "\n\n")
+
+    main(["--timm-model", name, "--checkpoint", str(tmp_path / "fine_tuned.safetensors"), "--label-names",
+          str(names_file), "--output", str(tmp_path / "out")])
+
+    model = DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "out").eval()
+    assert model.config.num_labels == 10 and model.config.id2label == dict(enumerate(names))
+    assert model.config.label2id["digit 3"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(images(1, 224)).logits, timm_model(images(1, 224)), atol=1e-4, rtol=0)
+
+
+def test_label_names_of_another_count_are_refused(tmp_path):
+    timm_model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10)
+    save_file(timm_model.state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="3 label names were given for weights of 10 classes"):
+        convert_timm_checkpoint("deit_tiny_distilled_patch16_224", tmp_path / "w.safetensors", label_names=list("abc"))
+
+
+def test_pretrained_lets_timm_fetch_the_weights(monkeypatch):
+    calls = []
+    create_model = timm.create_model
+
+    def offline_create_model(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        return create_model(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create_model)
+    model, _ = convert_timm_checkpoint("deit_tiny_distilled_patch16_224", pretrained=True)
+    assert calls == [True] and model.config.num_labels == 1000
 
 
 def test_loader_unwraps_and_strips_prefixes(tmp_path):
@@ -165,7 +217,7 @@ def test_unsupported_variants_are_refused():
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--timm-model", "deit_tiny_patch16_224", "--output", str(tmp_path / "out")])
+        main(["--timm-model", "deit_tiny_patch16_224", "--random-init", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "has no distillation token" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

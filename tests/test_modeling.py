@@ -242,3 +242,19 @@ def test_initialisation_leaves_loaded_weights_alone(tmp_path, tiny_config):
     reloaded = DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("model_class", [DeiTModel, DeiTForImageClassification, DeiTForImageClassificationWithTeacher])
+def test_construction_on_the_meta_device(model_class):
+    from accelerate import init_empty_weights
+
+    config = DeiTConfig(**TINY, drop_path_rate=0.1)
+    with torch.device("meta"):
+        model = model_class(config)
+    assert all(parameter.is_meta for parameter in model.parameters())
+    with init_empty_weights(include_buffers=True):
+        model = model_class(config)
+    assert all(parameter.is_meta for parameter in model.parameters())
+    # the drop-path schedule is the one built on the CPU
+    rates = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.base_model.encoder.layer]
+    assert rates == pytest.approx([0.0, 0.1])

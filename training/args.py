@@ -257,13 +257,26 @@ class DistillationArguments:
 
     teacher_model: Optional[str] = field(
         default="regnety_160.deit_in1k",
-        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 % top-1) "
+        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
                   "or a local directory of any Hugging Face image classifier."},
     )
     teacher_checkpoint: Optional[str] = field(
         default=None,
         metadata={"help": "Weights for a timm teacher: a `.pth`/`.safetensors` state dict. Without it timm fetches "
                   "the model's pretrained weights."},
+    )
+    teacher_mean: Optional[list[float]] = field(
+        default=None,
+        metadata={"help": "Per-channel mean the teacher was trained with (default: its image processor's, or timm's "
+                  "pretrained_cfg for its architecture). Give with --teacher_std."},
+    )
+    teacher_std: Optional[list[float]] = field(
+        default=None, metadata={"help": "Per-channel std the teacher was trained with. Give with --teacher_mean."}
+    )
+    teacher_check_batches: int = field(
+        default=8,
+        metadata={"help": "Validation batches the teacher's top-1 is measured on before training; a teacher near "
+                  "chance stops the run. 0 skips the check."},
     )
     distillation_type: Literal["hard", "soft", "none"] = field(
         default="hard", metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher."}

@@ -11,7 +11,6 @@
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .digits import DIGIT_NAMES, load_digits_dataset
 from .train import main as train_student
+from .train import share_cpu_threads
 from .transforms import ImageTransform, build_train_transform
 
 IMAGE_SIZE = 32
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=30, help="Student epochs (the teacher trains a third of them).")
     args = parser.parse_args(argv)
     transformers.set_seed(0)
-    # Leave a core to the image-decoding DataLoader worker: on 2 cores, two spinning intra-op threads fighting it
-    # for the CPU make small steps many times slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    share_cpu_threads(dataloader_num_workers=1)  # the teacher's Trainer; the student's run shares them itself
 
     dataset_dir, teacher_dir, student_dir = (args.output_dir / name for name in ("digits", "teacher", "student"))
     load_digits_dataset(IMAGE_SIZE).save_to_disk(str(dataset_dir))

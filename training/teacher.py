@@ -6,6 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
@@ -68,6 +69,9 @@ class Teacher(nn.Module):
         student_mean, student_std: those of the batches it will be given. Inputs pass unchanged when either pair
             is left out.
         channels_last: run in channels-last memory format (faster convolutions on GPU); default: for convnets.
+        input_size: (height, width) the model only accepts (a ViT without position interpolation, say): batches of
+            another size are resized to it (bicubic) on their device. None: batches pass at their own size.
+        label_names: the class names the model predicts, in order, when it names them.
     """
 
     def __init__(
@@ -79,6 +83,8 @@ class Teacher(nn.Module):
         student_mean: Sequence[float] | None = None,
         student_std: Sequence[float] | None = None,
         channels_last: bool | None = None,
+        input_size: tuple[int, int] | None = None,
+        label_names: Sequence[str] | None = None,
     ):
         super().__init__()
         for name, (mean, std) in (("teacher", (teacher_mean, teacher_std)), ("student", (student_mean, student_std))):
@@ -86,6 +92,10 @@ class Teacher(nn.Module):
                 raise ValueError(f"Give both {name}_mean and {name}_std, or neither.")
         self.model = model.requires_grad_(False)
         self.num_labels = num_labels
+        self.input_size = tuple(input_size) if input_size is not None else None
+        self.label_names = list(label_names) if label_names is not None else None
+        self.mean = None if teacher_mean is None else tuple(float(value) for value in teacher_mean)
+        self.std = None if teacher_std is None else tuple(float(value) for value in teacher_std)
         affine = (
             _affine_between((student_mean, student_std), (teacher_mean, teacher_std))
             if teacher_mean is not None and student_mean is not None
@@ -112,6 +122,11 @@ class Teacher(nn.Module):
         with torch.no_grad():
             if self.input_scale is not None:
                 pixel_values = torch.addcmul(self.input_shift, pixel_values, self.input_scale)
+            if self.input_size is not None and tuple(pixel_values.shape[-2:]) != self.input_size:
+                downscaling = pixel_values.shape[-2] > self.input_size[0] or pixel_values.shape[-1] > self.input_size[1]
+                pixel_values = F.interpolate(
+                    pixel_values, size=self.input_size, mode="bicubic", align_corners=False, antialias=downscaling
+                )
             if self.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             outputs = self.model(pixel_values)
@@ -144,21 +159,33 @@ def load_teacher(
     student_std: Sequence[float] | None = None,
     channels_last: bool | None = None,
     pretrained: bool | None = None,
+    teacher_mean: Sequence[float] | None = None,
+    teacher_std: Sequence[float] | None = None,
+    student_size: tuple[int, int] | None = None,
 ) -> Teacher:
     """Load a frozen `Teacher`.
 
     `name_or_path` is either a local directory holding a transformers image classifier (with its image
     processor, whose `image_mean`/`image_std` give the teacher's normalisation), or a timm model name such as
-    the paper's `regnety_160.deit_in1k`, normalised as its `pretrained_cfg` says. A timm teacher is loaded from
-    `checkpoint_path` (`.pth`/`.pt`, optionally under a `"model"` key, or `.safetensors`) when one is given, else
-    timm fetches its pretrained weights (`pretrained=None` means: when there is no checkpoint);
-    `pretrained=False` without a checkpoint keeps timm's random initialisation (tests, benchmarks).
+    the paper's `regnety_160.deit_in1k`, normalised as its `pretrained_cfg` says. `teacher_mean`/`teacher_std`
+    replace either source (a checkpoint trained with other statistics than its architecture's default). The
+    statistics used and where they came from are logged. A timm teacher is loaded from `checkpoint_path`
+    (`.pth`/`.pt`, optionally under a `"model"` key, or `.safetensors`) when one is given, else timm fetches its
+    pretrained weights (`pretrained=None` means: when there is no checkpoint); `pretrained=False` without a
+    checkpoint keeps timm's random initialisation (tests, benchmarks).
+
+    With `student_size`, one blank batch of that size is run through the teacher: a teacher that only takes its own
+    input size gets the student's batches resized to it, and one that takes neither is refused now, not at step 1.
 
     Raises:
         ValueError: the name is neither; a directory's model predicts another number of classes than
-            `num_labels`; the checkpoint does not fit the timm model (names the keys or shapes).
+            `num_labels`; the checkpoint does not fit the timm model (names the keys or shapes); the teacher cannot
+            run on `student_size` inputs nor on its own input size.
     """
     name_or_path = str(name_or_path)
+    if (teacher_mean is None) != (teacher_std is None):
+        raise ValueError("Give both teacher_mean and teacher_std (--teacher_mean, --teacher_std), or neither.")
+    label_names = None
     if Path(name_or_path).is_dir():
         if checkpoint_path is not None:
             raise ValueError(
@@ -171,19 +198,124 @@ def load_teacher(
                 "teacher and student must predict the same classes."
             )
         model = AutoModelForImageClassification.from_pretrained(name_or_path)
-        teacher_mean, teacher_std = _image_processor_statistics(name_or_path)
+        own_mean, own_std = _image_processor_statistics(name_or_path)
+        source = f"the image processor in {name_or_path}"
         num_labels = config.num_labels
+        label_names = _named_labels(config.id2label, num_labels)
+        native_size = _pair_or_none(getattr(config, "image_size", None))
     elif timm.is_model(name_or_path):
         model = _timm_teacher(name_or_path, checkpoint_path, num_labels, pretrained)
         data_config = resolve_model_data_config(model)
-        teacher_mean, teacher_std = data_config["mean"], data_config["std"]
+        own_mean, own_std = data_config["mean"], data_config["std"]
+        source = f"timm's pretrained_cfg of {name_or_path}"
         num_labels = model.num_classes
+        native_size = tuple(data_config["input_size"][1:])
     else:
         raise ValueError(
             f"Teacher {name_or_path!r} is neither a local directory nor a timm model name "
             "(see timm.list_models(); hub downloads are not supported: pass a local directory)."
         )
-    return Teacher(model, num_labels, teacher_mean, teacher_std, student_mean, student_std, channels_last)
+    if teacher_mean is not None:
+        own_mean, own_std, source = teacher_mean, teacher_std, "--teacher_mean/--teacher_std"
+    if own_mean is not None:
+        logger.info(
+            "Teacher %s normalises its input with mean %s, std %s (from %s; override with --teacher_mean, "
+            "--teacher_std).", name_or_path, _rounded(own_mean), _rounded(own_std), source,
+        )
+    teacher = Teacher(model, num_labels, own_mean, own_std, student_mean, student_std, channels_last,
+                      label_names=label_names)
+    if student_size is not None:
+        teacher.input_size = _runnable_input_size(teacher, name_or_path, tuple(student_size), native_size)
+    return teacher
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [round(float(value), 4) for value in values]
+
+
+def _pair_or_none(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _named_labels(id2label: dict, num_labels: int) -> list[str] | None:
+    """The model's class names, unless they are transformers' placeholders (LABEL_0, ...)."""
+    names = [str(id2label.get(index, id2label.get(str(index), ""))) for index in range(num_labels)]
+    return None if all(name in ("", f"LABEL_{index}") for index, name in enumerate(names)) else names
+
+
+def _runs_at(teacher: Teacher, size: tuple[int, int]) -> Exception | None:
+    channels = len(teacher.mean) if teacher.mean is not None else 3
+    try:
+        teacher(torch.zeros(1, channels, *size))
+    except (RuntimeError, ValueError, AssertionError) as error:  # what models raise for an input size they refuse
+        return error
+    return None
+
+
+def _runnable_input_size(
+    teacher: Teacher, name: str, student_size: tuple[int, int], native_size: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """None when the teacher runs on the student's batches as they are; else its own size, to resize them to."""
+    error = _runs_at(teacher, student_size)
+    if error is None:
+        return None
+    if native_size is not None and native_size != student_size and _runs_at(teacher, native_size) is None:
+        logger.info(
+            "Teacher %s does not take %dx%d inputs (%s): the student's batches are resized to its %dx%d on the device.",
+            name, *student_size, type(error).__name__, *native_size,
+        )
+        return native_size
+    raise ValueError(
+        f"Teacher {name} cannot run on the student's {student_size[0]}x{student_size[1]} images "
+        f"({type(error).__name__}: {error})"
+        + (f", nor on its own {native_size[0]}x{native_size[1]}" if native_size else "")
+        + ". Choose a teacher that accepts that input size, or change --input_size."
+    )
+
+
+def check_class_names(teacher: Teacher, dataset_names: Sequence[str], show: int = 5) -> None:
+    """Refuse a teacher whose class names differ from the dataset's, index by index, when both name them alike.
+
+    Names written in different vocabularies (ImageNet synsets vs descriptions, say: no name in common) cannot be
+    compared and pass with a log line.
+    """
+    if teacher.label_names is None:
+        return
+    normalise = lambda names: [str(name).strip().casefold() for name in names]  # noqa: E731
+    ours, theirs = normalise(teacher.label_names), normalise(dataset_names)
+    if not set(ours) & set(theirs):
+        logger.info("The teacher's and the dataset's class names have nothing in common: not compared.")
+        return
+    mismatches = [(index, a, b) for index, (a, b) in enumerate(zip(teacher.label_names, dataset_names)) if
+                  normalise([a]) != normalise([b])]
+    if mismatches:
+        listed = "; ".join(f"class {index}: teacher {a!r}, dataset {b!r}" for index, a, b in mismatches[:show])
+        raise ValueError(
+            f"The teacher's classes are not the dataset's, in order ({len(mismatches)} of {len(dataset_names)} "
+            f"differ): {listed}. Teacher and student must predict the same classes in the same order."
+        )
+
+
+def check_teacher_accuracy(correct: int, total: int, num_labels: int) -> float:
+    """The teacher's top-1 on `total` validation images; a top-1 near chance stops the run before step 1.
+
+    Near chance means less than a fifth of the way from chance to perfect: a teacher that bad teaches nothing,
+    and is almost always fed wrongly (normalisation, checkpoint, class order).
+    """
+    chance = 1 / num_labels
+    top1 = correct / total
+    threshold = chance + 0.2 * (1 - chance)
+    logger.info("Teacher top-1 on %d validation images: %.1f %% (chance: %.1f %%).", total, 100 * top1, 100 * chance)
+    if top1 < threshold:
+        raise ValueError(
+            f"The teacher's top-1 on {total} validation images is {100 * top1:.1f} %, near chance ({100 * chance:.1f} "
+            f"%; the check asks for {100 * threshold:.1f} %). Likely causes: its input normalisation (set "
+            "--teacher_mean and --teacher_std to what it was trained with), its checkpoint (--teacher_checkpoint), "
+            "or a class order other than the dataset's. To train with it anyway, pass --teacher_check_batches 0."
+        )
+    return top1
 
 
 def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained: bool | None) -> nn.Module:

@@ -26,7 +26,7 @@ from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .skipped_images import SkippedImageCounter
-from .teacher import load_teacher
+from .teacher import check_class_names, check_teacher_accuracy, load_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -174,6 +174,19 @@ def apply_recipe_schedule(training_args: TrainingArguments, distill_args: Distil
     )
 
 
+def share_cpu_threads(dataloader_num_workers: int) -> int:
+    """Give this process's intra-op pool the cores left to it by the other local processes and its DataLoader
+    workers (each runs one thread), so none of them spins against another; `OMP_NUM_THREADS` set by the user (or
+    by `accelerate launch`) wins. Returns the thread count."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = max(1, cores // local_processes - dataloader_num_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resume_argument(training_args: TrainingArguments) -> str | bool | None:
     """`--resume_from_checkpoint last` (or true) resumes the newest checkpoint of `output_dir`; a path resumes it.
 
@@ -199,6 +212,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     # The run's own facts (schedule, teacher check, data) are shown at the default level, once.
     logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
     transformers.set_seed(training_args.seed)
+    logger.info("%d torch threads per process.", share_cpu_threads(training_args.dataloader_num_workers))
 
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
@@ -216,8 +230,10 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     if distill_args.distillation_type != "none":
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
-            student_mean=mean, student_std=std,
+            student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
+            teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
         )
+        check_class_names(teacher, data.label_names)
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
     trainer = DistillationTrainer(
@@ -234,6 +250,8 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
     )
+    if teacher is not None and distill_args.teacher_check_batches > 0:
+        check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it

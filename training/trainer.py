@@ -73,6 +73,24 @@ class DistillationTrainer(Trainer):
         self.add_callback(self.skipped_images)
         self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
 
+    def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
+        """(correct, total) of the teacher's top-1 on the first `num_batches` evaluation batches, summed over
+        processes so that every rank reaches the same verdict."""
+        correct = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
+        total = torch.zeros_like(correct)
+        for index, inputs in enumerate(self.get_eval_dataloader()):
+            if index == num_batches:
+                break
+            if inputs["labels"].numel() == 0:
+                continue
+            inputs = self._transform_batch(inputs, training=False)
+            with self.accelerator.autocast():
+                predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
+            correct += (predictions == inputs["labels"]).sum()
+            total += inputs["labels"].numel()
+        correct, total = self.accelerator.reduce(torch.stack([correct, total]), reduction="sum").tolist()
+        return correct, total
+
     def _get_train_sampler(self, train_dataset=None):
         if self.num_repeats <= 1:
             return super()._get_train_sampler(train_dataset)

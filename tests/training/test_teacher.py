@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from deit_hf import DistillationLoss
-from training.teacher import Teacher, load_teacher
+from training.teacher import Teacher, check_class_names, check_teacher_accuracy, load_teacher
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -221,3 +221,73 @@ def test_pretrained_timm_teacher_of_other_classes_is_refused_not_given_a_random_
 def test_checkpoint_and_pretrained_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         load_teacher("resnet10t", tmp_path / "weights.pth", pretrained=True)
+
+
+def test_explicit_statistics_replace_the_architectures_and_are_logged(caplog):
+    caplog.set_level(logging.INFO, logger="training.teacher")
+    teacher = load_teacher("resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD,
+                           teacher_mean=HALF, teacher_std=HALF, pretrained=False)
+    images = raw_images()
+    torch.testing.assert_close(
+        torch.addcmul(teacher.input_shift, normalize(images, IMAGENET_MEAN, IMAGENET_STD), teacher.input_scale),
+        normalize(images, HALF, HALF),
+    )
+    assert "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5] (from --teacher_mean/--teacher_std" in caplog.text
+    caplog.clear()
+    load_teacher("resnet10t", num_labels=10, pretrained=False)
+    assert "from timm's pretrained_cfg of resnet10t" in caplog.text
+
+
+def test_half_given_statistics_are_refused():
+    with pytest.raises(ValueError, match="--teacher_mean, --teacher_std"):
+        load_teacher("resnet10t", num_labels=10, pretrained=False, teacher_mean=HALF)
+
+
+def test_a_fixed_size_teacher_gets_the_students_batches_resized(tmp_path):
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(**{**TINY_VIT, "image_size": 64, "patch_size": 8}, num_labels=10))
+    vit.save_pretrained(tmp_path)
+    ViTImageProcessor(image_mean=HALF, image_std=HALF).save_pretrained(tmp_path)
+    teacher = load_teacher(tmp_path, num_labels=10, student_mean=HALF, student_std=HALF, student_size=(32, 32))
+    assert teacher.input_size == (64, 64)
+    images = normalize(raw_images(), HALF, HALF)
+    expected = vit.eval()(F.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False)).logits
+    torch.testing.assert_close(teacher(images), expected)
+    # a teacher that takes the student's size is left alone
+    assert load_teacher("resnet10t", num_labels=10, pretrained=False, student_size=(32, 32)).input_size is None
+
+
+def test_a_teacher_that_runs_at_no_size_is_refused_naming_both_sizes(tmp_path):
+    vit = ViTForImageClassification(ViTConfig(**{**TINY_VIT, "image_size": 64, "patch_size": 8, "num_channels": 1},
+                                              num_labels=10))  # one input channel: runs on nothing the student has
+    vit.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot run on the student's 32x32 images .*, nor on its own 64x64"):
+        load_teacher(tmp_path, num_labels=10, student_size=(32, 32))
+
+
+def _named_teacher(names):
+    return Teacher(nn.Linear(1, len(names)), len(names), label_names=names)
+
+
+def test_class_names_must_agree_in_order():
+    digits = [str(digit) for digit in range(10)]
+    check_class_names(_named_teacher(digits), digits)
+    swapped = digits[:]
+    swapped[3], swapped[7] = swapped[7], swapped[3]
+    with pytest.raises(ValueError, match=r"\(2 of 10 differ\): class 3: teacher '7', dataset '3'; class 7: teacher '3'"):
+        check_class_names(_named_teacher(swapped), digits)
+
+
+def test_class_names_in_another_vocabulary_or_unnamed_are_not_compared(tmp_path, hf_teacher_dirs):
+    check_class_names(_named_teacher(["n01440764", "n01443537"]), ["tench, Tinca tinca", "goldfish"])
+    # transformers' placeholders (LABEL_0, ...) name nothing
+    assert load_teacher(hf_teacher_dirs["convnext"], num_labels=10).label_names is None
+
+
+@pytest.mark.parametrize("correct, total, refused", [(20, 100, True), (27, 100, True), (29, 100, False), (95, 100, False)])
+def test_a_teacher_near_chance_is_refused_with_the_causes_and_the_way_out(correct, total, refused):
+    if refused:
+        with pytest.raises(ValueError, match=r"near chance .* normalisation .*--teacher_mean.*--teacher_check_batches 0"):
+            check_teacher_accuracy(correct, total, num_labels=10)
+    else:
+        assert check_teacher_accuracy(correct, total, num_labels=10) == correct / total

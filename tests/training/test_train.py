@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import get_scheduler, pipeline
 
 from deit_hf import DeiTForImageClassificationWithTeacher
-from training.train import apply_recipe_schedule, main, parse_args
+from training.train import apply_recipe_schedule, main, parse_args, share_cpu_threads
 
 from .conftest import tiny_run_args
 
@@ -205,3 +205,37 @@ def test_the_schedule_used_is_shown_at_the_default_log_level(small_digits_dir, r
                        "--learning_rate", "1e-3", "--warmup_steps", "0"))
     assert "Global batch 8: learning rate 0.001, 0 warm-up steps, 2 steps in all." in caplog.text
     assert logging.getLogger("training.train").isEnabledFor(logging.INFO)
+
+
+def test_a_teacher_near_chance_stops_the_run_before_step_1(small_digits_dir, random_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"top-1 on 32 validation images is .* near chance"):
+        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--teacher_check_batches", "1"))
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_teacher_with_other_class_names_is_refused(small_digits_dir, tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    names = [str(9 - digit) for digit in range(10)]  # the right classes in reverse order
+    ResNetForImageClassification(ResNetConfig(
+        embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=10, id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )).save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match=r"\(10 of 10 differ\): class 0: teacher '9', dataset '0'"):
+        main(tiny_run_args(small_digits_dir, tmp_path / "teacher", tmp_path / "out", "--max_steps", "1"))
+
+
+@pytest.mark.parametrize("cores, local_processes, workers, expected", [(2, 1, 1, 1), (16, 1, 8, 8), (16, 8, 8, 1), (8, 2, 0, 4)])
+def test_cpu_threads_are_shared_with_the_workers_and_other_processes(monkeypatch, cores, local_processes, workers,
+                                                                     expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    before = torch.get_num_threads()
+    try:
+        assert share_cpu_threads(workers) == expected == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's (or accelerate launch's) choice wins
+        torch.set_num_threads(3)
+        assert share_cpu_threads(workers) == 3
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,335 @@
+"""Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and seeds.
+
+    python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--output BENCHMARKS.md]
+
+The data are scikit-learn's handwritten digits upscaled to 32 px RGB (a stratified 80/20 split), the teacher a timm
+`resnet18` trained on them once (cached in `--workdir`), the student a tiny DeiT⚗ (64 dims, 4 layers, 4 heads,
+patch 4). Both sides run the DeiT recipe as its authors wrote it: hard distillation (alpha 0.5) with the teacher on
+the mixed batch, RandAugment, Mixup/CutMix with smoothing 0.1, random erasing, AdamW with weight decay 0.05 (none on
+tokens, norms, biases), 5 warm-up epochs then cosine to 1e-5, drop path 0.1, no repeated augmentation (one
+process). The reference is written from facebookresearch/deit (`main.py`, `engine.py`, `losses.py`): timm's
+`VisionTransformerDistilled` with timm's init, timm's transforms and `Mixup`, and timm's `CosineLRScheduler`
+stepped once per epoch. Each side reports fused, class-head and distillation-head top-1 on the held-out digits; the
+table goes between the convergence markers of the output file.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.deit import VisionTransformerDistilled
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+
+START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
+HEADS = ("top1", "cls_top1", "dist_top1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One recipe for both sides (the issue's: facebookresearch/deit's defaults at a digits scale)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 2e-3  # already scaled: both sides get it as the learning rate
+    warmup_epochs: int = 5
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    drop_path_rate: float = 0.1
+    alpha: float = 0.5
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_size: int = 256
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    teacher_model: str = "resnet18"
+    teacher_epochs: int = 15
+    train_samples: int | None = None  # all 1,437 training digits
+
+
+def prepare_data(workdir: Path) -> Path:
+    from training.digits import load_digits_dataset
+
+    path = workdir / "digits"
+    if not path.exists():
+        load_digits_dataset(Settings.image_size).save_to_disk(str(path))
+    return path
+
+
+def _train_split(data_dir: Path, settings: Settings):
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(data_dir))["train"]
+    return train if settings.train_samples is None else train.select(range(settings.train_samples))
+
+
+class _TransformedImages(torch.utils.data.Dataset):
+    """(transform(image), label) pairs of a `datasets` split, as torchvision's ImageFolder gives them."""
+
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        example = self.split[index]
+        return self.transform(example["image"].convert("RGB")), example["label"]
+
+
+def _eval_loader(data_dir: Path, settings: Settings):
+    from datasets import load_from_disk
+
+    transform = create_transform(settings.image_size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    validation = _TransformedImages(load_from_disk(str(data_dir))["validation"], transform)
+    return torch.utils.data.DataLoader(validation, batch_size=256)
+
+
+def prepare_teacher(workdir: Path, data_dir: Path, settings: Settings) -> tuple[Path, float]:
+    """A timm convnet trained on the digits with light augmentation; cached with its held-out top-1."""
+    path = workdir / f"teacher-{settings.teacher_model}-{settings.teacher_epochs}ep.safetensors"
+    if path.exists():
+        return path, json.loads(path.with_suffix(".json").read_text())["top1"]
+    torch.manual_seed(0)
+    model = timm.create_model(settings.teacher_model, num_classes=10)
+    transform = create_transform(settings.image_size, is_training=True, scale=(0.6, 1.0), hflip=0.0, color_jitter=0.0)
+    loader = torch.utils.data.DataLoader(
+        _TransformedImages(_train_split(data_dir, settings), transform), batch_size=64, shuffle=True, drop_last=True
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=settings.teacher_epochs * len(loader))
+    for _ in range(settings.teacher_epochs):
+        model.train()
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    top1 = _evaluate_logits(lambda images: (model(images),) * 3, model, _eval_loader(data_dir, settings))["top1"]
+    save_file(model.state_dict(), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"top1": top1}))
+    return path, top1
+
+
+def _load_teacher(path: Path, settings: Settings) -> torch.nn.Module:
+    teacher = timm.create_model(settings.teacher_model, num_classes=10)
+    teacher.load_state_dict(load_file(str(path)))
+    return teacher.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _evaluate_logits(heads, model, loader) -> dict[str, float]:
+    """Top-1 of each of the (fused, cls, dist) logits that `heads(images)` returns."""
+    model.eval()
+    correct, total = [0, 0, 0], 0
+    for images, labels in loader:
+        for index, logits in enumerate(heads(images)):
+            correct[index] += (logits.argmax(1) == labels).sum().item()
+        total += len(labels)
+    return {name: count / total for name, count in zip(HEADS, correct)}
+
+
+def _timm_heads(model: VisionTransformerDistilled):
+    def heads(images):
+        tokens = model.forward_features(images)
+        cls_logits, dist_logits = model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
+        return (cls_logits + dist_logits) / 2, cls_logits, dist_logits
+
+    return heads
+
+
+def facebookresearch_hard_distillation_loss(outputs, labels, teacher_logits, alpha: float) -> torch.Tensor:
+    """facebookresearch/deit `losses.DistillationLoss` with distillation_type='hard', base SoftTargetCrossEntropy."""
+    cls_logits, dist_logits = outputs
+    base_loss = SoftTargetCrossEntropy()(cls_logits, labels)
+    distillation_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+    return base_loss * (1 - alpha) + distillation_loss * alpha
+
+
+def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path: Path) -> dict[str, float]:
+    """facebookresearch/deit's `main.py` + `engine.train_one_epoch` on one process, without AMP or EMA."""
+    from training.transforms import zero_bit_posterize  # timm's posterize raises on 0 bits under Pillow 13
+
+    torch.manual_seed(seed)
+    with zero_bit_posterize():
+        transform = create_transform(
+            settings.image_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.3,
+            auto_augment=settings.auto_augment, interpolation="bicubic", re_prob=settings.reprob, re_mode="pixel",
+            re_count=1,
+        )
+    loader = torch.utils.data.DataLoader(
+        _TransformedImages(_train_split(data_dir, settings), transform), batch_size=settings.batch_size,
+        shuffle=True, drop_last=True, num_workers=1, persistent_workers=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    mixup = Mixup(
+        mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+        label_smoothing=settings.smoothing, num_classes=10,
+    )
+    model = VisionTransformerDistilled(
+        img_size=settings.image_size, patch_size=settings.patch_size, embed_dim=settings.hidden_size,
+        depth=settings.depth, num_heads=settings.heads, mlp_ratio=settings.mlp_size / settings.hidden_size,
+        num_classes=10, drop_path_rate=settings.drop_path_rate,
+    )
+    model.set_distilled_training(True)
+    teacher = _load_teacher(teacher_path, settings)
+    optimizer = create_optimizer_v2(model, "adamw", lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                    eps=1e-8)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=settings.epochs, lr_min=settings.min_lr, warmup_lr_init=1e-6,
+        warmup_t=settings.warmup_epochs, cycle_limit=1, t_in_epochs=True,
+    )
+    for epoch in range(settings.epochs):
+        model.train()
+        for images, labels in loader:
+            images, labels = mixup(images, labels)
+            with torch.no_grad():
+                teacher_logits = teacher(images)
+            loss = facebookresearch_hard_distillation_loss(model(images), labels, teacher_logits, settings.alpha)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"Reference loss is {loss.item()}, stopping training")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step(epoch)  # as main.py: after the epoch, with that epoch's index
+    return _evaluate_logits(_timm_heads(model), model, _eval_loader(data_dir, settings))
+
+
+def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: Path) -> dict[str, float]:
+    """`training.train.main` with the recipe's defaults, given only what differs at this scale."""
+    from training.train import main
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        flags = [
+            "--dataset_name", str(data_dir), "--output_dir", output_dir, "--seed", str(seed),
+            "--teacher_model", settings.teacher_model, "--teacher_checkpoint", str(teacher_path),
+            "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides",
+            f"patch_size={settings.patch_size},hidden_size={settings.hidden_size},"
+            f"num_hidden_layers={settings.depth},num_attention_heads={settings.heads},"
+            f"intermediate_size={settings.mlp_size}",
+            "--input_size", str(settings.image_size), "--drop_path_rate", str(settings.drop_path_rate),
+            "--num_train_epochs", str(settings.epochs), "--per_device_train_batch_size", str(settings.batch_size),
+            "--learning_rate", str(settings.learning_rate), "--warmup_epochs", str(settings.warmup_epochs),
+            "--repeated_aug", "false", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "true",
+            "--dataloader_num_workers", "1", "--report_to", "none", "--disable_tqdm", "true",
+            *(["--max_train_samples", str(settings.train_samples)] if settings.train_samples else []),
+        ]
+        main(flags)
+        metrics = json.loads((Path(output_dir) / "eval_results.json").read_text())
+    return {name: metrics[f"eval_{name}"] for name in HEADS}
+
+
+SIDES = {"deit_hf": train_deit_hf, "reference": train_reference}
+
+
+def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, teacher_path: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = SIDES[side](seed, settings, data_dir, teacher_path)
+    return {"side": side, "seed": seed, **result, "seconds": time.perf_counter() - start}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation of each head's top-1 per side, and deit_hf's mean minus the reference's."""
+    summary = {}
+    for side in SIDES:
+        values = {name: [run[name] for run in runs if run["side"] == side] for name in HEADS}
+        summary[side] = {
+            name: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for name, v in values.items()
+        }
+    summary["difference"] = {name: summary["deit_hf"][name][0] - summary["reference"][name][0] for name in HEADS}
+    return summary
+
+
+def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: float, machine: dict) -> str:
+    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
+    lines = [
+        f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}.",
+        f"Settings: {json.dumps(asdict(settings))}; teacher held-out top-1 {percent(teacher_top1)} %.",
+        "",
+        "| side | fused top-1 % | cls top-1 % | dist top-1 % | seeds | minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for side in SIDES:
+        side_runs = [run for run in runs if run["side"] == side]
+        cells = [f"{percent(mean)} ± {percent(std)}" for mean, std in (summary[side][name] for name in HEADS)]
+        minutes = statistics.mean(run["seconds"] for run in side_runs) / 60
+        lines.append(f"| {side} | {' | '.join(cells)} | {len(side_runs)} | {minutes:.1f} |")
+    differences = " | ".join(f"{100 * summary['difference'][name]:+.1f}" for name in HEADS)
+    lines.append(f"| difference (deit_hf − reference) | {differences} | | |")
+    lines += ["", "Per seed (fused / cls / dist top-1 %):", ""]
+    for run in sorted(runs, key=lambda run: (run["side"], run["seed"])):
+        lines.append(f"- {run['side']} seed {run['seed']}: " + " / ".join(percent(run[name]) for name in HEADS))
+    return "\n".join(lines)
+
+
+def record(text: str, path: Path) -> None:
+    block = f"{START_MARKER}\n{text}\n{END_MARKER}"
+    current = path.read_text() if path.exists() else ""
+    if START_MARKER in current and END_MARKER in current:
+        before, rest = current.split(START_MARKER, 1)
+        current = before + block + rest.split(END_MARKER, 1)[1]
+    else:
+        current = current.rstrip("\n") + f"\n\n## Convergence\n\n{block}\n"
+    path.write_text(current)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=Settings.epochs)
+    parser.add_argument("--teacher-epochs", type=int, default=Settings.teacher_epochs)
+    parser.add_argument("--train-samples", type=int, default=None, help="Train on the first N digits (smoke tests).")
+    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/convergence"), help="Data and teacher cache.")
+    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
+    args = parser.parse_args(argv)
+    settings = Settings(epochs=args.epochs, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = prepare_data(args.workdir)
+    teacher_path, teacher_top1 = prepare_teacher(args.workdir, data_dir, settings)
+    print(json.dumps({"teacher": settings.teacher_model, "top1": teacher_top1}), flush=True)
+    jobs = [(side, seed) for seed in args.seeds for side in SIDES]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_run_job, side, seed, settings, data_dir, teacher_path, args.threads) for side, seed in jobs
+        ]
+        runs = []
+        for future in futures:
+            runs.append(future.result())
+            print(json.dumps(runs[-1]), flush=True)
+    summary = summarize(runs)
+    print(json.dumps({"summary": summary}), flush=True)
+    if args.record:
+        from .run import machine_description
+
+        record(markdown(runs, summary, settings, teacher_top1, machine_description()), args.output)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

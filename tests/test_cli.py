@@ -1,0 +1,14 @@
+"""Every entry point answers `--help` (argparse formats help strings with %: a stray one used to crash it)."""
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["training.train", "training.demo", "deit_hf.convert", "benchmarks.run",
+                                    "benchmarks.convergence"])
+def test_help_works(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
