@@ -1,7 +1,13 @@
 """Command-line arguments of the training script, as `HfArgumentParser` dataclasses."""
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from timm.data import create_transform
+from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
 
@@ -60,6 +66,26 @@ class DataArguments:
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Where downloaded and prepared datasets are cached."}
     )
+    num_labels: Optional[int] = field(
+        default=None,
+        metadata={"help": "The number of classes of an integer label column without a ClassLabel feature; default: "
+                  "the largest train label + 1 when the labels are dense (at least half the ids occur)."},
+    )
+    max_image_pixels: int = field(
+        default=89_478_485,  # Pillow's MAX_IMAGE_PIXELS, its decompression-bomb warning threshold
+        metadata={"help": "Images with more pixels are skipped, read from their header before decoding; JPEGs are "
+                  "decoded at 1/2, 1/4 or 1/8 scale instead when that fits."},
+    )
+    max_image_aspect_ratio: float = field(
+        default=100.0,
+        metadata={"help": "Images whose long side exceeds this many times the short side are skipped (a 1x20000 "
+                  "image resized to 256 px on its short side would take gigabytes)."},
+    )
+    min_decodable_fraction: float = field(
+        default=0.9,
+        metadata={"help": "Stop when a smaller fraction of an epoch's (or an evaluation's) images could be used; "
+                  "checked at each epoch end, and at each log once 1000 images of the epoch were read. 0 never stops."},
+    )
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_dir is None):
@@ -70,10 +96,17 @@ class DataArguments:
             raise ValueError(
                 f"`validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}."
             )
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "num_labels"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"`{name}` must be a positive number of examples, got {value}.")
+                raise ValueError(f"`{name}` must be a positive number, got {value}.")
+        if self.max_image_pixels < 1 or self.max_image_aspect_ratio < 1:
+            raise ValueError(
+                f"`max_image_pixels` ({self.max_image_pixels}) and `max_image_aspect_ratio` "
+                f"({self.max_image_aspect_ratio}) must be >= 1."
+            )
+        if not 0 <= self.min_decodable_fraction <= 1:
+            raise ValueError(f"`min_decodable_fraction` must be in [0, 1], got {self.min_decodable_fraction}.")
 
 
 @dataclass
@@ -143,6 +176,22 @@ class AugmentationArguments:
             raise ValueError(f"`eval_crop_pct` must be in (0, 1], got {self.eval_crop_pct}.")
         if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
             raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")
+        if self.auto_augment is not None:
+            try:  # timm parses the policy string only when it builds it
+                create_transform(self.input_size, is_training=True, auto_augment=self.auto_augment)
+            except Exception as error:
+                raise ValueError(
+                    f"--auto_augment {self.auto_augment!r} is not a policy timm can build ({type(error).__name__}: "
+                    f"{error}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0, or none."
+                ) from None
+            name, *sections = self.auto_augment.split("-")
+            # timm reads `key<number>` sections (and RandAugment's `t<choices>`) and skips any other, unread.
+            ignored = [s for s in sections if not re.search(r"\d", s) and not (name == "rand" and s.startswith("t"))]
+            if name in ("rand", "augmix") and ignored:
+                raise ValueError(
+                    f"--auto_augment {self.auto_augment!r}: timm would ignore {ignored} (sections are a key and a "
+                    "number, e.g. m9, mstd0.5, inc1)."
+                )
 
 
 @dataclass
@@ -165,14 +214,41 @@ class ModelArguments:
         default="sdpa", metadata={"help": "Attention kernel: `eager`, `sdpa`, `flash_attention_2`, `flex_attention`."}
     )
 
+    def __post_init__(self):
+        path = self.model_name_or_path
+        if path is not None:
+            if not path.strip():
+                raise ValueError("--model_name_or_path is empty: name a checkpoint directory or a Hub model id.")
+            if os.path.isdir(path):
+                if not os.path.isfile(os.path.join(path, "config.json")):
+                    raise ValueError(f"--model_name_or_path {path!r} holds no config.json: not a saved checkpoint.")
+            elif _is_meant_as_local_path(path):
+                raise ValueError(f"--model_name_or_path {path!r}: no such directory.")
+            if self.config_overrides:
+                raise ValueError(
+                    "--config_overrides changes a --model_preset; a --model_name_or_path checkpoint keeps its own "
+                    "configuration."
+                )
+        elif self.model_preset not in PRESETS:
+            raise ValueError(f"--model_preset {self.model_preset!r} is unknown; known presets: {sorted(PRESETS)}.")
+        self.config_overrides_dict()  # refuses malformed and mistyped fields now, not after loading the data
+
     def config_overrides_dict(self) -> dict:
-        """`config_overrides` parsed with the preset's own field types."""
+        """`config_overrides` parsed with the preset's own field types; a `ValueError` names a malformed field."""
         if not self.config_overrides:
             return {}
         config = DeiTConfig.from_preset(self.model_preset)
-        config.update_from_string(self.config_overrides)  # raises on unknown fields and badly typed values
-        names = [item.split("=", 1)[0].strip() for item in self.config_overrides.split(",")]
-        return {name: getattr(config, name) for name in names}
+        overrides = {}
+        for item in self.config_overrides.split(","):
+            name, equals, value = (part.strip() for part in item.partition("="))
+            if not (name and equals and value) or "=" in value:
+                raise ValueError(f"--config_overrides: {item.strip()!r} is not field=value (comma-separated).")
+            try:
+                config.update_from_string(f"{name}={value}")  # the preset's type of the field
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"--config_overrides: {name}={value}: {error}.") from None
+            overrides[name] = getattr(config, name)
+        return overrides
 
 
 @dataclass
@@ -214,3 +290,56 @@ class DistillationArguments:
     warmup_epochs: float = field(
         default=5, metadata={"help": "Linear warm-up length in epochs. An explicit --warmup_steps replaces it."}
     )
+
+    def __post_init__(self):
+        for name in ("blr", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.distillation_type != "none" and not (self.teacher_model or "").strip():
+            raise ValueError(
+                "--teacher_model is empty: name a timm model or a local Hugging Face classifier, or pass "
+                "--distillation_type none."
+            )
+
+
+def _is_meant_as_local_path(name: str) -> bool:
+    """Whether a name that is no directory cannot be a Hub id either, or starts in a local directory."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return os.path.exists(name) or os.path.isdir(name.split("/", 1)[0])
+
+
+def check_arguments(
+    model_args: ModelArguments,
+    distill_args: DistillationArguments,
+    aug_args: AugmentationArguments,
+    training_args: TrainingArguments,
+) -> None:
+    """Refuse, naming the option, settings that each dataclass accepts alone but would not train (a `ValueError`).
+
+    Run after the recipe's rules are resolved: `--blr 0` (or an explicit `--learning_rate`) keeps
+    `--learning_rate`.
+    """
+    if distill_args.blr == 0 and training_args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {training_args.learning_rate}: nothing would train.")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(training_args, name)}.")
+    if training_args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0, got {training_args.weight_decay}.")
+    if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise ValueError(
+            f"--num_train_epochs must be positive (or --max_steps given), got {training_args.num_train_epochs}."
+        )
+    if model_args.model_name_or_path is None:
+        try:  # the preset with its overrides at the training resolution: a patch size that does not divide it, say
+            DeiTConfig.from_preset(
+                model_args.model_preset, image_size=aug_args.input_size, **model_args.config_overrides_dict()
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"--model_preset {model_args.model_preset} with --config_overrides {model_args.config_overrides!r} at "
+                f"--input_size {aug_args.input_size}: {error}"
+            ) from None

@@ -51,8 +51,10 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
     """Load the splits named by `data_args`, find the image and label columns and check every label.
 
     Returns `train` and `validation` splits (the latter carved off train when the dataset has none) holding only the
-    image column, cast to `datasets.Image(decode=False)`, and the label column. Labels outside `[0, num_classes)`
-    raise a `ValueError` before training; when streaming, they raise when they are met.
+    image column, cast to `datasets.Image(decode=False)`, and the label column. The classes are the `ClassLabel`'s
+    (train and validation must name the same ones), else `--num_labels`, else the largest train label + 1 provided
+    at least half of those ids occur. Labels outside `[0, num_classes)` raise a `ValueError` naming the split and the
+    value before training; when streaming, they raise when they are met.
     """
     raw = _load_raw(data_args)
     if data_args.train_split not in raw:
@@ -68,7 +70,7 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
         features, data_args.label_column, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label", "label_column"
     )
     _check_image_feature(features[image_column], image_column)
-    label_names = _label_names(train, features[label_column], label_column, data_args.streaming)
+    label_names = _label_names(train, features[label_column], label_column, data_args)
     prepare = partial(
         _prepare_split, image_column=image_column, label_column=label_column, num_classes=len(label_names),
         streaming=data_args.streaming,
@@ -76,7 +78,9 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
 
     train = prepare(train, data_args.train_split)
     if data_args.validation_split in raw:
-        validation = prepare(raw[data_args.validation_split], data_args.validation_split)
+        validation = raw[data_args.validation_split]
+        _check_same_classes(features, validation.features, label_column, data_args)
+        validation = prepare(validation, data_args.validation_split)
     elif data_args.streaming:
         raise ValueError(
             f"Split '{data_args.validation_split}' not found (splits: {list(raw)}), and a streamed dataset cannot be "
@@ -190,23 +194,74 @@ def _check_image_feature(feature, column: str) -> None:
     )
 
 
-def _label_names(train: AnyDataset, feature, column: str, streaming: bool) -> list[str]:
+def _label_names(train: AnyDataset, feature, column: str, data_args: DataArguments) -> list[str]:
+    num_labels = data_args.num_labels
     if isinstance(feature, datasets.ClassLabel):
+        if num_labels is not None and num_labels != feature.num_classes:
+            raise ValueError(
+                f"--num_labels {num_labels} contradicts label column '{column}', whose ClassLabel names "
+                f"{feature.num_classes} classes."
+            )
         return list(feature.names)
     if not (isinstance(feature, datasets.Value) and pa.types.is_integer(feature.pa_type)):
         raise ValueError(f"Label column '{column}' holds {feature}; expected integer class ids or a ClassLabel.")
-    if streaming:
+    if num_labels is None:
+        num_labels = _count_classes(train, column, data_args)
+    logger.warning(
+        "Label column '%s' has no ClassLabel feature: naming its %d classes '0'..'%d' (%s).", column, num_labels,
+        num_labels - 1, "--num_labels" if data_args.num_labels else "the largest train label + 1; --num_labels sets it",
+    )
+    return [str(index) for index in range(num_labels)]
+
+
+def _count_classes(train: AnyDataset, column: str, data_args: DataArguments) -> int:
+    """The largest train label + 1, unless that label is far beyond the others (a typo would size the model)."""
+    if data_args.streaming:
         raise ValueError(
             f"Label column '{column}' has no ClassLabel feature, so the number of classes of a streamed dataset is "
-            "unknown; cast it to a ClassLabel or do not stream."
+            "unknown; pass --num_labels, cast the column to a ClassLabel, or do not stream."
         )
-    largest = pc.max(_label_array(train, column)).as_py()
-    if largest is None or largest < 0:
-        raise ValueError(f"Label column '{column}' of the train split holds no valid class id (max: {largest}).")
-    logger.warning(
-        "Label column '%s' has no ClassLabel feature: naming its %d classes '0'..'%d'.", column, largest + 1, largest
-    )
-    return [str(index) for index in range(largest + 1)]
+    labels = _label_array(train, column)
+    valid = pc.filter(labels, pc.greater_equal(labels, 0))
+    largest = pc.max(valid).as_py()
+    if largest is None:
+        raise ValueError(
+            f"Label column '{column}' of split '{data_args.train_split}' holds no valid class id (max: "
+            f"{pc.max(labels).as_py()}).{_UNLABELED_HINT}"
+        )
+    present = pc.count_distinct(valid).as_py()
+    if largest + 1 > 2 * present:
+        below = pc.max(pc.filter(valid, pc.less(valid, largest))).as_py()
+        raise ValueError(
+            f"Split '{data_args.train_split}': label {largest} in column '{column}' would make {largest + 1} classes "
+            f"of which only {present} occur (the next largest label is {below}). Pass --num_labels with the real "
+            "number of classes (labels outside are then refused and named), or fix the label."
+        )
+    return largest + 1
+
+
+def _check_same_classes(
+    train_features: datasets.Features, validation_features, column: str, data_args: DataArguments
+) -> None:
+    train_feature = train_features[column]
+    validation_feature = (validation_features or {}).get(column)
+    if not (isinstance(train_feature, datasets.ClassLabel) and isinstance(validation_feature, datasets.ClassLabel)):
+        return
+    if train_feature.names != validation_feature.names:
+        index = next(
+            (index for index, (a, b) in enumerate(zip(train_feature.names, validation_feature.names)) if a != b),
+            min(train_feature.num_classes, validation_feature.num_classes),
+        )
+        raise ValueError(
+            f"Splits '{data_args.train_split}' and '{data_args.validation_split}' name their classes differently in "
+            f"column '{column}' ({train_feature.num_classes} and {validation_feature.num_classes} classes; class "
+            f"{index} is {_class_name(train_feature, index)} and {_class_name(validation_feature, index)}): the "
+            "same label would mean different classes."
+        )
+
+
+def _class_name(feature: datasets.ClassLabel, index: int) -> str:
+    return repr(feature.names[index]) if index < feature.num_classes else "absent"
 
 
 def _label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:

@@ -22,10 +22,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
-from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
+from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments, check_arguments
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .skipped_images import SkippedImageCounter
 from .teacher import check_class_names, check_teacher_accuracy, load_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
@@ -82,10 +83,12 @@ def parse_args(argv: list[str] | None = None):
 
     An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
     `--warmup_epochs`); giving both of a pair is refused. A checkpoint to fine-tune (`--model_name_or_path`) gives
-    the architecture and input size. Errors are argparse's one-line usage errors (exit code 2).
+    the architecture and input size. A value that an argument dataclass, a conflict between arguments or
+    `training.args.check_arguments` refuses exits as argparse does (status 2), with one line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
     # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
     # would train alone on all the data.
     has_accelerator = torch.accelerator.is_available()
@@ -105,7 +108,9 @@ def parse_args(argv: list[str] | None = None):
     try:
         arguments = parser.parse_args_into_dataclasses(argv)
         _resolve_given(given, *arguments)
-    except ValueError as error:  # a dataclass's own check, or a conflict between arguments
+        model_args, distill_args, _, aug_args, training_args = arguments
+        check_arguments(model_args, distill_args, aug_args, training_args)
+    except ValueError as error:  # a dataclass's own check, a conflict between arguments, a value refused
         parser.error(str(error))
     return arguments
 
@@ -170,10 +175,13 @@ def load_checkpoint_to_fine_tune(path: str, attn_implementation: str, settings: 
     for another label set are new, and say so in one line."""
     old = DeiTConfig.from_pretrained(path)
     source_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
-    model, report = DeiTForImageClassificationWithTeacher.from_pretrained(
-        path, attn_implementation=attn_implementation, ignore_mismatched_sizes=True, output_loading_info=True,
-        **settings,
-    )
+    try:
+        model, report = DeiTForImageClassificationWithTeacher.from_pretrained(
+            path, attn_implementation=attn_implementation, ignore_mismatched_sizes=True, output_loading_info=True,
+            **settings,
+        )
+    except OSError as error:  # no such Hub model, or no weights in the directory
+        raise ValueError(f"--model_name_or_path {path!r}: {error}") from error
     problems = {
         "missing": [key for key in report["missing_keys"] if not key.startswith(HEADS)],
         "unexpected": list(report["unexpected_keys"]),
@@ -278,11 +286,12 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
+    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
     train_dataset = attach_transform(
-        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column)
+        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
     eval_dataset = attach_transform(
-        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column)
+        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
     teacher = None
     if distill_args.distillation_type != "none":
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         teacher=teacher,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
+        skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))

@@ -6,6 +6,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from .skipped_images import SkippedImageCounter
 from .teacher import Teacher
 from .transforms import BatchTransform
 
@@ -33,6 +34,8 @@ class DistillationTrainer(Trainer):
             epoch, differently augmented; 0 or 1 turns it off. The sampler draws one global order from the epoch
             number and accelerate shards its batches over processes, so a global batch is the same on 1 or N
             processes, and a resumed run replays the same order.
+        skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
+            too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class DistillationTrainer(Trainer):
         teacher: Teacher | None = None,
         batch_transform: BatchTransform | None = None,
         num_repeats: int = 0,
+        skipped_images: SkippedImageCounter | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -65,6 +69,8 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.batch_transform = batch_transform if batch_transform is not None else BatchTransform()
         self.num_repeats = num_repeats
+        self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
+        self.add_callback(self.skipped_images)
         self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
 
     def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
@@ -102,6 +108,7 @@ class DistillationTrainer(Trainer):
         return {**inputs, "pixel_values": pixel_values, "labels": labels}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.skipped_images.record(inputs, "train")
         return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -123,6 +130,7 @@ class DistillationTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self.skipped_images.record(inputs, "eval")
         if inputs["labels"].numel() == 0:  # nothing decoded in this evaluation batch
             return None, None, None
         inputs = self._transform_batch(inputs, training=False)
@@ -135,4 +143,5 @@ class DistillationTrainer(Trainer):
                     mean = nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean()
                     logs[name] = round(mean.item(), 4)
                     parts.clear()
+        self.skipped_images.report(logs)
         super().log(logs, start_time)

@@ -8,20 +8,23 @@ whole batches: normalization, then, when training, random erasing and Mixup/CutM
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Optional
 
-import datasets
 import PIL.Image
+import PIL.ImageOps
 import torch
+from datasets.utils.file_utils import is_local_path, xopen
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 
 from deit_hf.image_processing_deit import convert_to_rgb
 
-from .args import AugmentationArguments
+from .args import AugmentationArguments, DataArguments
 
 
 logger = logging.getLogger(__name__)
@@ -86,19 +89,18 @@ class ImageTransform:
 
     Meant for `Dataset.with_transform` (see `training.data.attach_transform`), so it runs where examples are read:
     in the DataLoader workers. Images come as `datasets.Image(decode=False)` values, `{"bytes", "path"}`; any Pillow
-    mode (L, RGBA, P, CMYK, I;16, ...) is converted to RGB. An image that cannot be decoded gives `None` for both its
-    pixel values and its label, and a warning with this process's running count of skipped images.
+    mode (L, RGBA, P, CMYK, I;16, ...) is converted to RGB. An image that cannot be decoded, or whose header shows
+    more than `max_pixels` pixels or a side more than `max_aspect_ratio` times the other, gives `None` for both its
+    pixel values and its label, and a warning naming it; `DistillationCollator` drops it and counts it. The bounds
+    are read from the header, before any pixel is decoded; a JPEG over `max_pixels` is decoded at 1/2, 1/4 or 1/8
+    scale instead (its DCT scaling costs only the smaller image).
     """
 
     transform: Callable
     image_column: str = "image"
     label_column: str = "label"
-    skipped_images: int = field(default=0, init=False)
-
-    def __post_init__(self):
-        # datasets' decoder follows local, remote and Hub paths and applies the EXIF orientation, as datasets does;
-        # it keeps the file's mode, for `convert_to_rgb` to scale 16-bit images rather than clip them.
-        self._decoder = datasets.Image()
+    max_pixels: int = DataArguments.max_image_pixels
+    max_aspect_ratio: float = DataArguments.max_image_aspect_ratio
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         pixel_values, labels = [], []
@@ -110,14 +112,52 @@ class ImageTransform:
 
     def _decode(self, image) -> Optional[PIL.Image.Image]:
         try:
-            return convert_to_rgb(self._decoder.decode_example(image))
+            return convert_to_rgb(self._load_within_bounds(_open_lazily(image)))
         except Exception as error:  # Pillow raises many types on bad files; none of them must stop a long run.
-            self.skipped_images += 1
-            logger.warning(
-                "Skipping undecodable image %s (%s: %s); %d skipped so far in this process.",
-                _describe(image), type(error).__name__, error, self.skipped_images,
-            )
+            logger.warning("Skipping image %s (%s: %s).", _describe(image), type(error).__name__, error)
             return None
+
+    def _load_within_bounds(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        width, height = image.size
+        if max(width, height) > self.max_aspect_ratio * min(width, height):
+            raise ImageOutOfBoundsError(
+                f"{width}x{height} pixels, more elongated than 1:{self.max_aspect_ratio:g} (--max_image_aspect_ratio)"
+            )
+        if width * height > self.max_pixels and image.format == "JPEG":
+            scale = next((scale for scale in (2, 4, 8) if _scaled_pixels(image.size, scale) <= self.max_pixels), 8)
+            image.draft(None, (max(1, width // scale), max(1, height // scale)))
+        if image.size[0] * image.size[1] > self.max_pixels:
+            raise ImageOutOfBoundsError(
+                f"{width}x{height} pixels, over the {self.max_pixels} of --max_image_pixels"
+            )
+        image.load()
+        # As datasets' decoder: the EXIF orientation is applied.
+        if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+            image = PIL.ImageOps.exif_transpose(image)
+        return image
+
+
+class ImageOutOfBoundsError(ValueError):
+    """An image whose size or aspect ratio would cost too much memory to decode and transform."""
+
+
+def _open_lazily(value) -> PIL.Image.Image:
+    """`PIL.Image.open` a `datasets.Image(decode=False)` value: the header is read, the pixels are not."""
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    if value.get("bytes") is not None:
+        return PIL.Image.open(BytesIO(value["bytes"]))
+    if not value.get("path"):
+        raise ValueError(f"An image needs one of 'path' or 'bytes'; both are empty in {value}.")
+    if is_local_path(value["path"]):
+        return PIL.Image.open(value["path"])
+    # URLs and hf:// paths, through datasets' own opener; read whole, as datasets does.
+    with xopen(value["path"], "rb") as file:
+        return PIL.Image.open(BytesIO(file.read()))
+
+
+def _scaled_pixels(size: tuple[int, int], scale: int) -> int:
+    return math.ceil(size[0] / scale) * math.ceil(size[1] / scale)
 
 
 def _describe(image) -> str:

@@ -28,6 +28,7 @@ def test_stacks_float_pixels_and_int64_labels_dropping_undecoded_samples():
     assert batch["pixel_values"].dtype == torch.float32 and batch["pixel_values"].shape == (3, 3, 4, 4)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0, 5.0]
     assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == [1, 2, 5]
+    assert batch["skipped_images"].tolist() == [2]
 
 
 def test_uint8_pixels_stay_uint8_for_the_device_to_normalize():
@@ -37,6 +38,7 @@ def test_uint8_pixels_stay_uint8_for_the_device_to_normalize():
 
     assert batch["pixel_values"].dtype == torch.uint8
     assert torch.equal(batch["pixel_values"], torch.stack([pixels, pixels + 1]))
+    assert batch["skipped_images"].tolist() == [0]
 
 
 def test_all_corrupt_batch_is_empty():
@@ -44,6 +46,7 @@ def test_all_corrupt_batch_is_empty():
 
     assert batch["labels"].numel() == 0 and batch["labels"].dtype == torch.int64
     assert batch["pixel_values"].numel() == 0
+    assert batch["skipped_images"].tolist() == [3]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,8 @@ def test_corrupt_image_is_skipped_and_dropped_from_its_batch(digits, tmp_path, c
     # By name: imagefolder numbers only the classes it finds, in directory order.
     assert sorted(data.label_names[label] for label in batch["labels"]) == sorted(map(str, digits["label"][:]))
     (message,) = caplog.messages
-    assert "corrupt.jpg" in message and message.endswith("1 skipped so far in this process.")
+    assert "corrupt.jpg" in message
+    assert batch["skipped_images"].tolist() == [1]
 
 
 def test_pipeline_on_the_validation_split(digits, tmp_path):

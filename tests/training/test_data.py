@@ -189,3 +189,68 @@ def test_data_arguments_need_one_source():
         DataArguments(dataset_name="ILSVRC/imagenet-1k", train_dir="train")
     with pytest.raises(ValueError, match=r"`validation_split_percentage` must be in \(0, 100\)"):
         DataArguments(dataset_name="ILSVRC/imagenet-1k", validation_split_percentage=100)
+
+
+def save_integer_labels(digits, tmp_path, labels_of_split) -> str:
+    """The digits with their ClassLabel replaced by a plain int64 column, as a save_to_disk directory."""
+    splits = {
+        split: dataset.remove_columns("label").add_column("label", labels_of_split(split, dataset["label"][:]))
+        for split, dataset in digits.items()
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("outlier", [10**5, 10**9])
+def test_one_label_far_beyond_the_others_is_refused_not_a_huge_head(digits, tmp_path, outlier):
+    def with_outlier(split, labels):
+        return [outlier if index == 7 and split == "train" else label for index, label in enumerate(labels)]
+
+    path = save_integer_labels(digits, tmp_path, with_outlier)
+    with pytest.raises(ValueError, match=rf"Split 'train': label {outlier} in column 'label' would make {outlier + 1} "
+                                         r"classes of which only 11 occur \(the next largest label is 9\)\. Pass "
+                                         r"--num_labels"):
+        load(tmp_path, dataset_name=path)
+
+
+def test_num_labels_sets_the_class_count_of_integer_labels(digits, tmp_path, caplog):
+    path = save_integer_labels(digits, tmp_path, lambda split, labels: [y % 4 for y in labels])
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        data = load(tmp_path, dataset_name=path, num_labels=12)
+    assert data.label_names == [str(i) for i in range(12)]
+    assert "naming its 12 classes '0'..'11' (--num_labels)" in caplog.text
+
+    with pytest.raises(ValueError, match=r"Split 'train': 12 of 30 labels in column 'label' are outside \[0, 2\), "
+                                         r"e\.g\. 2\."):
+        load(tmp_path, dataset_name=path, num_labels=2)
+
+    # Sparse labels (ids kept from a larger label set) train with --num_labels, and only with it.
+    sparse = save_integer_labels(digits, tmp_path / "sparse", lambda split, labels: [100 * y for y in labels])
+    with pytest.raises(ValueError, match="label 900 .* would make 901 classes of which only 10 occur"):
+        load(tmp_path, dataset_name=sparse)
+    assert len(load(tmp_path, dataset_name=sparse, num_labels=1000).label_names) == 1000
+
+
+def test_num_labels_must_agree_with_a_class_label(digits, tmp_path):
+    digits.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"--num_labels 11 contradicts label column 'label', whose ClassLabel names"):
+        load(tmp_path, dataset_name=str(tmp_path / "saved"), num_labels=11)
+    assert load(tmp_path, dataset_name=str(tmp_path / "saved"), num_labels=10).label_names == DIGIT_NAMES
+
+
+def test_train_and_validation_class_labels_must_name_the_same_classes(digits, tmp_path):
+    renamed = DIGIT_NAMES[:3] + ["three"] + DIGIT_NAMES[4:]
+    validation = digits["validation"].cast_column("label", datasets.ClassLabel(names=renamed))
+    datasets.DatasetDict({"train": digits["train"], "validation": validation}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"Splits 'train' and 'validation' name their classes differently in column "
+                                         r"'label' \(10 and 10 classes; class 3 is '3' and 'three'\)"):
+        load(tmp_path, dataset_name=str(tmp_path / "saved"))
+
+
+def test_streamed_integer_labels_need_num_labels(digits, tmp_path):
+    for split, dataset in digits.items():
+        dataset.cast_column("label", datasets.Value("int64")).to_parquet(str(tmp_path / "data" / f"{split}-0.parquet"))
+    with pytest.raises(ValueError, match="number of classes of a streamed dataset is unknown; pass --num_labels"):
+        load(tmp_path, dataset_name=str(tmp_path / "data"), streaming=True)
+    data = load(tmp_path, dataset_name=str(tmp_path / "data"), streaming=True, num_labels=10)
+    assert data.label_names == DIGIT_NAMES and len(list(data.dataset_dict["validation"])) == 20

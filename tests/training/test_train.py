@@ -125,9 +125,10 @@ def test_teacher_with_other_classes_fails_before_training(small_digits_dir, tmp_
         main(tiny_run_args(small_digits_dir, tmp_path / "teacher7", tmp_path / "out", "--max_steps", "1"))
 
 
-def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir, tmp_path):
-    with pytest.raises(ValueError, match="`image_size`"):
+def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--config_overrides", "patch_size=5"))
+    assert "`image_size` height (32) must be a positive multiple of `patch_size` (5)" in capsys.readouterr().err
 
 
 def _schedule(*flags, train_size=1000):

@@ -123,7 +123,7 @@ def test_images_given_by_path_are_decoded(tmp_path):
     assert torch.equal(output["pixel_values"][0], eval_transform(PIL.Image.open(path).convert("RGB")))
 
 
-def test_undecodable_images_are_skipped_with_a_counted_warning(tmp_path, caplog):
+def test_undecodable_images_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
     good = encode(PIL.Image.fromarray(skimage_data.coffee()), "JPEG")
     truncated = {"bytes": good["bytes"][:200], "path": None}
     (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg")
@@ -135,12 +135,9 @@ def test_undecodable_images_are_skipped_with_a_counted_warning(tmp_path, caplog)
 
     assert output["pixel_values"][0].shape == (3, 32, 32)
     assert output["pixel_values"][1:] == [None, None] and output["labels"] == [0, None, None]
-    assert transform.skipped_images == 2
     first, second = caplog.messages
-    assert first.startswith(f"Skipping undecodable image '{tmp_path / 'garbage.jpg'}' (UnidentifiedImageError")
-    assert first.endswith("1 skipped so far in this process.")
-    assert second.startswith("Skipping undecodable image <200 bytes without a path> (OSError: ")
-    assert second.endswith("2 skipped so far in this process.")
+    assert first.startswith(f"Skipping image '{tmp_path / 'garbage.jpg'}' (UnidentifiedImageError")
+    assert second.startswith("Skipping image <200 bytes without a path> (OSError: ")
 
 
 def test_image_transform_pickles_for_spawned_workers():
@@ -290,3 +287,65 @@ def test_batch_transform_keeps_float_batches_and_refuses_other_dtypes():
     assert BatchTransform()(floats, torch.arange(2), training=False)[0] is floats
     with pytest.raises(TypeError, match="pixel_values of dtype torch.int64: expected uint8 pixels"):
         BatchTransform()(floats.long(), torch.arange(2), training=False)
+
+
+class RecordSize:
+    """A transform that keeps the size of each image it is given (and so shows which ones it was given)."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, image):
+        self.sizes.append(image.size)
+        return torch.zeros(3, 1, 1, dtype=torch.uint8)
+
+
+def test_extreme_aspect_ratio_is_skipped_from_its_header(caplog):
+    # 143 bytes that a short-side resize to 256 px would turn into 256 x 5,120,000 x 3 bytes (3.9 GB).
+    sliver = encode(PIL.Image.new("L", (1, 20000)), "PNG")
+    assert len(sliver["bytes"]) < 200
+    recorder = RecordSize()
+
+    with caplog.at_level(logging.WARNING, logger="training.transforms"):
+        output = ImageTransform(recorder)({"image": [sliver], "label": [0]})
+
+    assert output == {"pixel_values": [None], "labels": [None]} and recorder.sizes == []
+    (message,) = caplog.messages
+    assert "1x20000 pixels, more elongated than 1:100 (--max_image_aspect_ratio)" in message
+    ImageTransform(recorder, max_aspect_ratio=20000)({"image": [sliver], "label": [0]})
+    assert recorder.sizes == [(1, 20000)]  # the bound, not the file, skipped it
+
+
+def test_too_many_pixels_are_skipped_and_big_jpegs_decoded_smaller(caplog):
+    photo = PIL.Image.fromarray(skimage_data.astronaut()).resize((64, 48))
+    recorder = RecordSize()
+    transform = ImageTransform(recorder, max_pixels=1000)
+
+    with caplog.at_level(logging.WARNING, logger="training.transforms"):
+        output = transform({"image": [encode(photo, "PNG"), encode(photo, "JPEG")], "label": [0, 1]})
+
+    # 3072 pixels: the PNG cannot decode smaller; the JPEG decodes at the largest scale that fits, 1/2 (768 pixels).
+    assert output["labels"] == [None, 1]
+    (message,) = caplog.messages
+    assert "64x48 pixels, over the 1000 of --max_image_pixels" in message
+    assert recorder.sizes == [(32, 24)]
+    assert ImageTransform(recorder, max_pixels=47)({"image": [encode(photo, "JPEG")], "label": [0]})["labels"] == [None]
+    assert ImageTransform(recorder, max_pixels=48)({"image": [encode(photo, "JPEG")], "label": [0]})["labels"] == [0]
+    assert recorder.sizes[-1] == (8, 6)  # 1/8, the smallest JPEG's DCT scaling decodes to
+
+
+def test_decompression_bomb_is_a_skip(monkeypatch, caplog):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this
+    with caplog.at_level(logging.WARNING, logger="training.transforms"):
+        output = ImageTransform(RecordSize())({"image": [encode(PIL.Image.new("RGB", (20, 20)), "PNG")], "label": [0]})
+    assert output["labels"] == [None] and "DecompressionBombError" in caplog.messages[0]
+
+
+def test_exif_orientation_is_applied():
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6  # stored on its side: rotate by 90 degrees to view
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (40, 20)).save(buffer, format="JPEG", exif=exif)
+    recorder = RecordSize()
+    ImageTransform(recorder)({"image": [{"bytes": buffer.getvalue(), "path": None}], "label": [0]})
+    assert recorder.sizes == [(20, 40)]

@@ -1,0 +1,76 @@
+"""Misconfiguration is refused while the arguments are parsed, in one line naming the option."""
+
+import json
+
+import pytest
+
+from deit_hf import DeiTConfig
+from training.train import build_student, parse_args
+
+REFUSED = [
+    (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+    (["--blr", "0", "--learning_rate", "0"], "--blr and --learning_rate both set"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+    (["--blr=-5e-4"], "--blr must be >= 0, got -0.0005"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1.0"),
+    (["--weight_decay", "-0.05"], "--weight_decay must be >= 0, got -0.05"),
+    (["--num_train_epochs", "-3"], "--num_train_epochs must be positive (or --max_steps given), got -3.0"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
+    (["--auto_augment", "rand-m9-mstd0.5-inc"], "--auto_augment 'rand-m9-mstd0.5-inc': timm would ignore ['inc']"),
+    (["--auto_augment", "randaugment"], "--auto_augment 'randaugment' is not a policy timm can build (AssertionError"),
+    (["--teacher_model", ""], "--teacher_model is empty"),
+    (["--teacher_model", " "], "--teacher_model is empty"),
+    (["--model_name_or_path", "/no/such/checkpoint"], "--model_name_or_path '/no/such/checkpoint': no such directory"),
+    (["--model_name_or_path", "tests/no-such-run"], "--model_name_or_path 'tests/no-such-run': no such directory"),
+    (["--model_name_or_path", "tests"], "--model_name_or_path 'tests' holds no config.json"),
+    (["--model_name_or_path", ""], "--model_name_or_path is empty"),
+    (["--model_preset", "deit-huge"], "--model_preset 'deit-huge' is unknown"),
+    (["--config_overrides", "hidden_size64"], "--config_overrides: 'hidden_size64' is not field=value"),
+    (["--config_overrides", "hidden_size=64,"], "--config_overrides: '' is not field=value"),
+    (["--config_overrides", "hidden_size=6.4"], "--config_overrides: hidden_size=6.4: invalid literal for int()"),
+    (["--config_overrides", "qkv_bias=maybe"], "--config_overrides: qkv_bias=maybe: can't derive true or false"),
+    (["--config_overrides", "hiden_size=64"], "--config_overrides: hiden_size=64: key hiden_size isn't in the"),
+    (["--config_overrides", "patch_size=5", "--input_size", "32"],
+     "--config_overrides 'patch_size=5' at --input_size 32: `image_size` height (32) must be a positive multiple"),
+    (["--min_decodable_fraction", "1.5"], "`min_decodable_fraction` must be in [0, 1], got 1.5"),
+    (["--num_labels", "0"], "`num_labels` must be a positive number, got 0"),
+    (["--max_image_aspect_ratio", "0.5"], "`max_image_aspect_ratio` (0.5) must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(flags) for flags, _ in REFUSED])
+def test_misconfiguration_is_a_one_line_error_naming_the_option(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--dataset_name", "x", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    usage, line = error.splitlines()  # argparse's: a short usage line, then the error
+    assert usage.startswith("usage: ") and ": error: " in line and message in line
+
+
+def test_a_json_file_is_checked_the_same_way(tmp_path, capsys):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"dataset_name": "x", "per_device_train_batch_size": 0}))
+    with pytest.raises(SystemExit):
+        parse_args([str(path)])
+    assert "--per_device_train_batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_what_is_accepted():
+    # --blr 0 turns the scaling rule off and keeps the (positive) default learning rate; 0 epochs with max_steps;
+    # no teacher needed without distillation; a teacher name is checked only when there is distillation.
+    for flags in (["--blr", "0"], ["--num_train_epochs", "0", "--max_steps", "10"],
+                  ["--distillation_type", "none", "--teacher_model", ""],
+                  ["--auto_augment", "augmix-m5-w4-d2"], ["--auto_augment", "rand-m9-n3-mstd1-tgeneral"],
+                  ["--config_overrides", "hidden_size=64, num_attention_heads=4,qkv_bias=false"]):
+        parse_args(["--dataset_name", "x", *flags])
+
+
+def test_a_checkpoint_that_does_not_load_names_the_option(tmp_path):
+    DeiTConfig.from_preset("deit-tiny-distilled-patch16-224").save_pretrained(tmp_path)  # a config, no weights
+    arguments = parse_args(["--dataset_name", "x", "--model_name_or_path", str(tmp_path)])
+    model_args, distill_args, _, aug_args, _ = arguments
+    with pytest.raises(ValueError, match=rf"--model_name_or_path '{tmp_path}': .*model.safetensors"):
+        build_student(model_args, distill_args, aug_args, {0: "a", 1: "b"})

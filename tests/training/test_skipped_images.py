@@ -1,0 +1,146 @@
+"""Skipped images: counted over DataLoader workers into the logs and metrics, and a stop when too few decode."""
+
+import json
+import sys
+
+import datasets
+import pytest
+import torch
+from transformers import TrainerControl, TrainerState
+
+from training.collator import DistillationCollator
+from training.skipped_images import MIN_IMAGES_FOR_EARLY_CHECK, SkippedImageCounter, TooFewDecodableImagesError
+from training.train import main
+
+from .conftest import tiny_run_args
+from .test_distributed import free_port, run
+
+GARBAGE = b"\x89PNG\r\n\x1a\n not really a png"
+
+
+def batch(decoded: int, skipped: int) -> dict:
+    samples = [{"pixel_values": torch.zeros(3, 2, 2, dtype=torch.uint8), "labels": 0}] * decoded
+    return DistillationCollator()(samples + [{"pixel_values": None, "labels": None}] * skipped)
+
+
+def begin_epoch(counter: SkippedImageCounter, epoch: float) -> TrainerControl:
+    control = TrainerControl()
+    counter.on_epoch_begin(None, TrainerState(epoch=epoch), control)
+    return control
+
+
+def test_counts_reach_training_logs_per_epoch_and_the_closing_metrics():
+    counter = SkippedImageCounter(min_decodable_fraction=0.5)
+    control = begin_epoch(counter, 0)
+    for decoded, skipped in [(8, 0), (6, 2), (8, 0)]:
+        inputs = batch(decoded, skipped)
+        counter.record(inputs, "train")
+        assert "skipped_images" not in inputs  # the model is never given it
+    first_log, second_log = {"loss": 1.0}, {"loss": 1.0}
+    counter.report(first_log)
+    counter.record(batch(5, 3), "train")
+    counter.on_epoch_end(None, None, control)
+    counter.report(second_log)
+    assert (first_log["skipped_images"], second_log["skipped_images"]) == (2, 5)  # this epoch's, so far
+    assert control.should_log  # the epoch's total is logged at its end
+
+    begin_epoch(counter, 1)
+    counter.record(batch(7, 1), "train")
+    third_log = {"loss": 1.0}
+    counter.report(third_log)
+    assert third_log["skipped_images"] == 1  # a new epoch counts from 0
+    counter.on_epoch_end(None, None, TrainerControl())
+    closing = {"train_runtime": 1.0, "train_loss": 1.0}
+    counter.report(closing)
+    assert closing["train_skipped_images"] == 6
+
+
+def test_evaluation_counts_go_to_its_metrics_and_can_stop_the_run():
+    counter = SkippedImageCounter(min_decodable_fraction=0.75)
+    counter.record(batch(6, 2), "eval")
+    metrics = {"eval_top1": 0.5, "eval_runtime": 1.0}
+    counter.report(metrics)
+    assert metrics["eval_skipped_images"] == 2
+
+    counter.record(batch(5, 3), "eval")
+    with pytest.raises(TooFewDecodableImagesError, match=r"Only 5 of the 8 images read in the evaluation"):
+        counter.report({"test_top1": 0.5, "test_runtime": 1.0})
+
+
+def test_decodable_fraction_is_checked_at_epoch_end_and_early_once_enough_images_were_read():
+    counter = SkippedImageCounter(min_decodable_fraction=0.9)
+    control = begin_epoch(counter, 0)
+    counter.record(batch(2, 6), "train")
+    counter.report({"loss": 1.0})  # 8 images: too few to judge yet
+    with pytest.raises(TooFewDecodableImagesError, match=r"Only 2 of the 8 images read in epoch 1 .*0\.9"):
+        counter.on_epoch_end(None, None, control)
+
+    counter = SkippedImageCounter(min_decodable_fraction=0.9)
+    begin_epoch(counter, 2.5)  # resumed in the middle of its third epoch
+    half = MIN_IMAGES_FOR_EARLY_CHECK // 2
+    counter.record({"labels": torch.zeros(half), "skipped_images": torch.tensor([half])}, "train")
+    with pytest.raises(TooFewDecodableImagesError, match=f"Only {half} of the {2 * half} images read in epoch 3"):
+        counter.report({"loss": 1.0})
+
+    lenient = SkippedImageCounter(min_decodable_fraction=0)
+    lenient.record(batch(0, 8), "train")
+    lenient.on_epoch_end(None, None, begin_epoch(lenient, 0))  # 0 never stops
+
+
+def with_garbage(split: datasets.Dataset, corrupt: set) -> datasets.Dataset:
+    rows = split.cast_column("image", datasets.Image(decode=False)).to_list()
+    for index in corrupt:
+        rows[index]["image"] = {"bytes": GARBAGE, "path": f"corrupt-{index}.png"}
+    return datasets.Dataset.from_list(rows, features=split.features)
+
+
+def test_skips_are_summed_over_workers_into_logs_and_metrics(digits, random_teacher_dir, tmp_path):
+    dataset = datasets.DatasetDict({
+        "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
+        "validation": with_garbage(digits["validation"].select(range(32)), {3, 4}),
+    })
+    dataset.save_to_disk(str(tmp_path / "data"))
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "2",
+                         "--repeated_aug", "false", "--logging_steps", "4", "--dataloader_num_workers", "2",
+                         "--do_eval", "true", "--min_decodable_fraction", "0.8")
+    trainer = main(args)
+
+    train_metrics = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert train_metrics["train_skipped_images"] == 10  # 5 a epoch, from two worker processes
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 2
+    # 6 steps an epoch, logged at steps 4, 6 (the epoch's end), 8 and 12: the epoch so far, then its total.
+    logged = [(entry["step"], entry["skipped_images"]) for entry in trainer.state.log_history if "loss" in entry]
+    assert [step for step, _ in logged] == [4, 6, 8, 12] and [count for _, count in logged][1::2] == [5, 5]
+    assert [entry["eval_skipped_images"] for entry in trainer.state.log_history if "eval_top1" in entry] == [2, 2, 2]
+
+
+def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, random_teacher_dir, tmp_path):
+    split = with_garbage(digits["train"].select(range(16)), set(range(16)))
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "data"))
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
+                         "--repeated_aug", "false", "--eval_strategy", "no")
+    with pytest.raises(TooFewDecodableImagesError, match="Only 0 of the 16 images read in epoch 1"):
+        main(args)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_two_processes_sum_their_skips(digits, random_teacher_dir, tmp_path):
+    datasets.DatasetDict({
+        "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
+        "validation": with_garbage(digits["validation"].select(range(32)), {3, 20}),
+    }).save_to_disk(str(tmp_path / "data"))
+    # 48 = 6 steps x 2 processes x 4 and 32 = 2 x 16: no batch is padded with repeated images to even the processes
+    # out (accelerate's even_batches), which would be read, and counted, twice.
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
+                         "--repeated_aug", "false", "--eval_strategy", "no", "--do_eval", "true",
+                         "--min_decodable_fraction", "0.8", "--dataloader_num_workers", "1")
+    args[args.index("--per_device_train_batch_size") + 1] = "4"
+    args[args.index("--per_device_eval_batch_size") + 1] = "16"
+    stdout = run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+        args, tmp_path / "saves",
+    )
+    assert "WORLD_SIZE 2" in stdout
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_skipped_images"] == 5
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 2
