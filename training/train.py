@@ -129,10 +129,9 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
                          "the class targets, Mixup's soft targets included).")
     if model_args.model_name_or_path is None:
         return
-    for name in ("model_preset", "config_overrides"):
-        if name in given:
-            raise ValueError(f"--{name} and --model_name_or_path both describe the student: the checkpoint's "
-                             "architecture is used, drop one of them.")
+    if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
+        raise ValueError("--model_preset and --model_name_or_path both describe the student: the checkpoint's "
+                         "architecture is used, drop one of them.")
     try:
         config = DeiTConfig.from_pretrained(model_args.model_name_or_path)
     except OSError as error:

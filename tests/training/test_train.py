@@ -309,7 +309,7 @@ def test_fine_tuning_takes_size_and_architecture_from_the_checkpoint_and_swaps_h
 
 @pytest.mark.parametrize("extra, message", [
     (["--input_size", "64"], "--input_size 64 but the checkpoint .* takes 32x32 images"),
-    (["--config_overrides", "hidden_dropout_prob=0.1"], "--config_overrides and --model_name_or_path"),
+    (["--config_overrides", "hidden_dropout_prob=0.1"], "checkpoint keeps its own configuration"),
     (["--model_preset", "deit-small-distilled-patch16-224"], "--model_preset and --model_name_or_path"),
 ])
 def test_fine_tuning_refuses_flags_that_contradict_the_checkpoint(small_digits_dir, deit_checkpoint, tmp_path, capsys,
