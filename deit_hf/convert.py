@@ -3,7 +3,7 @@
     python -m deit_hf.convert --timm-model deit_small_distilled_patch16_224 \
         --checkpoint deit_small_distilled_patch16_224-649709d9.pth --output deit-small-distilled
 
-writes `model.safetensors`, `config.json` and `preprocessor_config.json`, loadable with
+writes `model.safetensors`, `config.json`, `preprocessor_config.json` and a model card `README.md`, loadable with
 `DeiTForImageClassificationWithTeacher.from_pretrained` or, after `import deit_hf`,
 `AutoModelForImageClassification.from_pretrained`. facebookresearch/deit builds its models with timm, so both
 share timm's parameter names. The conversion is checked: the converted model must reproduce timm's logits.
@@ -25,6 +25,7 @@ from torch import nn
 
 from .configuration_deit import DeiTConfig
 from .image_processing_deit import DeiTImageProcessor
+from .modelcard import conversion_facts, write_model_card
 from .modeling_deit import DeiTForImageClassificationWithTeacher
 
 # Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     model.save_pretrained(args.output)
     image_processor.save_pretrained(args.output)
+    write_model_card(args.output, model.config, conversion_facts(args.timm_model, args.checkpoint, args.output))
     print(f"Wrote {args.timm_model}{f' ({args.checkpoint})' if args.checkpoint else ' (random init)'} to {args.output}")
 
 
