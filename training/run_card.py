@@ -41,8 +41,8 @@ def run_card_facts(
     recipe = {
         "steps": f"{state.global_step} ({state.epoch:g} epochs)",
         "global batch": f"{global_batch} ({args.world_size} process(es))",
-        "optimizer": f"{args.optim}, lr {args.learning_rate:.3g}, weight decay {args.weight_decay}, "
-        f"{args.lr_scheduler_type} schedule, {args.get_warmup_steps(state.max_steps)} warm-up steps",
+        "optimizer": f"{_name(args.optim)}, lr {args.learning_rate:.3g}, weight decay {args.weight_decay}, "
+        f"{_name(args.lr_scheduler_type)} schedule, {args.get_warmup_steps(state.max_steps)} warm-up steps",
         "gradient clipping": f"{args.max_grad_norm}" if args.max_grad_norm else "none",
         "augmentation": f"{aug_args.input_size} px, RandAugment {aug_args.auto_augment or 'off'}, crop scale "
         f"{tuple(aug_args.scale)}, hflip {aug_args.hflip}, random erasing {aug_args.reprob}",
@@ -61,6 +61,10 @@ def run_card_facts(
         teacher=teacher or "none (distillation_type none: both heads learn the labels)",
         recipe=recipe,
     )
+
+
+def _name(choice) -> str:
+    return getattr(choice, "value", choice)  # TrainingArguments turns some choices into enums
 
 
 def write_run_card(trainer: DistillationTrainer, *arguments) -> Path | None:
