@@ -51,7 +51,9 @@ def token_cosine_per_layer(model: torch.nn.Module, pixel_values: torch.Tensor) -
     output (after the final norm, where the heads read them); `model` is a `DeiTForImageClassificationWithTeacher`."""
     model.eval()
     outputs = model(pixel_values, output_hidden_states=True)
-    per_layer = [F.cosine_similarity(hidden[:, 0], hidden[:, 1], dim=-1).mean().item() for hidden in outputs.hidden_states]
+    per_layer = [
+        F.cosine_similarity(hidden[:, 0], hidden[:, 1], dim=-1).mean().item() for hidden in outputs.hidden_states
+    ]
     return per_layer + [outputs.token_cosine_similarity.mean().item()]
 
 

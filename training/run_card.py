@@ -31,7 +31,8 @@ def run_card_facts(
     )
     teacher = None
     if distill_args.distillation_type != "none":
-        weights = f" (weights: `{Path(distill_args.teacher_checkpoint).name}`)" if distill_args.teacher_checkpoint else ""
+        checkpoint = distill_args.teacher_checkpoint
+        weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
         softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
         teacher = (
             f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation, "

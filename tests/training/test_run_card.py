@@ -11,7 +11,9 @@ from ..test_snippets import PYTHON, blocks, run_python, snippet_folder  # noqa: 
 from .conftest import tiny_run_args
 
 
-def test_a_training_run_writes_a_card_with_its_own_facts(small_digits_dir, random_teacher_dir, tmp_path, snippet_folder):  # noqa: F811
+def test_a_training_run_writes_a_card_with_its_own_facts(
+    small_digits_dir, random_teacher_dir, tmp_path, snippet_folder  # noqa: F811
+):
     output = tmp_path / "run"
     main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--max_steps", "3", "--learning_rate", "1e-3"))
     measured = json.loads((output / "eval_results.json").read_text())
@@ -23,7 +25,8 @@ def test_a_training_run_writes_a_card_with_its_own_facts(small_digits_dir, rando
     for key in ("eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_dist_teacher_agreement"):
         assert f"{measured[key]:.4f}" in card.text, key
     assert f"`{random_teacher_dir}`, hard distillation, α = 0.5" in card.text
-    assert "| steps | 3 (" in card.text and "lr 0.001" in card.text and "| global batch | 8 (1 process(es)) |" in card.text
+    assert "| steps | 3 (" in card.text and "lr 0.001" in card.text
+    assert "| global batch | 8 (1 process(es)) |" in card.text
     assert "trained from scratch (random init) as `deit-tiny-distilled-patch16-224`" in card.text
     for index, code in enumerate(blocks(output / "README.md", PYTHON)):  # the card's snippets load this run's model
         run_python(code, f"run card #python{index}")
