@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,demo]"
 	touch $@
 
 demo: $(VENV)/.installed

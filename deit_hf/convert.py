@@ -3,8 +3,8 @@
     python -m deit_hf.convert --timm-model deit_small_distilled_patch16_224 \
         --checkpoint deit_small_distilled_patch16_224-649709d9.pth --output deit-small-distilled
 
-(or `--pretrained` for timm's own weights, `--random-init` for tests) writes `model.safetensors`, `config.json` and
-`preprocessor_config.json`, loadable with
+(or `--pretrained` for timm's own weights, `--random-init` for tests) writes `model.safetensors`, `config.json`,
+`preprocessor_config.json` and a model card `README.md`, loadable with
 `DeiTForImageClassificationWithTeacher.from_pretrained` or, after `import deit_hf`,
 `AutoModelForImageClassification.from_pretrained`. facebookresearch/deit builds its models with timm, so both
 share timm's parameter names. The conversion is checked: the converted model must reproduce timm's logits.
@@ -27,6 +27,7 @@ from torch import nn
 
 from .configuration_deit import DeiTConfig
 from .image_processing_deit import DeiTHfImageProcessorPil
+from .modelcard import conversion_facts, write_model_card
 from .modeling_deit import DeiTForImageClassificationWithTeacher
 
 # Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     model.save_pretrained(args.output)
     image_processor.save_pretrained(args.output)
+    write_model_card(args.output, model.config, conversion_facts(args.timm_model, args.checkpoint, args.output, args.pretrained))
     source = args.checkpoint or ("timm's pretrained weights" if args.pretrained else "random init")
     print(f"Wrote {args.timm_model} ({source}, {model.config.num_labels} classes) to {args.output}")
 

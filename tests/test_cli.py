@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["training.train", "training.demo", "deit_hf.convert", "benchmarks.run",
+@pytest.mark.parametrize("module", ["training.train", "training.demo", "deit_hf.convert", "deit_hf.modelcard", "benchmarks.run",
                                     "benchmarks.convergence"])
 def test_help_works(module, capsys):
     with pytest.raises(SystemExit) as exit_info:

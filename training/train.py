@@ -26,6 +26,7 @@ from .args import AugmentationArguments, DataArguments, DistillationArguments, M
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .teacher import check_class_names, check_teacher_accuracy, load_teacher
 from .trainer import DistillationTrainer
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if training_args.do_train:  # the saved model's README.md: this run's metrics per head, teacher and recipe
+        write_run_card(trainer, model_args, distill_args, data_args, aug_args)
     # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
     # ("terminate called without an active exception"), failing a finished run.
     trainer.end()

@@ -23,7 +23,8 @@ class DistillationTrainer(Trainer):
     the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
-    distillation parts of the loss are logged beside `loss`.
+    distillation parts of the loss are logged beside `loss`, with each head's top-1 on the training batches (against the
+    dominant class of Mixup's soft targets) and the cosine of the two output tokens.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
@@ -71,7 +72,10 @@ class DistillationTrainer(Trainer):
         self.num_repeats = num_repeats
         self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
         self.add_callback(self.skipped_images)
-        self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
+        # Per-batch values kept on the device and averaged at each logging step: no host sync per step.
+        self._batch_means: dict[str, list[torch.Tensor]] = {
+            name: [] for name in ("base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
+        }
 
     def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
         """(correct, total) of the teacher's top-1 on the first `num_batches` evaluation batches, summed over
@@ -122,12 +126,23 @@ class DistillationTrainer(Trainer):
                 teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(**inputs, teacher_logits=teacher_logits)
         if model.training:
-            for name, parts in self._loss_parts.items():
-                if outputs.get(name) is not None:
-                    parts.append(outputs[name].detach())
+            self._record_batch_means(outputs, inputs["labels"])
         if return_outputs and teacher_logits is not None:
             outputs["teacher_logits"] = teacher_logits.float()  # read by the metrics (teacher accuracy, agreement)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _record_batch_means(self, outputs, labels: torch.Tensor) -> None:
+        targets = labels.argmax(dim=-1) if labels.ndim > 1 else labels  # Mixup/CutMix: the dominant class
+        values = {
+            "base_loss": outputs.get("base_loss"),
+            "distillation_loss": outputs.get("distillation_loss"),
+            "cls_top1": (outputs.cls_logits.argmax(dim=-1) == targets).float().mean(),
+            "dist_top1": (outputs.distillation_logits.argmax(dim=-1) == targets).float().mean(),
+            "token_cosine": outputs.token_cosine_similarity.mean(),
+        }
+        for name, value in values.items():
+            if value is not None:
+                self._batch_means[name].append(value.detach())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.skipped_images.record(inputs, "eval")
@@ -137,8 +152,8 @@ class DistillationTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the means of the loss parts since the last one
-            for name, parts in self._loss_parts.items():
+        if "loss" in logs:  # a training log: add the means of the per-batch values since the last one
+            for name, parts in self._batch_means.items():
                 if parts:
                     mean = nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean()
                     logs[name] = round(mean.item(), 4)

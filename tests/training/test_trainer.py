@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher
+from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTForImageClassificationWithTeacherOutput
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.metrics import compute_metrics, preprocess_logits_for_metrics
@@ -69,6 +69,30 @@ def test_distilled_student_learns_the_digits_and_follows_its_teacher(tmp_path, d
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all({"base_loss", "distillation_loss"} <= entry.keys() for entry in logged)
     assert logged[-1]["distillation_loss"] < logged[0]["distillation_loss"]
+    # and so are each head's top-1 on the training batches and the token cosine
+    assert all({"cls_top1", "dist_top1", "token_cosine"} <= entry.keys() for entry in logged)
+    assert logged[-1]["cls_top1"] > logged[0]["cls_top1"] + 0.3 and logged[-1]["dist_top1"] > logged[0]["dist_top1"]
+    assert all(-1 <= entry["token_cosine"] <= 1 for entry in logged)
+
+
+def test_training_accuracy_and_token_cosine_are_averaged_over_the_batches_since_the_last_log(tmp_path):
+    trainer = make_trainer(tmp_path, student(distillation_type="none"), None, None, None)
+    cls_logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    soft_labels = torch.tensor([[0.7, 0.3], [0.7, 0.3]])  # Mixup: the dominant class is 0 for both
+    # cls head right on 1 of 2 images in both batches; distillation head on 2 of 2, then 1 of 2
+    for distillation_logits, cosine in ((torch.tensor([[2.0, 0.0], [2.0, 0.0]]), 0.2), (-cls_logits, 0.4)):
+        outputs = DeiTForImageClassificationWithTeacherOutput(
+            cls_logits=cls_logits, distillation_logits=distillation_logits,
+            token_cosine_similarity=torch.tensor([cosine, cosine]),
+        )
+        trainer._record_batch_means(outputs, soft_labels)
+    logged = {}
+    trainer.callback_handler.on_log = lambda args, state, control, logs: logged.update(logs)
+    trainer.log({"loss": 1.0})
+    assert logged["cls_top1"] == 0.5 and logged["dist_top1"] == 0.75 and logged["token_cosine"] == pytest.approx(0.3)
+    logged.clear()
+    trainer.log({"loss": 1.0})  # no batch since the last log: nothing added
+    assert "cls_top1" not in logged and "token_cosine" not in logged
 
 
 def test_teacher_sees_the_mixed_batch_and_gets_no_gradient(tmp_path, fitted_teacher, pixel_batch):

@@ -1,0 +1,38 @@
+"""The model card a training run leaves in its output_dir: the run's measured metrics per head, teacher and recipe."""
+
+import json
+
+from huggingface_hub import ModelCard
+
+from training.run_card import last_evaluation
+from training.train import main
+
+from ..test_snippets import PYTHON, blocks, run_python, snippet_folder  # noqa: F401
+from .conftest import tiny_run_args
+
+
+def test_a_training_run_writes_a_card_with_its_own_facts(
+    small_digits_dir, random_teacher_dir, tmp_path, snippet_folder  # noqa: F811
+):
+    output = tmp_path / "run"
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--max_steps", "3", "--learning_rate", "1e-3"))
+    measured = json.loads((output / "eval_results.json").read_text())
+    card = ModelCard.load(output / "README.md")
+
+    (result,) = card.data.eval_results  # the run's own top-1, not the paper's
+    assert result.metric_value == round(100 * measured["eval_top1"], 2) and result.source_url is None
+    assert card.data.datasets is None  # a local folder is no Hub dataset id
+    for key in ("eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_dist_teacher_agreement"):
+        assert f"{measured[key]:.4f}" in card.text, key
+    assert f"`{random_teacher_dir}`, hard distillation, α = 0.5" in card.text
+    assert "| steps | 3 (" in card.text and "lr 0.001" in card.text
+    assert "| global batch | 8 (1 process(es)) |" in card.text
+    assert "trained from scratch (random init) as `deit-tiny-distilled-patch16-224`" in card.text
+    for index, code in enumerate(blocks(output / "README.md", PYTHON)):  # the card's snippets load this run's model
+        run_python(code, f"run card #python{index}")
+
+
+def test_last_evaluation_is_the_latest_eval_entry():
+    history = [{"eval_top1": 0.1, "epoch": 1}, {"loss": 2.0}, {"eval_top1": 0.3, "eval_loss": 1.0, "epoch": 2}]
+    assert last_evaluation(history) == {"eval_top1": 0.3, "eval_loss": 1.0}
+    assert last_evaluation([{"loss": 2.0}]) is None

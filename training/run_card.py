@@ -1,0 +1,77 @@
+"""The model card a training run writes into its `output_dir`: the run's per-head metrics, its teacher and recipe."""
+
+from pathlib import Path
+
+from deit_hf.modelcard import CardFacts, write_model_card
+
+from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
+from .trainer import DistillationTrainer
+
+
+def last_evaluation(log_history: list[dict]) -> dict[str, float] | None:
+    """The metrics of the run's latest evaluation in the Trainer's log history (`eval_*` keys), or None."""
+    evaluations = [entry for entry in log_history if "eval_top1" in entry]
+    return {key: value for key, value in evaluations[-1].items() if key.startswith("eval_")} if evaluations else None
+
+
+def run_card_facts(
+    trainer: DistillationTrainer,
+    model_args: ModelArguments,
+    distill_args: DistillationArguments,
+    data_args: DataArguments,
+    aug_args: AugmentationArguments,
+) -> CardFacts:
+    """What the run did, read from its arguments and the trainer's state (the values used, after the recipe's rules)."""
+    args, state = trainer.args, trainer.state
+    dataset = data_args.dataset_name or data_args.train_dir
+    start = (
+        f"fine-tuned from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+        else f"trained from scratch (random init) as `{model_args.model_preset}`"
+        + (f" with `{model_args.config_overrides}`" if model_args.config_overrides else "")
+    )
+    teacher = None
+    if distill_args.distillation_type != "none":
+        checkpoint = distill_args.teacher_checkpoint
+        weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
+        softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
+        teacher = (
+            f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation, "
+            f"α = {distill_args.distillation_alpha}{softness}"
+        )
+    global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    recipe = {
+        "steps": f"{state.global_step} ({state.epoch:g} epochs)",
+        "global batch": f"{global_batch} ({args.world_size} process(es))",
+        "optimizer": f"{_name(args.optim)}, lr {args.learning_rate:.3g}, weight decay {args.weight_decay}, "
+        f"{_name(args.lr_scheduler_type)} schedule, {args.get_warmup_steps(state.max_steps)} warm-up steps",
+        "gradient clipping": f"{args.max_grad_norm}" if args.max_grad_norm else "none",
+        "augmentation": f"{aug_args.input_size} px, RandAugment {aug_args.auto_augment or 'off'}, crop scale "
+        f"{tuple(aug_args.scale)}, hflip {aug_args.hflip}, random erasing {aug_args.reprob}",
+        "mixing": f"Mixup {aug_args.mixup} / CutMix {aug_args.cutmix}, label smoothing {aug_args.smoothing}",
+        "repeated augmentation": f"×{aug_args.num_repeats}" if aug_args.repeated_aug else "off",
+        "stochastic depth": f"{model_args.drop_path_rate}",
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    }
+    return CardFacts(
+        title=f"DeiT⚗ trained with deit-hf on {dataset}",
+        source=f"Written by `training.train` at the end of its run: {start}, on {dataset}.",
+        model_id=args.output_dir,
+        dataset=dataset,
+        dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
+        evaluation=last_evaluation(state.log_history),
+        teacher=teacher or "none (distillation_type none: both heads learn the labels)",
+        recipe=recipe,
+    )
+
+
+def _name(choice) -> str:
+    return getattr(choice, "value", choice)  # TrainingArguments turns some choices into enums
+
+
+def write_run_card(trainer: DistillationTrainer, *arguments) -> Path | None:
+    """Write the run's card into `output_dir` on the main process (the others return None).
+
+    `arguments` are the run's `ModelArguments`, `DistillationArguments`, `DataArguments`, `AugmentationArguments`."""
+    if not trainer.is_world_process_zero():
+        return None
+    return write_model_card(trainer.args.output_dir, trainer.model.config, run_card_facts(trainer, *arguments))
