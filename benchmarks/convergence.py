@@ -64,6 +64,7 @@ class Settings:
     smoothing: float = 0.1
     teacher_model: str = "resnet18"
     teacher_epochs: int = 15
+    teacher_check_batches: int = 8  # deit_hf's check of the teacher before step 1 (0: off, for smoke runs)
     train_samples: int | None = None  # all 1,437 training digits
 
 
@@ -231,6 +232,7 @@ def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: P
             "--input_size", str(settings.image_size), "--drop_path_rate", str(settings.drop_path_rate),
             "--num_train_epochs", str(settings.epochs), "--per_device_train_batch_size", str(settings.batch_size),
             "--learning_rate", str(settings.learning_rate), "--warmup_epochs", str(settings.warmup_epochs),
+            "--teacher_check_batches", str(settings.teacher_check_batches),
             "--repeated_aug", "false", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "true",
             "--dataloader_num_workers", "1", "--report_to", "none", "--disable_tqdm", "true",
             *(["--max_train_samples", str(settings.train_samples)] if settings.train_samples else []),
@@ -301,13 +303,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=Settings.epochs)
     parser.add_argument("--teacher-epochs", type=int, default=Settings.teacher_epochs)
     parser.add_argument("--train-samples", type=int, default=None, help="Train on the first N digits (smoke tests).")
+    parser.add_argument("--teacher-check-batches", type=int, default=Settings.teacher_check_batches,
+                        help="deit_hf's teacher check before step 1; 0 for a smoke run's untrained teacher.")
     parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/convergence"), help="Data and teacher cache.")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
     args = parser.parse_args(argv)
-    settings = Settings(epochs=args.epochs, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples)
+    settings = Settings(epochs=args.epochs, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples,
+                        teacher_check_batches=args.teacher_check_batches)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(args.workdir)

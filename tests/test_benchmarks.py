@@ -65,3 +65,21 @@ def test_an_absent_accelerator_is_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"])
     assert "--device" in capsys.readouterr().err
+
+
+def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, capsys):
+    from benchmarks.convergence import END_MARKER as CONVERGENCE_END, START_MARKER as CONVERGENCE_START
+    from benchmarks.convergence import main as convergence_main
+
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(f"# Benchmarks\n\n{CONVERGENCE_START}\nstale results\n{CONVERGENCE_END}\n\nafter\n")
+    summary = convergence_main(["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-samples", "64",
+                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"), "--output", str(output)])
+    for side in ("deit_hf", "reference"):
+        for head in ("top1", "cls_top1", "dist_top1"):
+            mean, std = summary[side][head]
+            assert 0 <= mean <= 1 and std == 0  # one seed
+    assert summary["difference"]["top1"] == summary["deit_hf"]["top1"][0] - summary["reference"]["top1"][0]
+    text = output.read_text()
+    assert "stale results" not in text and text.endswith("\n\nafter\n")
+    assert "| deit_hf |" in text and "| reference |" in text and "deit_hf seed 0:" in text
