@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup, create_transform
-from timm.loss import SoftTargetCrossEntropy
 from timm.models.deit import VisionTransformerDistilled
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+
+from .reference import facebookresearch_hard_distillation_loss
 
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
@@ -158,14 +159,6 @@ def _timm_heads(model: VisionTransformerDistilled):
         return (cls_logits + dist_logits) / 2, cls_logits, dist_logits
 
     return heads
-
-
-def facebookresearch_hard_distillation_loss(outputs, labels, teacher_logits, alpha: float) -> torch.Tensor:
-    """facebookresearch/deit `losses.DistillationLoss` with distillation_type='hard', base SoftTargetCrossEntropy."""
-    cls_logits, dist_logits = outputs
-    base_loss = SoftTargetCrossEntropy()(cls_logits, labels)
-    distillation_loss = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
-    return base_loss * (1 - alpha) + distillation_loss * alpha
 
 
 def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path: Path) -> dict[str, float]:

@@ -31,9 +31,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
@@ -47,6 +45,7 @@ from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
 from . import DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
+from .reference import facebookresearch_hard_distillation_loss
 
 TRAINER, HAND_WRITTEN = "DistillationTrainer", "facebookresearch-style loop"
 
@@ -129,7 +128,6 @@ class HandWrittenLoop:
             mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
             mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=settings.num_labels,
         )
-        self.criterion = SoftTargetCrossEntropy()
         self.optimizer = create_optimizer_v2(
             self.student, "adamw", lr=settings.learning_rate, weight_decay=0.05, eps=1e-8
         )
@@ -137,12 +135,10 @@ class HandWrittenLoop:
     def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
         samples, targets = self.mixup(samples, targets)
         with autocast(self.settings.device, self.settings.dtype):
-            outputs, outputs_kd = self.student(samples)
-            base_loss = self.criterion(outputs, targets)
+            outputs = self.student(samples)
             with torch.no_grad():
                 teacher_outputs = self.teacher(samples)
-            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
-            loss = base_loss * (1 - self.settings.alpha) + distillation_loss * self.settings.alpha
+            loss = facebookresearch_hard_distillation_loss(outputs, targets, teacher_outputs, self.settings.alpha)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"Loss is {loss.item()}, stopping training")
         self.optimizer.zero_grad()
