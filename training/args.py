@@ -3,7 +3,11 @@
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from transformers import TrainingArguments
+
 from deit_hf import PRESETS, DeiTConfig
+
+from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
 _OFF_VALUES = ("", "none", "null", "off", "false")
@@ -200,4 +204,15 @@ class DistillationArguments:
     )
     warmup_epochs: float = field(
         default=5, metadata={"help": "Linear warm-up length in epochs. 0 keeps --warmup_steps."}
+    )
+
+
+@dataclass
+class DeiTTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` and when to give up on non-finite steps (`training.step_guard`)."""
+
+    max_consecutive_nonfinite: int = field(
+        default=MAX_CONSECUTIVE_NONFINITE,
+        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
+                  "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
     )

@@ -20,7 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
 
-from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
+from .args import AugmentationArguments, DataArguments, DeiTTrainingArguments, DistillationArguments, ModelArguments
+from .checkpoints import last_complete_checkpoint, missing_parts
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
@@ -52,8 +53,12 @@ RECIPE_TRAINING_DEFAULTS = dict(
     report_to=["tensorboard"],
     remove_unused_columns=False,  # the image transform needs the raw columns
     dataloader_num_workers=8,
+    # How long a process waits at a collective for a stuck one before the job fails (transformers: 30 min). It must
+    # exceed the longest legitimate wait: another process compiling its first step or the main one writing a
+    # checkpoint, minutes at most. The launcher adds its 30 s grace before it kills the stuck process.
+    ddp_timeout=600,
 )
-ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, DeiTTrainingArguments)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -113,14 +118,21 @@ def apply_recipe_schedule(training_args: TrainingArguments, distill_args: Distil
     )
 
 
-def resume_argument(training_args: TrainingArguments) -> str | bool | None:
-    """`--resume_from_checkpoint last` (or true) resumes the newest checkpoint of `output_dir`; a path resumes it.
+def resume_argument(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint last` (or true) resumes the newest complete checkpoint of `output_dir`, or starts
+    from step 0 when there is none (one command for the first start and every restart); a path resumes it.
 
+    Incomplete checkpoints (`training.checkpoints.missing_parts`) are skipped with a warning, or refused when named.
     A new run into an `output_dir` that already holds checkpoints is refused rather than left to overwrite them.
     """
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("last", "true"):
-        return True
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            logger.info("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
+        return checkpoint
+    if resume is not None and (missing := missing_parts(resume)):
+        raise ValueError(f"Cannot resume from {resume}: it has no {', no '.join(missing)}.")
     existing = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if resume is None and existing is not None:
         raise ValueError(
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         teacher=teacher,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
+        max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
     )
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))

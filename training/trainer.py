@@ -1,11 +1,24 @@
 """`DistillationTrainer`: transformers' Trainer with DeiT's teacher, Mixup/CutMix and repeated augmentation."""
 
+import os
+import shutil
+
 import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .step_guard import (
+    MAX_CONSECUTIVE_NONFINITE,
+    NonFiniteStepGuard,
+    NonFiniteTrainingError,
+    poison_if_nonfinite,
+    weights_are_finite,
+)
 from .teacher import Teacher
 from .transforms import BatchTransform
 
@@ -22,7 +35,13 @@ class DistillationTrainer(Trainer):
     the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
-    distillation parts of the loss are logged beside `loss`.
+    distillation parts of the loss are logged beside `loss`, which is the mean over the batches that had an image.
+
+    Reliability (see `training.step_guard` and `training.checkpoints`): an optimizer step whose loss, teacher output
+    or gradient is not finite, or that had no decodable image on any process, changes nothing (weights, optimizer
+    state, learning-rate schedule); the skips are counted in the logs, and `max_consecutive_nonfinite` non-finite
+    steps in a row stop the run with `NonFiniteTrainingError`, as does saving non-finite weights. Each checkpoint
+    appears complete or not at all.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
@@ -33,6 +52,7 @@ class DistillationTrainer(Trainer):
             epoch, differently augmented; 0 or 1 turns it off. The sampler draws one global order from the epoch
             number and accelerate shards its batches over processes, so a global batch is the same on 1 or N
             processes, and a resumed run replays the same order.
+        max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
     """
 
     def __init__(
@@ -41,9 +61,13 @@ class DistillationTrainer(Trainer):
         teacher: Teacher | None = None,
         batch_transform: BatchTransform | None = None,
         num_repeats: int = 0,
+        max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
+        self.add_callback(self.step_guard)
+        self._staging_dir: str | None = None
         config = self.model.config
         if config.distillation_type != "none":
             if teacher is None:
@@ -65,7 +89,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.batch_transform = batch_transform if batch_transform is not None else BatchTransform()
         self.num_repeats = num_repeats
-        self._loss_parts: dict[str, list[torch.Tensor]] = {"base_loss": [], "distillation_loss": []}
+        self._loss_parts: dict[str, list[torch.Tensor]] = {"loss": [], "base_loss": [], "distillation_loss": []}
 
     def _get_train_sampler(self, train_dataset=None):
         if self.num_repeats <= 1:
@@ -96,13 +120,17 @@ class DistillationTrainer(Trainer):
             with self.accelerator.autocast():
                 teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(**inputs, teacher_logits=teacher_logits)
+        loss = outputs.loss
         if model.training:
             for name, parts in self._loss_parts.items():
                 if outputs.get(name) is not None:
                     parts.append(outputs[name].detach())
+            # a NaN/inf loss or teacher output (hard distillation's argmax would hide the latter) gives NaN gradients,
+            # which `step_guard` turns into a skipped step
+            loss = poison_if_nonfinite(loss, teacher_logits)
         if return_outputs and teacher_logits is not None:
             outputs["teacher_logits"] = teacher_logits.float()  # read by the metrics (teacher accuracy, agreement)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if inputs["labels"].numel() == 0:  # nothing decoded in this evaluation batch
@@ -111,10 +139,55 @@ class DistillationTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the means of the loss parts since the last one
+        if "loss" in logs or "train_loss" in logs:  # a training log, or the end of training
+            self.step_guard.sync(self.state.global_step, self.lr_scheduler)
+            logs.update(self.step_guard.take_unlogged())
+        if "loss" in logs:
+            # The means since the last log over the batches that had an image, on all processes; transformers' own
+            # `loss` counts an empty batch as a zero loss.
             for name, parts in self._loss_parts.items():
-                if parts:
-                    mean = nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean()
-                    logs[name] = round(mean.item(), 4)
-                    parts.clear()
+                total = torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=parts[0].device)]
+                                    ) if parts else torch.zeros(2, device=self.args.device)
+                loss_sum, count = nested_gather(total, self.args.parallel_mode).view(-1, 2).sum(0).tolist()
+                parts.clear()
+                if count:
+                    logs[name] = loss_sum / count if name == "loss" else round(loss_sum / count, 4)
+                elif name == "loss":
+                    del logs["loss"]  # no batch had an image: there is no loss to report
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not weights_are_finite(self.model):
+            message = (
+                f"The weights are not finite at step {self.state.global_step}: not saving them to "
+                f"{output_dir or self.args.output_dir}. The last complete checkpoint is "
+                f"{last_complete_checkpoint(self.args.output_dir)}; resume from it with a lower learning rate."
+            )
+            raise NonFiniteTrainingError(message)
+        super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The schedule is rewound past skipped steps before its state is saved.
+        self.step_guard.sync(self.state.global_step, self.lr_scheduler)
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = os.path.dirname(staged)
+        try:
+            super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == staged:  # transformers found the best checkpoint where it wrote it
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
