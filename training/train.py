@@ -129,7 +129,7 @@ def resume_argument(training_args: TrainingArguments) -> str | None:
     if resume is not None and resume.lower() in ("last", "true"):
         checkpoint = last_complete_checkpoint(training_args.output_dir)
         if checkpoint is None:
-            logger.info("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
+            logger.warning("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
         return checkpoint
     if resume is not None and (missing := missing_parts(resume)):
         raise ValueError(f"Cannot resume from {resume}: it has no {', no '.join(missing)}.")
