@@ -1,8 +1,10 @@
 """Command-line arguments of the training script, as `HfArgumentParser` dataclasses."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, Optional
 
+import torch
 from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
@@ -209,10 +211,20 @@ class DistillationArguments:
 
 @dataclass
 class DeiTTrainingArguments(TrainingArguments):
-    """transformers' `TrainingArguments` and when to give up on non-finite steps (`training.step_guard`)."""
+    """transformers' `TrainingArguments`, when to give up on non-finite steps (`training.step_guard`), and
+    `ddp_timeout` applied to CPU (gloo) process groups too."""
 
     max_consecutive_nonfinite: int = field(
         default=MAX_CONSECUTIVE_NONFINITE,
         metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
                   "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
     )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = super()._setup_devices
+        # transformers passes `ddp_timeout` to the process group for accelerators only: a CPU run would wait 30 min
+        # for a stuck process whatever the flag says.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.set_timeout(self.ddp_timeout_delta)
+        return device

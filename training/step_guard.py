@@ -68,11 +68,13 @@ class NonFiniteStepGuard(TrainerCallback):
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.counters: torch.Tensor | None = None
         self.unlogged = {"skipped_nonfinite_steps": 0, "skipped_empty_steps": 0}
+        self.totals = dict(self.unlogged)  # over this `train()` call
         self.skips_on_device = True
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.counters = torch.zeros(4, device=args.device)
         self.take_unlogged()
+        self.totals = dict.fromkeys(self.totals, 0)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
         self.skips_on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
         if not self.skips_on_device:
@@ -111,8 +113,9 @@ class NonFiniteStepGuard(TrainerCallback):
         nonfinite, empty, _, worst_streak = (int(value) for value in self.counters.tolist())
         self.counters[[NONFINITE, EMPTY]] = 0
         self.counters[WORST_STREAK] = self.counters[STREAK]
-        self.unlogged["skipped_nonfinite_steps"] += nonfinite
-        self.unlogged["skipped_empty_steps"] += empty
+        for counts in (self.unlogged, self.totals):
+            counts["skipped_nonfinite_steps"] += nonfinite
+            counts["skipped_empty_steps"] += empty
         skipped = nonfinite + empty
         if skipped and isinstance(lr_scheduler, LambdaLR):  # every transformers schedule but reduce_lr_on_plateau
             lr_scheduler.last_epoch -= skipped + 1

@@ -112,9 +112,15 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["labels"].numel() == 0 and not return_outputs:
-            # Every image of this batch failed to decode (the collator dropped them): a zero loss still reaches every
-            # parameter, so under DDP this rank joins the gradient all-reduce instead of hanging the others.
-            return sum(parameter.sum() * 0.0 for parameter in model.parameters() if parameter.requires_grad)
+            # Every image of this batch failed to decode (the collator dropped them). The loss of one blank image,
+            # times zero, gives zero gradients through the DDP wrapper's own forward, so this process joins the
+            # all-reduce the others wait for (a loss built from the parameters alone leaves DDP hanging); the
+            # step guard skips the step when no process had an image.
+            config = self.model.config
+            blank = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=self.args.device)
+            labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
+            teacher_logits = torch.zeros(1, config.num_labels, device=self.args.device)
+            return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
         teacher_logits = None
         if self.teacher is not None:
             with self.accelerator.autocast():
@@ -141,7 +147,8 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs:  # a training log, or the end of training
             self.step_guard.sync(self.state.global_step, self.lr_scheduler)
-            logs.update(self.step_guard.take_unlogged())
+            unlogged = self.step_guard.take_unlogged()
+            logs.update(self.step_guard.totals if "train_loss" in logs else unlogged)
         if "loss" in logs:
             # The means since the last log over the batches that had an image, on all processes; transformers' own
             # `loss` counts an empty batch as a zero loss.

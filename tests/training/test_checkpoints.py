@@ -18,7 +18,7 @@ from training.train import main, parse_args, resume_argument
 from .conftest import tiny_run_args
 
 REPO = Path(__file__).resolve().parents[2]
-PROBE = Path(__file__).with_name("kill_probe.py")
+PROBE = Path(__file__).with_name("fault_probe.py")
 COMPLETE = ["trainer_state.json", "config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
 
 
@@ -53,7 +53,7 @@ def test_resume_last_without_a_complete_checkpoint_starts_from_step_0_and_a_name
         resume_argument(training_args)
 
 
-# Each launch SIGKILLs itself at one of these points (tests/training/kill_probe.py), with the newest complete
+# Each launch SIGKILLs itself at one of these points (tests/training/fault_probe.py), with the newest complete
 # checkpoint the next launch must resume from: 18 steps, a checkpoint every 3, the last 2 kept.
 KILLS = [
     ("optimizer:3", None),  # the first checkpoint half-written

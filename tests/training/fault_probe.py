@@ -1,4 +1,11 @@
-"""`training.train` that SIGKILLs itself at the point `$KILL_AT` names, as `<point>:<global step>`:
+"""`training.train` with the faults that environment variables name (`accelerate launch` runs it in a test too).
+
+`$STOP_AT=<rank>:<step>`: that process prints `STOPPED AT <time>` and SIGSTOPs itself as the step after that one
+begins (a stuck rank).
+`$EMPTY_AT=<rank>:<step>,...`: that process's batch for the step after that one is all corrupt (`*`: every process).
+At the end each process prints `WEIGHTS <rank> <sum of its weights>`.
+
+`$KILL_AT=<point>:<global step>`: the process SIGKILLs itself at that point:
 
 - `step`: as the step after that one begins, between checkpoints;
 - `optimizer`: while saving that step's checkpoint, its weights written and its optimizer state not yet;
@@ -12,14 +19,18 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 from transformers import Trainer, TrainerState
 
 from training import train, trainer
+from training.collator import DistillationCollator
 
 POINT, _, STEP = os.environ.get("KILL_AT", "none:0").partition(":")
 STEP = int(STEP)
+STOP_AT = os.environ.get("STOP_AT", "")
+EMPTY_AT = set(filter(None, os.environ.get("EMPTY_AT", "").split(",")))
 published = []
 
 
@@ -35,9 +46,14 @@ _publish_checkpoint = trainer.publish_checkpoint
 _rotate_checkpoints = trainer.rotate_checkpoints
 
 
-def training_step(self, *args, **kwargs):
+def training_step(self, model, inputs, *args, **kwargs):
     kill_at("step", self.state.global_step)
-    return _training_step(self, *args, **kwargs)
+    if STOP_AT == f"{self.args.process_index}:{self.state.global_step}":
+        print("STOPPED AT", time.time(), flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if EMPTY_AT & {f"{self.args.process_index}:{self.state.global_step}", f"*:{self.state.global_step}"}:
+        inputs = DistillationCollator()([{"pixel_values": None, "labels": None}])
+    return _training_step(self, model, inputs, *args, **kwargs)
 
 
 def save_optimizer_and_scheduler(self, output_dir):
@@ -75,4 +91,6 @@ if __name__ == "__main__":
     TrainerState.save_to_json = save_to_json
     trainer.publish_checkpoint = publish_checkpoint
     trainer.rotate_checkpoints = rotate_checkpoints
-    train.main(sys.argv[1:])
+    run = train.main(sys.argv[1:])
+    weights = sum(parameter.double().sum().item() for parameter in run.model.parameters())
+    print(f"WEIGHTS {run.args.process_index} {weights!r}", flush=True)
