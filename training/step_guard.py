@@ -17,7 +17,9 @@ overflow), so every DDP rank takes the same decision, and it catches a non-finit
 (`DistillationTrainer.compute_loss` turns those into NaN gradients) as well as an overflow in the backward pass.
 All-zero gradients mean that no process had a decodable image (`DistillationCollator`'s empty batch): that step is
 skipped too, so that an all-corrupt batch moves nothing through momentum or weight decay. Optimizers without
-`found_inf` support fall back to a host check per step, with a warning.
+`found_inf` support fall back to a host check per step, with a warning. Under `--fp16` the AMP grad scaler sets
+`found_inf` itself, and overflows are its normal way of finding a scale: the guard then stands aside (warning), the
+scaler skips non-finite steps, and nothing stops the run; the recipe's `--bf16` has no scaler.
 """
 
 import logging
@@ -72,9 +74,14 @@ class NonFiniteStepGuard(TrainerCallback):
         self.skips_on_device = True
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.counters = torch.zeros(4, device=args.device)
         self.take_unlogged()
         self.totals = dict.fromkeys(self.totals, 0)
+        if args.fp16:
+            self.counters = None
+            logger.warning("--fp16: the grad scaler skips non-finite steps; --max_consecutive_nonfinite and the "
+                           "skipping of steps without any image are off (use --bf16).")
+            return
+        self.counters = torch.zeros(4, device=args.device)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
         self.skips_on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
         if not self.skips_on_device:
@@ -84,6 +91,8 @@ class NonFiniteStepGuard(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.counters is None:
+            return
         gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
         largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf).to(self.counters.device)
         nonfinite, empty = ~torch.isfinite(largest), largest == 0
