@@ -150,12 +150,16 @@ class DistillationTrainer(Trainer):
             unlogged = self.step_guard.take_unlogged()
             logs.update(self.step_guard.totals if "train_loss" in logs else unlogged)
         if "loss" in logs:
-            # The means since the last log over the batches that had an image, on all processes; transformers' own
-            # `loss` counts an empty batch as a zero loss.
-            for name, parts in self._loss_parts.items():
-                total = torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=parts[0].device)]
-                                    ) if parts else torch.zeros(2, device=self.args.device)
-                loss_sum, count = nested_gather(total, self.args.parallel_mode).view(-1, 2).sum(0).tolist()
+            # The means since the last log over the batches that had an image, on all processes (one gather of each
+            # part's sum and count); transformers' own `loss` counts an empty batch as a zero loss.
+            device = self.args.device
+            totals = torch.stack([
+                torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=device)]) if parts
+                else torch.zeros(2, device=device)
+                for parts in self._loss_parts.values()
+            ])
+            totals = nested_gather(totals, self.args.parallel_mode).view(-1, *totals.shape).sum(0).tolist()
+            for (name, parts), (loss_sum, count) in zip(self._loss_parts.items(), totals):
                 parts.clear()
                 if count:
                     logs[name] = loss_sum / count if name == "loss" else round(loss_sum / count, 4)
