@@ -60,11 +60,12 @@ def nan_like(logits):
 def trainer_for(tmp_path, digits, teacher, collator=None, model=None, **overrides):
     augmentation = AugmentationArguments(input_size=IMAGE_SIZE, auto_augment=None, hflip=0, scale=[1, 1], reprob=0)
     train = digits["train"].select(range(8 * STEPS)).cast_column("image", datasets.Image(decode=False))
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-3, weight_decay=0.05,
-        num_train_epochs=1, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none",
-        remove_unused_columns=False, disable_tqdm=True, use_cpu=True, seed=0, **overrides,
-    )
+    args = TrainingArguments(**{
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.05,
+        "num_train_epochs": 1, "lr_scheduler_type": "linear", "logging_steps": 1, "save_strategy": "no",
+        "report_to": "none", "remove_unused_columns": False, "disable_tqdm": True, "use_cpu": True, "seed": 0,
+        **overrides,
+    })
     snapshots = Snapshots()
     trainer = DistillationTrainer(
         model=model or student(), args=args, train_dataset=train.with_transform(
@@ -160,6 +161,35 @@ def test_an_exploding_run_exits_non_zero_with_the_message_and_saves_no_non_finit
     assert checkpoints
     for checkpoint in checkpoints:
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values()), checkpoint
+
+
+def test_no_host_read_in_the_training_step_or_the_guard(tmp_path, digits, fitted_teacher, monkeypatch):
+    """An `.item()`, `.tolist()` or `bool()` of a tensor there would stall the CPU until the GPU finished each step.
+    (The DataLoader's CPU transforms are not counted; logging reads the counters, every 100 steps here.)"""
+    trainer, _ = trainer_for(tmp_path, digits, fitted_teacher, num_train_epochs=3, logging_steps=100,
+                             logging_nan_inf_filter=False)  # as the recipe: transformers' filter reads every loss
+    reads, inside = [], []
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *args, _original=original, _name=method: (
+            inside and reads.append(_name), _original(self, *args))[1])
+
+    def counted(function):
+        def call(*args, **kwargs):
+            inside.append(1)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inside.pop()
+        return call
+
+    guard = trainer.step_guard
+    trainer.training_step = counted(trainer.training_step)
+    guard.on_pre_optimizer_step, guard.on_optimizer_step = map(counted, (guard.on_pre_optimizer_step,
+                                                                        guard.on_optimizer_step))
+    trainer.train()
+    assert trainer.state.global_step == 3 * STEPS
+    assert reads == []
 
 
 def test_max_consecutive_nonfinite_must_be_positive():
