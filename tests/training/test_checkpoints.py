@@ -97,3 +97,16 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_steps_and_weights(small_d
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-18"]
     assert not any((output_dir / STAGING_DIR).iterdir())  # what the killed saves left was cleaned up
+
+
+def test_the_best_checkpoint_is_recorded_where_it_is_published(small_digits_dir, random_teacher_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    trainer = main(tiny_run_args(small_digits_dir, random_teacher_dir, output_dir, "--max_steps", "6",
+                                 "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                                 "--save_strategy", "steps", "--load_best_model_at_end", "true",
+                                 "--metric_for_best_model", "loss", "--greater_is_better", "false"))
+    best = trainer.state.best_model_checkpoint
+    assert os.path.dirname(best) == str(output_dir) and os.path.isdir(best)
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        recorded = json.loads((checkpoint / "trainer_state.json").read_text())["best_model_checkpoint"]
+        assert STAGING_DIR not in recorded and recorded.startswith(str(output_dir)), (checkpoint, recorded)
