@@ -46,7 +46,7 @@ def missing_parts(checkpoint: str) -> list[str]:
             with open(os.path.join(checkpoint, "trainer_state.json")) as state:
                 json.load(state)
         except (OSError, ValueError):
-            missing.append("a readable trainer state")
+            missing.append("readable trainer state")
     return missing
 
 

@@ -37,7 +37,7 @@ def test_the_newest_complete_checkpoint_is_found_and_newer_incomplete_ones_are_s
     fake_checkpoint(tmp_path / STAGING_DIR / "checkpoint-16")  # staged, not yet published
     with caplog.at_level(logging.WARNING):
         assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
-    assert "checkpoint-12: it has no a readable trainer state" in caplog.text
+    assert "checkpoint-12: it has no readable trainer state" in caplog.text
     assert "checkpoint-8: it has no optimizer state" in caplog.text
     assert missing_parts(str(tmp_path / "nowhere")) == [
         "trainer state", "model config", "model weights", "optimizer state", "scheduler state", "RNG state"]
