@@ -136,10 +136,10 @@ class NonFiniteStepGuard(TrainerCallback):
             logger.warning("Skipped %d optimizer step(s) with no decodable image (up to step %d).", empty, global_step)
         if worst_streak >= self.max_consecutive_nonfinite:
             message = (
-                f"{worst_streak} optimizer steps in a row had a non-finite loss, teacher output or gradient (up to step "
-                f"{global_step}; --max_consecutive_nonfinite {self.max_consecutive_nonfinite}): stopping. They were "
-                "skipped, so the weights are those before them; resume from the last checkpoint with a lower learning "
-                "rate, or check the teacher and the data."
+                f"{worst_streak} optimizer steps in a row had a non-finite loss, teacher output or gradient (up to "
+                f"step {global_step}; --max_consecutive_nonfinite {self.max_consecutive_nonfinite}): stopping. They "
+                "were skipped, so the weights are those before them; resume from the last checkpoint with a lower "
+                "learning rate, or check the teacher and the data."
             )
             logger.error(message)
             raise NonFiniteTrainingError(message)
