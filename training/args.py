@@ -3,13 +3,17 @@
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, Optional
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from timm.data import create_transform
+import torch
 from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
+
+from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
 _OFF_VALUES = ("", "none", "null", "off", "false")
@@ -343,3 +347,24 @@ def check_arguments(
                 f"--model_preset {model_args.model_preset} with --config_overrides {model_args.config_overrides!r} at "
                 f"--input_size {aug_args.input_size}: {error}"
             ) from None
+
+
+@dataclass
+class DeiTTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments`, when to give up on non-finite steps (`training.step_guard`), and
+    `ddp_timeout` applied to CPU (gloo) process groups too."""
+
+    max_consecutive_nonfinite: int = field(
+        default=MAX_CONSECUTIVE_NONFINITE,
+        metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
+                  "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
+    )
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = super()._setup_devices
+        # transformers passes `ddp_timeout` to the process group for accelerators only: a CPU run would wait 30 min
+        # for a stuck process whatever the flag says.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.set_timeout(self.ddp_timeout_delta)
+        return device

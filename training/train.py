@@ -22,7 +22,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
-from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments, check_arguments
+from .args import (
+    AugmentationArguments,
+    DataArguments,
+    DeiTTrainingArguments,
+    DistillationArguments,
+    ModelArguments,
+    check_arguments,
+)
+from .checkpoints import last_complete_checkpoint, missing_parts
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets
 from .metrics import compute_metrics, preprocess_logits_for_metrics
@@ -60,8 +68,12 @@ RECIPE_TRAINING_DEFAULTS = dict(
     # Workers live across epochs, as timm's loader keeps them: where workers are spawned (macOS, Windows, a spawned
     # parent, Python 3.14's forkserver), each new one imports torch and the data stack again.
     dataloader_persistent_workers=True,
+    # How long a process waits at a collective for a stuck one before the job fails (transformers: 30 min). It must
+    # exceed the longest legitimate wait: another process compiling its first step or the main one writing a
+    # checkpoint, minutes at most. The launcher adds its 30 s grace before it kills the stuck process.
+    ddp_timeout=600,
 )
-ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, AugmentationArguments, DeiTTrainingArguments)
 
 
 # A flag of the recipe's rule and the TrainingArguments value it derives: the one the user gave wins.
@@ -254,14 +266,21 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     return threads
 
 
-def resume_argument(training_args: TrainingArguments) -> str | bool | None:
-    """`--resume_from_checkpoint last` (or true) resumes the newest checkpoint of `output_dir`; a path resumes it.
+def resume_argument(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint last` (or true) resumes the newest complete checkpoint of `output_dir`, or starts
+    from step 0 when there is none (one command for the first start and every restart); a path resumes it.
 
+    Incomplete checkpoints (`training.checkpoints.missing_parts`) are skipped with a warning, or refused when named.
     A new run into an `output_dir` that already holds checkpoints is refused rather than left to overwrite them.
     """
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("last", "true"):
-        return True
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            logger.warning("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
+        return checkpoint
+    if resume is not None and (missing := missing_parts(resume)):
+        raise ValueError(f"Cannot resume from {resume}: it has no {', no '.join(missing)}.")
     existing = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if resume is None and existing is not None:
         raise ValueError(
@@ -316,6 +335,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
+        max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))

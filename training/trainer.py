@@ -1,12 +1,25 @@
 """`DistillationTrainer`: transformers' Trainer with DeiT's teacher, Mixup/CutMix and repeated augmentation."""
 
+import os
+import shutil
+
 import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .skipped_images import SkippedImageCounter
+from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .step_guard import (
+    MAX_CONSECUTIVE_NONFINITE,
+    NonFiniteStepGuard,
+    NonFiniteTrainingError,
+    poison_if_nonfinite,
+    weights_are_finite,
+)
 from .teacher import Teacher
 from .transforms import BatchTransform
 
@@ -23,8 +36,15 @@ class DistillationTrainer(Trainer):
     the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
     `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
-    distillation parts of the loss are logged beside `loss`, with each head's top-1 on the training batches (against the
-    dominant class of Mixup's soft targets) and the cosine of the two output tokens.
+    distillation parts of the loss are logged beside `loss` (the mean over the batches that had an image), with each
+    head's top-1 on the training batches (against the dominant class of Mixup's soft targets) and the cosine of the
+    two output tokens.
+
+    Reliability (see `training.step_guard` and `training.checkpoints`): an optimizer step whose loss, teacher output
+    or gradient is not finite, or that had no decodable image on any process, changes nothing (weights, optimizer
+    state, learning-rate schedule); the skips are counted in the logs, and `max_consecutive_nonfinite` non-finite
+    steps in a row stop the run with `NonFiniteTrainingError`, as does saving non-finite weights. Each checkpoint
+    appears complete or not at all.
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
@@ -37,6 +57,7 @@ class DistillationTrainer(Trainer):
             processes, and a resumed run replays the same order.
         skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
             too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
+        max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
     """
 
     def __init__(
@@ -46,9 +67,13 @@ class DistillationTrainer(Trainer):
         batch_transform: BatchTransform | None = None,
         num_repeats: int = 0,
         skipped_images: SkippedImageCounter | None = None,
+        max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
+        self.add_callback(self.step_guard)
+        self._staging_dir: str | None = None
         config = self.model.config
         if config.distillation_type != "none":
             if teacher is None:
@@ -74,7 +99,7 @@ class DistillationTrainer(Trainer):
         self.add_callback(self.skipped_images)
         # Per-batch values kept on the device and averaged at each logging step: no host sync per step.
         self._batch_means: dict[str, list[torch.Tensor]] = {
-            name: [] for name in ("base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
+            name: [] for name in ("loss", "base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
         }
 
     def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
@@ -117,23 +142,34 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["labels"].numel() == 0 and not return_outputs:
-            # Every image of this batch failed to decode (the collator dropped them): a zero loss still reaches every
-            # parameter, so under DDP this rank joins the gradient all-reduce instead of hanging the others.
-            return sum(parameter.sum() * 0.0 for parameter in model.parameters() if parameter.requires_grad)
+            # Every image of this batch failed to decode (the collator dropped them). The loss of one blank image,
+            # times zero, gives zero gradients through the DDP wrapper's own forward, so this process joins the
+            # all-reduce the others wait for (a loss built from the parameters alone leaves DDP hanging); the
+            # step guard skips the step when no process had an image.
+            config = self.model.config
+            blank = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=self.args.device)
+            labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
+            teacher_logits = torch.zeros(1, config.num_labels, device=self.args.device)
+            return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
         teacher_logits = None
         if self.teacher is not None:
             with self.accelerator.autocast():
                 teacher_logits = self.teacher(inputs["pixel_values"])
         outputs = model(**inputs, teacher_logits=teacher_logits)
+        loss = outputs.loss
         if model.training:
             self._record_batch_means(outputs, inputs["labels"])
+            # a NaN/inf loss or teacher output (hard distillation's argmax would hide the latter) gives NaN gradients,
+            # which `step_guard` turns into a skipped step
+            loss = poison_if_nonfinite(loss, teacher_logits)
         if return_outputs and teacher_logits is not None:
             outputs["teacher_logits"] = teacher_logits.float()  # read by the metrics (teacher accuracy, agreement)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _record_batch_means(self, outputs, labels: torch.Tensor) -> None:
         targets = labels.argmax(dim=-1) if labels.ndim > 1 else labels  # Mixup/CutMix: the dominant class
         values = {
+            "loss": outputs.get("loss"),
             "base_loss": outputs.get("base_loss"),
             "distillation_loss": outputs.get("distillation_loss"),
             "cls_top1": (outputs.cls_logits.argmax(dim=-1) == targets).float().mean(),
@@ -152,11 +188,62 @@ class DistillationTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the means of the per-batch values since the last one
-            for name, parts in self._batch_means.items():
-                if parts:
-                    mean = nested_gather(torch.stack(parts).mean(), self.args.parallel_mode).mean()
-                    logs[name] = round(mean.item(), 4)
-                    parts.clear()
+        if "loss" in logs or "train_loss" in logs:  # a training log, or the end of training
+            self.step_guard.sync(self.state.global_step, self.lr_scheduler)
+            unlogged = self.step_guard.take_unlogged()
+            logs.update(self.step_guard.totals if "train_loss" in logs else unlogged)
+        if "loss" in logs:
+            # The means of the per-batch values since the last log, over the batches that had an image, on all
+            # processes (one gather of each value's sum and count); transformers' own `loss` counts an empty batch as
+            # a zero loss.
+            device = self.args.device
+            totals = torch.stack([
+                torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=device)]) if parts
+                else torch.zeros(2, device=device)
+                for parts in self._batch_means.values()
+            ])
+            totals = nested_gather(totals, self.args.parallel_mode).view(-1, *totals.shape).sum(0).tolist()
+            for (name, parts), (loss_sum, count) in zip(self._batch_means.items(), totals):
+                parts.clear()
+                if count:
+                    logs[name] = loss_sum / count if name == "loss" else round(loss_sum / count, 4)
+                elif name == "loss":
+                    del logs["loss"]  # no batch had an image: there is no loss to report
         self.skipped_images.report(logs)
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not weights_are_finite(self.model):
+            message = (
+                f"The weights are not finite at step {self.state.global_step}: not saving them to "
+                f"{output_dir or self.args.output_dir}. The last complete checkpoint is "
+                f"{last_complete_checkpoint(self.args.output_dir)}; resume from it with a lower learning rate."
+            )
+            raise NonFiniteTrainingError(message)
+        super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The schedule is rewound past skipped steps before its state is saved.
+        self.step_guard.sync(self.state.global_step, self.lr_scheduler)
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = os.path.dirname(staged)
+        try:
+            super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == staged:  # transformers found the best checkpoint where it wrote it
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)

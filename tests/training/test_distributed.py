@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from .conftest import tiny_run_args
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).with_name("save_probe.py")
+FAULT_PROBE = Path(__file__).with_name("fault_probe.py")
 
 
 def free_port() -> int:
@@ -23,13 +26,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(launcher: list[str], probe: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.run([*launcher, str(probe), *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
 def run(launcher: list[str], args: list[str], probe_file: Path) -> str:
-    env = {**os.environ, "SAVE_PROBE_FILE": str(probe_file), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([*launcher, str(PROBE), *args], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=300)
+    result = launch(launcher, PROBE, args, SAVE_PROBE_FILE=str(probe_file))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def two_processes() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+def half_batches(args: list[str]) -> list[str]:
+    args[args.index("--per_device_train_batch_size") + 1] = "4"  # global batch 8 = 2 x 4
+    return args
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -43,13 +60,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(small_digits_dir,
     run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
         tmp_path / "one.saves")  # global batch 8 = 1 x 8
 
-    double_args = tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "two", *common)
-    double_args[double_args.index("--per_device_train_batch_size") + 1] = "4"  # global batch 8 = 2 x 4
-    stdout = run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
-        double_args, tmp_path / "two.saves",
-    )
+    double_args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "two", *common))
+    stdout = run(two_processes(), double_args, tmp_path / "two.saves")
     assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in stdout
 
     assert len(losses(tmp_path / "one")) == len(losses(tmp_path / "two")) == 6  # 48 images / 8
@@ -60,3 +72,33 @@ def test_two_processes_train_as_one_with_the_same_global_batch(small_digits_dir,
     # the weights of checkpoints 3 and 6 and of the final model: written by rank 0 alone
     assert (tmp_path / "two.saves").read_text().split() == ["0", "0", "0"]
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_all_corrupt_batches_keep_the_ranks_in_lockstep(small_digits_dir, random_teacher_dir, tmp_path):
+    """Step 3: rank 1's batch is all corrupt, rank 0's still trains both; step 5: both are, the step is skipped."""
+    args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
+                                      "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"))
+    result = launch(two_processes(), FAULT_PROBE, args, EMPTY_AT="1:2,*:4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = dict(re.findall(r"WEIGHTS (\d) (-?[\d.]+(?:e[-+]?\d+)?)", result.stdout))  # lines can interleave
+    assert len(weights) == 2 and weights["0"] == weights["1"], result.stdout  # the ranks hold the same weights
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    logs = {entry["step"]: entry for entry in state["log_history"] if "learning_rate" in entry}
+    assert sorted(logs) == [1, 2, 3, 4, 5, 6]
+    assert "loss" in logs[3] and logs[3]["skipped_empty_steps"] == 0
+    assert "loss" not in logs[5] and logs[5]["skipped_empty_steps"] == 1
+    # step 6 runs at the learning rate the skipped step 5 would have had: the schedule did not move past it
+    assert logs[6]["learning_rate"] == logs[5]["learning_rate"] != logs[4]["learning_rate"]
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_ends_the_job_within_the_ddp_timeout(small_digits_dir, random_teacher_dir, tmp_path):
+    """Rank 1 SIGSTOPped: rank 0 gives up at its next collective after `--ddp_timeout`, then the launcher kills rank 1
+    after its 30 s grace for SIGTERM (which a stopped process does not act on)."""
+    args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
+                                      "--save_strategy", "no", "--eval_strategy", "no", "--ddp_timeout", "5"))
+    result = launch(two_processes(), FAULT_PROBE, args, STOP_AT="1:2")
+    ended = time.time()
+    assert result.returncode != 0
+    stopped = float(next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("STOPPED AT")))
+    assert 5 <= ended - stopped < 5 + 30 + 15, ended - stopped
