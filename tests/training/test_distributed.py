@@ -102,3 +102,41 @@ def test_a_stuck_rank_ends_the_job_within_the_ddp_timeout(small_digits_dir, rand
     assert result.returncode != 0
     stopped = float(next(line.split()[2] for line in result.stdout.splitlines() if line.startswith("STOPPED AT")))
     assert 5 <= ended - stopped < 5 + 30 + 15, ended - stopped
+
+
+def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_digits_dir, random_teacher_dir,
+                                                                          tmp_path):
+    """`accelerate launch --config_file` with a multi-GPU YAML (the script itself runs on the CPU here), and two
+    "machines" on one host (`--num_machines 2 --machine_rank 0|1`): both form a 2-process group that trains as one."""
+    common = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+              "--do_eval", "false", "--mixup", "0", "--cutmix", "0"]
+    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
+        tmp_path / "one.saves")
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
+                      f"num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nmain_process_port: {free_port()}\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    stdout = run(launcher, half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "yaml",
+                                                      *common)), tmp_path / "yaml.saves")
+    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in stdout
+
+    port, env = str(free_port()), {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                   "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+                                   "SAVE_PROBE_FILE": str(tmp_path / "nodes.saves")}
+    args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "nodes", *common))
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in outputs[0][0]  # printed by the global rank 0
+
+    for folder in ("yaml", "nodes"):
+        assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
