@@ -17,6 +17,7 @@ import sys
 import torch
 import transformers
 import yaml
+from accelerate.utils import get_int_from_env
 from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -260,7 +261,10 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # torchrun's count, else mpirun's (accelerate's MULTI_CPU launch), which accelerate copies only later
+    local_processes = get_int_from_env(
+        ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"], 1
+    )
     threads = max(1, cores // local_processes - dataloader_num_workers)
     torch.set_num_threads(threads)
     return threads

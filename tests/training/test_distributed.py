@@ -140,3 +140,43 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
 
     for folder in ("yaml", "nodes"):
         assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
+
+
+def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir, tmp_path):
+    """accelerate starts a `MULTI_CPU` config's processes with `mpirun` (the `mpich` test dependency provides one) on
+    the hosts of its hostfile; with no MASTER_ADDR exported, `training.train` meets on this host when all its ranks
+    are here."""
+    common = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+              "--do_eval", "false", "--mixup", "0", "--cutmix", "0"]
+    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
+        tmp_path / "one.saves")
+
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's mpirun
+    hostfile_flag = _get_mpirun_args_on(path)[1]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n" if hostfile_flag == "--hostfile" else "localhost:2\n")  # Open MPI, MPICH
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                      f"num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
+                      f"main_process_port: {free_port()}\nmpirun_config:\n  mpirun_hostfile: {hostfile}\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(PROBE),
+         *half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "mpi", *common))],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**env, "PATH": path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             "CUDA_VISIBLE_DEVICES": "", "SAVE_PROBE_FILE": str(tmp_path / "mpi.saves")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in result.stdout
+    assert losses(tmp_path / "mpi") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert (tmp_path / "mpi.saves").read_text().split() == ["0"]  # the final model, written by rank 0 alone
+
+
+def _get_mpirun_args_on(path: str) -> tuple[str, ...]:
+    """accelerate's own choice of MPI program and flags, on `path`."""
+    from accelerate.utils.launch import _get_mpirun_args
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", path)
+        return _get_mpirun_args()

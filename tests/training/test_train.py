@@ -227,11 +227,14 @@ def test_a_teacher_with_other_class_names_is_refused(small_digits_dir, tmp_path)
         main(tiny_run_args(small_digits_dir, tmp_path / "teacher", tmp_path / "out", "--max_steps", "1"))
 
 
+@pytest.mark.parametrize("local_size_variable", ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"])
 @pytest.mark.parametrize("cores, local_processes, workers, expected", [(2, 1, 1, 1), (16, 1, 8, 8), (16, 8, 8, 1), (8, 2, 0, 4)])
 def test_cpu_threads_are_shared_with_the_workers_and_other_processes(monkeypatch, cores, local_processes, workers,
-                                                                     expected):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+                                                                     expected, local_size_variable):
+    """Local processes counted as torchrun (`accelerate launch --multi_gpu`), MPICH or Open MPI (`MULTI_CPU`) tell."""
+    for variable in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(local_size_variable, str(local_processes))
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     before = torch.get_num_threads()
     try:
