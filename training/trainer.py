@@ -101,6 +101,11 @@ class DistillationTrainer(Trainer):
         self._batch_means: dict[str, list[torch.Tensor]] = {
             name: [] for name in ("loss", "base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
         }
+        self._run_loss_totals = [0.0, 0.0]  # sum and count of the batch losses of the current `train()`
+
+    def train(self, *args, **kwargs):
+        self._run_loss_totals = [0.0, 0.0]
+        return super().train(*args, **kwargs)
 
     def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
         """(correct, total) of the teacher's top-1 on the first `num_batches` evaluation batches, summed over
@@ -192,25 +197,37 @@ class DistillationTrainer(Trainer):
             self.step_guard.sync(self.state.global_step, self.lr_scheduler)
             unlogged = self.step_guard.take_unlogged()
             logs.update(self.step_guard.totals if "train_loss" in logs else unlogged)
-        if "loss" in logs:
-            # The means of the per-batch values since the last log, over the batches that had an image, on all
-            # processes (one gather of each value's sum and count); transformers' own `loss` counts an empty batch as
-            # a zero loss.
-            device = self.args.device
-            totals = torch.stack([
-                torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=device)]) if parts
-                else torch.zeros(2, device=device)
-                for parts in self._batch_means.values()
-            ])
-            totals = nested_gather(totals, self.args.parallel_mode).view(-1, *totals.shape).sum(0).tolist()
-            for (name, parts), (loss_sum, count) in zip(self._batch_means.items(), totals):
-                parts.clear()
+            # transformers' own `loss` and `train_loss` count a batch without an image as a zero loss
+            means = self._take_batch_means()
+            if "loss" in logs:
+                del logs["loss"]  # absent when no batch since the last log had an image
+                logs.update(means)
+            else:
+                del logs["train_loss"]
+                loss_sum, count = self._run_loss_totals
                 if count:
-                    logs[name] = loss_sum / count if name == "loss" else round(loss_sum / count, 4)
-                elif name == "loss":
-                    del logs["loss"]  # no batch had an image: there is no loss to report
+                    logs["train_loss"] = loss_sum / count
         self.skipped_images.report(logs)
         super().log(logs, start_time)
+
+    def _take_batch_means(self) -> dict[str, float]:
+        """The means of the per-batch values since the last call, over the batches that had an image, on all
+        processes (one gather of each value's sum and count); the loss's sum and count join the run's totals."""
+        device = self.args.device
+        totals = torch.stack([
+            torch.stack([torch.stack(parts).sum(), torch.tensor(float(len(parts)), device=device)]) if parts
+            else torch.zeros(2, device=device)
+            for parts in self._batch_means.values()
+        ])
+        totals = nested_gather(totals, self.args.parallel_mode).view(-1, *totals.shape).sum(0).tolist()
+        means = {}
+        for (name, parts), (value_sum, count) in zip(self._batch_means.items(), totals):
+            parts.clear()
+            if name == "loss":
+                self._run_loss_totals = [self._run_loss_totals[0] + value_sum, self._run_loss_totals[1] + count]
+            if count:
+                means[name] = value_sum / count if name == "loss" else round(value_sum / count, 4)
+        return means
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not weights_are_finite(self.model):

@@ -109,13 +109,15 @@ def test_an_all_corrupt_batch_changes_nothing_and_leaves_the_logged_loss_alone(t
                        [4])
     # one batch in six corrupt: under the default decodable fraction, which is not what this test is about
     trainer, snapshots = trainer_for(tmp_path, digits, fitted_teacher, collator=corrupt, min_decodable_fraction=0.5)
-    trainer.train()
+    result = trainer.train()
     taken = snapshots.taken
     assert_unchanged(taken[3], taken[4])
     assert not torch.equal(taken[4]["weights"][0], taken[5]["weights"][0])
     assert taken[4]["logs"]["skipped_empty_steps"] == 1
     assert "loss" not in taken[4]["logs"]  # no batch, no loss: not a zero averaged into the mean
     assert all(snapshot["logs"]["loss"] > 0.5 for step, snapshot in taken.items() if step != 4)
+    # the run's mean loss is that of the five batches that had images
+    assert result.metrics["train_loss"] == pytest.approx(np.mean([taken[step]["logs"]["loss"] for step in (1, 2, 3, 5, 6)]))
     assert trainer.lr_scheduler.last_epoch == STEPS - 1
 
 
