@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Union
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+from datasets.distributed import split_dataset_by_node
 
 from .args import DataArguments
 
@@ -107,6 +108,44 @@ def attach_transform(dataset: AnyDataset, transform) -> AnyDataset:
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(transform, batched=True, remove_columns=dataset.column_names)
     return dataset.with_transform(transform)
+
+
+def split_stream_by_process(
+    dataset: datasets.IterableDataset, rank: int, world_size: int, num_workers: int
+) -> datasets.IterableDataset:
+    """This process's part of a streamed split, each example in one process's part. Split before `attach_transform`,
+    so that each process decodes only its own examples.
+
+    When the shards (files) divide among the processes, each process reads only its own shards
+    (`datasets.distributed.split_dataset_by_node`); otherwise every process reads them all and keeps every
+    `world_size`-th example before decoding it. A process's DataLoader workers then share its shards: a worker
+    without one stays idle, which is logged.
+    """
+    if dataset.num_shards % world_size == 0:
+        part = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        logger.info("Streaming on %d processes: each reads %d of the %d shards.", world_size, part.num_shards,
+                    dataset.num_shards)
+    else:
+        # Not `split_dataset_by_node`: it would drop the other processes' examples after the whole pipeline, the
+        # image transform attached later included, so each process would decode every example. The index counts
+        # the examples of each DataLoader worker's shards, which are the same in every process.
+        part = dataset.filter(_is_own_example, with_indices=True, fn_kwargs=dict(rank=rank, world_size=world_size))
+        logger.warning(
+            "Streaming on %d processes: %d shards do not divide among them, so each process reads all of them and "
+            "keeps (and decodes) every %d-th example; a multiple of %d shards (files) saves the reading.",
+            world_size, dataset.num_shards, world_size, world_size,
+        )
+    if part.num_shards < num_workers:
+        logger.warning(
+            "Streaming: %d shard(s) per process for %d DataLoader workers, which split a process's part by shards: "
+            "%d of them stay idle. More shards (files) use them all.", part.num_shards, num_workers,
+            num_workers - part.num_shards,
+        )
+    return part
+
+
+def _is_own_example(example: dict, index: int, rank: int, world_size: int) -> bool:
+    return index % world_size == rank
 
 
 def _load_raw(data_args: DataArguments) -> AnyDatasetDict:

@@ -33,7 +33,7 @@ from .args import (
 )
 from .checkpoints import last_complete_checkpoint, missing_parts
 from .collator import DistillationCollator
-from .data import attach_transform, load_image_datasets
+from .data import attach_transform, load_image_datasets, split_stream_by_process
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
@@ -141,6 +141,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     if "label_smoothing_factor" in given:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
+    _check_stream_dispatch(data_args, training_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
@@ -157,6 +158,32 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
         raise ValueError(f"--input_size {aug_args.input_size} but the checkpoint {model_args.model_name_or_path} "
                          f"takes {height}x{width} images: drop --input_size.")
     aug_args.input_size = height
+
+
+def _check_stream_dispatch(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    # The evaluation stream stays with accelerate's dispatching (process 0 reads it, and `gather_for_metrics` drops
+    # the padding of its last batch); undispatched, accelerate would give the processes unequal or overlapping parts.
+    evaluates = training_args.do_eval or training_args.eval_strategy != "no"
+    if data_args.streaming and training_args.world_size > 1 and evaluates and (
+        training_args.accelerator_config.dispatch_batches is False
+    ):
+        raise ValueError(
+            "--accelerator_config dispatch_batches=false with --streaming on several processes: the evaluation stream "
+            "would count some examples twice or not at all. Leave dispatch_batches unset (the train stream is split "
+            "among the processes anyway), or do not evaluate (--eval_strategy no --do_eval false)."
+        )
+
+
+def splits_train_stream(training_args: TrainingArguments) -> bool:
+    """Whether each of several processes reads its own part of a streamed train split (`split_stream_by_process`):
+    yes, unless `--accelerator_config` asks for accelerate's dispatching (process 0 reads and decodes for all)."""
+    if training_args.world_size == 1:
+        return False
+    if training_args.accelerator_config.dispatch_batches:
+        logger.info("--accelerator_config dispatch_batches=true: process 0 reads and decodes the train stream for all "
+                    "%d processes.", training_args.world_size)
+        return False
+    return True
 
 
 def build_student(
@@ -306,6 +333,10 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
 
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
+    own_stream_part = data_args.streaming and splits_train_stream(training_args)
+    if own_stream_part:  # before the transform: each process decodes only its own examples
+        train_dataset = split_stream_by_process(train_dataset, training_args.process_index, training_args.world_size,
+                                                training_args.dataloader_num_workers)
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
@@ -340,6 +371,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
+        own_stream_part=own_stream_part,
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))

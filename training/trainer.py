@@ -4,6 +4,8 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
+from accelerate.data_loader import prepare_data_loader
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from transformers import Trainer
@@ -58,6 +60,13 @@ class DistillationTrainer(Trainer):
         skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
             too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
         max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
+        own_stream_part: whether the train dataset is this process's part of a stream (see above).
+
+    With `own_stream_part`, the train dataset is this process's own part of a stream split among the processes
+    (`training.data.split_stream_by_process`): its DataLoader is not split again, and the processes end each epoch
+    together. One whose part has run out
+    trains on empty batches (zero gradients, as for an all-corrupt batch) until every part has, so each example is
+    seen once per epoch and the DDP collectives, optimizer steps and epoch-end evaluations stay in step.
     """
 
     def __init__(
@@ -68,12 +77,15 @@ class DistillationTrainer(Trainer):
         num_repeats: int = 0,
         skipped_images: SkippedImageCounter | None = None,
         max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
+        own_stream_part: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
         self.add_callback(self.step_guard)
         self._staging_dir: str | None = None
+        self.own_stream_part = own_stream_part
+        self._host_group = None  # a gloo group for the stream parts' batch counts (`get_batch_samples`)
         config = self.model.config
         if config.distillation_type != "none":
             if teacher is None:
@@ -124,6 +136,42 @@ class DistillationTrainer(Trainer):
             total += inputs["labels"].numel()
         correct, total = self.accelerator.reduce(torch.stack([correct, total]), reduction="sum").tolist()
         return correct, total
+
+    def get_train_dataloader(self):
+        if not self.own_stream_part:
+            return super().get_train_dataloader()
+        accelerator = self.accelerator
+
+        def prepare_own_part(data_loader, device_placement=None, slice_fn_for_dispatch=None):
+            # accelerate would split this process's part again (`shard`, or `IterableDatasetShard` keeping one
+            # process's slice of it), or read it on process 0 only and dispatch
+            return prepare_data_loader(
+                data_loader, accelerator.device, num_processes=1, process_index=0, dispatch_batches=False,
+                put_on_device=accelerator.device_placement if device_placement is None else device_placement,
+                non_blocking=accelerator.non_blocking,
+            )
+
+        accelerator.prepare_data_loader = prepare_own_part
+        try:
+            return super().get_train_dataloader()
+        finally:
+            del accelerator.prepare_data_loader
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not (self.own_stream_part and self.args.world_size > 1):
+            return batch_samples, num_items_in_batch
+        # The parts of a stream differ in length by up to a shard: the processes agree on how many batches this
+        # step has, on the CPU (a device collective read on the host would stall the device every step).
+        if self._host_group is None:
+            self._host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        most = torch.tensor(len(batch_samples))
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._host_group)
+        if most == 0:
+            self.control.should_epoch_stop = True  # every part has run out (transformers would idle to max_steps)
+            return batch_samples, num_items_in_batch
+        empty = self._prepare_inputs(self.data_collator([]))
+        return batch_samples + [empty] * (int(most) - len(batch_samples)), num_items_in_batch
 
     def _get_train_sampler(self, train_dataset=None):
         if self.num_repeats <= 1:

@@ -1,0 +1,98 @@
+"""`--streaming` on 2 processes (gloo on CPU): each process reads and decodes its own part of the stream, each
+example is trained on once per epoch, the processes end their epochs together and evaluation counts each example
+once."""
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+
+from training.data import split_stream_by_process
+
+from .conftest import tiny_run_args
+from .test_distributed import launch, two_processes
+
+STREAM_PROBE = Path(__file__).with_name("stream_probe.py")
+NUM_TRAIN, NUM_VALIDATION = 29, 13
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_stream(digits, directory: Path, shard_sizes: list[int]) -> Path:
+    """`NUM_TRAIN` train digits in parquet files of `shard_sizes`, and `NUM_VALIDATION` validation digits in one; each
+    example's label is its id (one class per train example) and its image path `<split>-<id>.png`."""
+    features = datasets.Features(
+        image=datasets.Image(), label=datasets.ClassLabel(names=[str(index) for index in range(NUM_TRAIN)])
+    )
+
+    def rows(split, ids):
+        return [{"image": {"bytes": png_bytes(digits["train"][index % 64]["image"]), "path": f"{split}-{index}.png"},
+                 "label": index} for index in ids]
+
+    directory.mkdir()
+    start = 0
+    for shard, size in enumerate(shard_sizes):
+        datasets.Dataset.from_list(rows("train", range(start, start + size)), features=features).to_parquet(
+            str(directory / f"train-{shard:05d}-of-{len(shard_sizes):05d}.parquet"))
+        start += size
+    assert start == NUM_TRAIN
+    datasets.Dataset.from_list(rows("validation", range(NUM_VALIDATION)), features=features).to_parquet(
+        str(directory / "validation-00000-of-00001.parquet"))
+    return directory
+
+
+def read(probe_dir: Path, name: str, rank: int) -> list[list[str]]:
+    path = probe_dir / f"{name}-{rank}"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    "shard_sizes, batch_size, workers",
+    [
+        ([12, 4, 8, 5], 4, 0),  # 2 shards each: 20 and 9 examples, 5 and 3 batches
+        ([10, 10, 9], 2, 2),  # 3 shards: every other example, 15 and 14, in 2 workers each
+    ],
+    ids=["4-shards", "3-shards"],
+)
+def test_each_process_decodes_its_own_part_and_sees_each_example_once_per_epoch(
+    digits, random_teacher_dir, tmp_path, shard_sizes, batch_size, workers
+):
+    data_dir = write_stream(digits, tmp_path / "data", shard_sizes)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    args = tiny_run_args(data_dir, random_teacher_dir, tmp_path / "out", "--streaming", "true",
+                         "--distillation_type", "none", "--max_steps", "100", "--logging_steps", "1",
+                         "--save_strategy", "no", "--eval_strategy", "epoch", "--per_device_eval_batch_size", "4",
+                         "--dataloader_num_workers", str(workers))
+    args[args.index("--per_device_train_batch_size") + 1] = str(batch_size)
+    result = launch(two_processes(), STREAM_PROBE, args, STREAM_PROBE_DIR=str(probe_dir), STOP_AFTER_EPOCHS="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    everything = Counter(map(str, range(NUM_TRAIN)))
+    for epoch in ("0", "1"):
+        parts = [Counter(label for seen_epoch, label in read(probe_dir, "seen", rank) if seen_epoch == epoch)
+                 for rank in (0, 1)]
+        assert parts[0] + parts[1] == everything, epoch  # each example once, across the processes
+        assert parts[0] and parts[1]
+    for rank in (0, 1):
+        decoded = Counter(path for split, path in read(probe_dir, "decoded", rank) if split == "train")
+        seen = Counter(f"train-{label}.png" for _, label in read(probe_dir, "seen", rank))
+        assert decoded == seen, rank  # decoded only what it trained on, once each
+        # the evaluations after each epoch and the closing one each counted every validation example once
+        assert read(probe_dir, "eval", rank) == [list(map(str, range(NUM_VALIDATION)))] * 3, rank
+
+
+def test_split_stream_by_process_gives_each_example_to_one_process(digits, tmp_path, caplog):
+    stream = datasets.load_dataset(str(write_stream(digits, tmp_path / "data", [10, 10, 9])), split="train",
+                                   streaming=True)
+    parts = [[example["label"] for example in split_stream_by_process(stream, rank, 2, num_workers=4)]
+             for rank in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == list(range(NUM_TRAIN)) and len(parts[0]) == 15
+    assert "3 shards do not divide among them" in caplog.text and "2 of them stay idle" not in caplog.text
+    assert "3 shard(s) per process for 4 DataLoader workers" in caplog.text
