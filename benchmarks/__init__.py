@@ -8,6 +8,7 @@ two-thread matmul with one core taken runs several times slower, not half as fas
 kept rounds. Linux only (`/proc`, glibc).
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 
 # glibc `mallopt` parameters (malloc.h) and the values `hold_freed_memory` sets.
@@ -89,18 +91,41 @@ def _busy_cpu_seconds() -> float:
 
 
 class ForeignCpu:
-    """Context manager measuring the average number of cores other processes kept busy during its block."""
+    """Context manager measuring the average number of cores other processes kept busy during its block.
+
+    With `include_children`, the CPU time of this process's live child processes (DataLoader workers) counts as its
+    own; a child that ends within the block takes its time with it, so the block should lie within the children's
+    lifetime.
+    """
 
     cores: float = 0.0
 
+    def __init__(self, include_children: bool = False):
+        self.include_children = include_children
+
+    def _own_cpu_seconds(self) -> float:
+        own = time.process_time()
+        if self.include_children:
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = child.cpu_times()
+                    own += times.user + times.system
+        return own
+
+    def start(self) -> None:
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), self._own_cpu_seconds())
+
+    def stop(self) -> None:
+        now = (time.perf_counter(), _busy_cpu_seconds(), self._own_cpu_seconds())
+        wall, busy, own = (end - start for end, start in zip(now, self._start))
+        self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
+
     def __enter__(self) -> "ForeignCpu":
-        self._start = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
+        self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        now = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
-        wall, busy, own = (end - start for end, start in zip(now, self._start))
-        self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
+        self.stop()
 
 
 @dataclass
@@ -122,22 +147,30 @@ class Timing:
 
 
 def keep_quiet_rounds(
-    run_round: Callable[[], dict[str, list[float]]], repeats: int, busy_retries: int | None = None
+    run_round: Callable[[], dict[str, list[float]]],
+    repeats: int,
+    busy_retries: int | None = None,
+    reports_foreign_cores: bool = False,
 ) -> Timing:
     """Run `run_round` (contender -> its timed samples) until `repeats` rounds ran on a quiet machine.
 
     Rounds during which other processes used more than `MAX_FOREIGN_CORES` are dropped and run again, at most
     `busy_retries` times (default `BUSY_RETRIES_PER_REPEAT * repeats`); then all rounds are kept, so the figures
-    exist but say the machine was busy.
+    exist but say the machine was busy. With `reports_foreign_cores`, `run_round` returns `(samples, cores)`, the
+    cores other processes used during its timed spans (a `ForeignCpu` of its own), instead of being measured whole.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
     max_rounds = repeats + (BUSY_RETRIES_PER_REPEAT * repeats if busy_retries is None else busy_retries)
     quiet, busy = [], []
     while len(quiet) < repeats and len(quiet) + len(busy) < max_rounds:
-        with ForeignCpu() as foreign:
-            samples = run_round()
-        (quiet if foreign.cores <= MAX_FOREIGN_CORES else busy).append(samples)
+        if reports_foreign_cores:
+            samples, cores = run_round()
+        else:
+            with ForeignCpu() as foreign:
+                samples = run_round()
+            cores = foreign.cores
+        (quiet if cores <= MAX_FOREIGN_CORES else busy).append(samples)
     enough = len(quiet) >= repeats
     kept = quiet if enough else quiet + busy
     seconds = {name: statistics.median(sample for round_ in kept for sample in round_[name]) for name in kept[0]}

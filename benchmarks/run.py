@@ -1,10 +1,13 @@
 """Run the benchmarks, print one JSON line per measurement and record them in BENCHMARKS.md.
 
-    python -m benchmarks.run [--quick] [--only inference,train,input] [--full] [--no-compile] [--threads N]
-    python -m benchmarks.run --device cuda      # bf16 autocast, the issue's GPU settings
+    python -m benchmarks.run [--quick] [--only inference,train,input,end_to_end] [--full] [--no-compile]
+                             [--threads N] [--compile-training]
+    python -m benchmarks.run --device cuda      # bf16 autocast, the issue's GPU settings, eager and compiled
 
 The tables go between the markers below in the output file (created if missing), so the analysis written around
 them survives a rerun. Each table row is one contender; `ratio_vs_X` columns are deit-hf's throughput over X's.
+With the accelerator settings, rows also carry the H100 figure measured for the same work (`H100_ANCHORS`) and
+their ratio to it.
 """
 
 import argparse
@@ -22,20 +25,22 @@ import timm
 import torch
 import transformers
 
-from . import DTYPE_NAMES, Measurement, hold_freed_memory, inference, input_pipeline, training_step
+from . import DTYPE_NAMES, Measurement, end_to_end, hold_freed_memory, inference, input_pipeline, training_step
 
-BENCHMARKS = ("inference", "train", "input")
+BENCHMARKS = ("inference", "train", "input", "end_to_end")
 START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
 # Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
 QUICK = {
     "inference": dict(sizes=("tiny",), batch_size=2, warmup=1, repeats=2, busy_retries=0),
     "train": dict(steps_per_round=3, warmup_steps=1, rounds=1, busy_retries=0),
     "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
+    "end_to_end": dict(batch_size=8, workers=1, warmup_steps=1, timed_steps=2, rounds=1, busy_retries=0),
 }
 FULL = {
     "inference": dict(sizes=("tiny", "small"), batch_size=8, warmup=3, repeats=20),
     "train": dict(steps_per_round=10, warmup_steps=3, rounds=4),
     "input": dict(num_images=200, batch_size=32, warmup=1, repeats=5),
+    "end_to_end": dict(batch_size=32, workers=2, warmup_steps=3, timed_steps=12, rounds=2),
 }
 # On an accelerator, the issue's GPU settings: batch 256 inference; DeiT-S⚗ + RegNetY-16GF (the paper's) at batch 128.
 ACCELERATOR = {
@@ -45,8 +50,36 @@ ACCELERATOR = {
         batch_size=128, steps_per_round=12, warmup_steps=4, rounds=4,
     ),
     "input": FULL["input"],  # decoding and augmenting run on the CPU wherever the model runs
+    "end_to_end": dict(
+        preset="deit-small-distilled-patch16-224", timm_student="deit_small_distilled_patch16_224",
+        teacher="regnety_160", input_size=224, batch_size=128, workers=max(1, (os.cpu_count() or 1) - 2),
+        warmup_steps=10, timed_steps=30, rounds=1,
+    ),
+}
+# timm on an H100, bf16 autocast (/work/shared/README.md): (eager, compiled) img/s of the work the accelerator
+# settings measure. Inference: timm at batch 256; train: timm's hard-distillation step, DeiT-S⚗ + RegNetY-16GF at
+# batch 128, which also bounds the whole pipeline from above (end_to_end).
+H100_ANCHORS = {
+    ("inference", "tiny"): (31_648, 49_790),
+    ("inference", "small"): (18_006, 24_639),
+    ("inference", "base"): (8_331, 10_373),
+    ("train", "small"): (1_898, 2_731),
+    ("end_to_end", "small"): (1_898, 2_731),
 }
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def add_anchor(measurement: Measurement) -> Measurement:
+    """Add the H100 figure of the same work (eager or compiled) and the ratio to it, where there is one."""
+    case = measurement.case.replace("_", "-")  # timm's model names and deit_hf's presets alike
+    size = next((size for size in ("tiny", "small", "base") if f"deit-{size}" in case), None)
+    anchors = H100_ANCHORS.get((measurement.benchmark, size))
+    if anchors is not None:
+        anchor = anchors["compiled" in measurement.contender or " compiled " in measurement.case]
+        measurement.extra.update(
+            h100_anchor_img_per_s=float(anchor), ratio_vs_h100_anchor=measurement.images_per_second / anchor
+        )
+    return measurement
 
 
 def machine_description(device: str = "cpu", default_malloc: bool = False) -> dict[str, str]:
@@ -137,21 +170,54 @@ def run_benchmarks(
     compile: bool = True,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compile_training: bool | None = None,
 ) -> Iterator[Measurement]:
-    """Yield the measurements of the benchmarks named in `only`, with `QUICK`, `FULL` or `ACCELERATOR` settings."""
+    """Yield the measurements of the benchmarks named in `only`, with `QUICK`, `FULL` or `ACCELERATOR` settings.
+
+    `compile_training` adds the `torch_compile` runs of the train and end_to_end benchmarks to the eager ones; by
+    default on an accelerator without `quick` (on a CPU compiling a training step takes minutes).
+    """
     settings = QUICK if quick else FULL if device == "cpu" else ACCELERATOR
+    if compile_training is None:
+        compile_training = compile and device != "cpu" and not quick
+    compile_variants = (False, True) if compile_training else (False,)
     for name in only:
         if name == "inference":
             sizes = settings["inference"]["sizes"]
             sizes = (*sizes, "base") if full and "base" not in sizes else sizes
-            yield from inference.run(
+            measurements = inference.run(
                 **{**settings["inference"], "sizes": sizes}, compile=compile and not quick, device=device, dtype=dtype
             )
         elif name == "train":
-            yield from training_step.run(training_step.TrainSettings(**settings["train"], device=device, dtype=dtype))
+            measurements = (
+                measurement
+                for torch_compile in compile_variants
+                for measurement in training_step.run(
+                    training_step.TrainSettings(
+                        **settings["train"], device=device, dtype=dtype, torch_compile=torch_compile
+                    )
+                )
+            )
         elif name == "input":
-            with tempfile.TemporaryDirectory() as directory:
-                yield from input_pipeline.run(directory, **settings["input"])
+            measurements = _in_temporary_directory(input_pipeline.run, **settings["input"])
+        elif name == "end_to_end":
+            measurements = (
+                measurement
+                for torch_compile in compile_variants
+                for measurement in _in_temporary_directory(
+                    end_to_end.run,
+                    end_to_end.EndToEndSettings(
+                        **settings["end_to_end"], device=device, dtype=dtype, torch_compile=torch_compile
+                    ),
+                )
+            )
+        for measurement in measurements:
+            yield add_anchor(measurement) if settings is ACCELERATOR else measurement
+
+
+def _in_temporary_directory(run, *args, **kwargs) -> Iterator[Measurement]:
+    with tempfile.TemporaryDirectory() as directory:
+        yield from run(directory, *args, **kwargs)
 
 
 def _benchmark_list(value: str) -> list[str]:
@@ -169,6 +235,11 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     parser.add_argument("--full", action="store_true", help="Add DeiT-B to the inference benchmark (slow on a CPU).")
     parser.add_argument("--only", type=_benchmark_list, default=list(BENCHMARKS), help="Comma-separated subset.")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="Skip the torch.compile rows.")
+    parser.add_argument(
+        "--compile-training",
+        action=argparse.BooleanOptionalAction,
+        help="Add torch_compile runs of train and end_to_end (default: on an accelerator, unless --quick).",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores).")
     parser.add_argument("--device", default="cpu", help="Where models run: cpu (default), cuda, ...")
     parser.add_argument(
@@ -204,7 +275,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     machine = machine_description(args.device, args.default_malloc)
     print(json.dumps(machine), flush=True)
     measurements = []
-    for measurement in run_benchmarks(args.only, args.quick, args.full, args.compile, args.device, dtype):
+    runs = run_benchmarks(args.only, args.quick, args.full, args.compile, args.device, dtype, args.compile_training)
+    for measurement in runs:
         measurements.append(measurement)
         print(json.dumps(measurement.to_dict()), flush=True)
     output = args.output or (None if args.quick else Path("BENCHMARKS.md"))

@@ -1,9 +1,27 @@
-"""Hard-distillation training step: `DistillationTrainer` vs a loop written as facebookresearch/deit's `engine.py`.
+"""Hard-distillation training step: `DistillationTrainer` vs facebookresearch/deit's loop and timm's own task.
 
-Both train the same DeiT-Ti⚗ student (timm's initialisation, converted to deit_hf for the Trainer) with the same
-frozen convnet teacher (the same weights), on the same pre-made batches, with the recipe's Mixup/CutMix (smoothing
-0.1), hard distillation (alpha 0.5), drop path 0.1 and AdamW (lr 5e-4 x batch / 512, weight decay 0.05 without
-decay on norms, biases and tokens). Neither clips gradients: the recipe does not.
+Three contenders train the same DeiT-Ti⚗ student (timm's initialisation, converted to deit_hf for the Trainer) with
+the same frozen convnet teacher (the same weights), on the same pre-made batches, with the recipe's Mixup/CutMix
+(smoothing 0.1), hard distillation (alpha 0.5), drop path 0.1 and AdamW (lr 5e-4 x batch / 512, weight decay 0.05
+without decay on norms, biases and tokens). None clips gradients: the recipe does not.
+
+- `DistillationTrainer`: its real loop, `trainer.train()`.
+- the facebookresearch-style loop: `engine.py`'s `train_one_epoch` with `losses.DistillationLoss` (hard).
+- timm's `TokenDistillationTask`, built and stepped as timm's `train.py` does for `--kd-distill-type token
+  --kd-token-distill-type hard --task-loss-weight 0.5 --opt adamw --no-prefetcher` with mixup on: the task wraps the
+  teacher in `DistillationTeacher` (which renormalises the input from the student's `pretrained_cfg` mean/std to the
+  teacher's when they differ; for these two timm models they are the same, and it compares them on every step),
+  `SoftTargetCrossEntropy` for the class head, `create_optimizer_v2` AdamW on the student, timm `Mixup` in the step,
+  and `loss.item()` after the optimizer step (train.py's loss meter). What differs unavoidably: train.py builds the
+  teacher from a name with pretrained weights (here the module is handed over, so both sides have the same random
+  weights); with its default prefetcher, train.py mixes in the DataLoader's collate (`FastCollateMixup`, uint8 in
+  the workers), outside the step, while pre-made float batches are the `--no-prefetcher` path, where Mixup runs in
+  the step as for the other two; and its per-update `lr_scheduler.step_update` is left out, as in the loop (the
+  Trainer keeps its constant schedule's step: a few Python operations).
+
+With `torch_compile`, the Trainer runs with `TrainingArguments(torch_compile=True)` (student and teacher compiled)
+and timm's task after `task.compile()` (student and teacher, as train.py's `--torchcompile`); facebookresearch/deit
+has no compile switch, so the loop is left out.
 
 How steps are timed, like with like: the Trainer runs its real loop, `trainer.train()`, over an in-memory dataset,
 and a callback times each step from `on_step_begin` to `on_step_end`: mixup, teacher, student, loss, backward,
@@ -32,7 +50,9 @@ from dataclasses import dataclass
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
+from timm.task import TokenDistillationTask
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
@@ -47,7 +67,7 @@ from training.transforms import BatchTransform, build_mixup
 from . import DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
 from .reference import facebookresearch_hard_distillation_loss
 
-TRAINER, HAND_WRITTEN = "DistillationTrainer", "facebookresearch-style loop"
+TRAINER, HAND_WRITTEN, TIMM_TASK = "DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class TrainSettings:
     busy_retries: int | None = None  # see `benchmarks.keep_quiet_rounds`
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # bf16 = autocast
+    torch_compile: bool = False  # compile student and teacher (the Trainer's and timm's); the loop is then left out
 
     @property
     def learning_rate(self) -> float:
@@ -81,6 +102,29 @@ class TrainSettings:
 
     def aug_args(self) -> AugmentationArguments:
         return AugmentationArguments(input_size=self.image_size)  # the recipe's mixup, cutmix and smoothing
+
+    @property
+    def contenders(self) -> tuple[str, ...]:
+        return (TRAINER, TIMM_TASK) if self.torch_compile else (TRAINER, HAND_WRITTEN, TIMM_TASK)
+
+
+def timm_mixup_args(aug: AugmentationArguments, num_classes: int) -> dict:
+    """The keyword arguments of timm's `Mixup` / `FastCollateMixup` for the recipe, as train.py builds them."""
+    return dict(
+        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
+        mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=num_classes,
+    )
+
+
+def timm_token_distillation_task(
+    student: torch.nn.Module, teacher: torch.nn.Module, alpha: float, device: str
+) -> TokenDistillationTask:
+    """timm train.py's task for `--kd-distill-type token --kd-token-distill-type hard --task-loss-weight 1-alpha`
+    with mixup on (so `SoftTargetCrossEntropy` on the class head); `teacher` must already be on `device`."""
+    return TokenDistillationTask(
+        student, teacher, criterion=SoftTargetCrossEntropy(), distill_type="hard", task_loss_weight=1 - alpha,
+        device=torch.device(device), verbose=False,
+    )
 
 
 def _timm_student(settings: TrainSettings) -> torch.nn.Module:
@@ -113,7 +157,40 @@ def _teacher(settings: TrainSettings):
     )
 
 
-class HandWrittenLoop:
+def _peer_teacher(settings: TrainSettings) -> torch.nn.Module:
+    # The same weights as the Trainer's teacher, without its wrapper, contiguous as the peers leave a convnet.
+    teacher = _teacher(settings).model
+    return teacher.to(settings.device, memory_format=torch.contiguous_format).eval()
+
+
+def timm_adamw(student: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """The recipe's AdamW as the peers build it: timm's `create_optimizer_v2` (no decay on norms, biases, tokens)."""
+    return create_optimizer_v2(student, "adamw", lr=learning_rate, weight_decay=0.05, eps=1e-8)
+
+
+class _PeerLoop:
+    """A hand-made training loop over copies of the settings' batch, timing each step; subclasses define `step`."""
+
+    settings: TrainSettings
+
+    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def run_round(self) -> list[float]:
+        """Seconds of each of `steps_per_round` steps on copies of the same batch (Mixup mixes in place)."""
+        pixel_values, labels = (tensor.to(self.settings.device) for tensor in self.settings.batch())
+        seconds = []
+        for _ in range(self.settings.steps_per_round):
+            samples = pixel_values.clone()
+            synchronize(self.settings.device)
+            start = time.perf_counter()
+            self.step(samples, labels)
+            synchronize(self.settings.device)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+
+class HandWrittenLoop(_PeerLoop):
     """One training step as facebookresearch/deit's `train_one_epoch` with its `DistillationLoss` (hard)."""
 
     def __init__(self, settings: TrainSettings):
@@ -121,16 +198,9 @@ class HandWrittenLoop:
         self.student = _timm_student(settings).to(settings.device)
         self.student.set_distilled_training(True)
         self.student.train()
-        self.teacher = _teacher(settings).model  # the same weights as the Trainer's teacher, without its wrapper
-        self.teacher.to(settings.device, memory_format=torch.contiguous_format).eval()
-        aug = settings.aug_args()
-        self.mixup = Mixup(
-            mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
-            mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=settings.num_labels,
-        )
-        self.optimizer = create_optimizer_v2(
-            self.student, "adamw", lr=settings.learning_rate, weight_decay=0.05, eps=1e-8
-        )
+        self.teacher = _peer_teacher(settings)
+        self.mixup = Mixup(**timm_mixup_args(settings.aug_args(), settings.num_labels))
+        self.optimizer = timm_adamw(self.student, settings.learning_rate)
 
     def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
         samples, targets = self.mixup(samples, targets)
@@ -145,18 +215,29 @@ class HandWrittenLoop:
         loss.backward()
         self.optimizer.step()
 
-    def run_round(self) -> list[float]:
-        """Seconds of each of `steps_per_round` steps on copies of the same batch (Mixup mixes in place)."""
-        pixel_values, labels = (tensor.to(self.settings.device) for tensor in self.settings.batch())
-        seconds = []
-        for _ in range(self.settings.steps_per_round):
-            samples = pixel_values.clone()
-            synchronize(self.settings.device)
-            start = time.perf_counter()
-            self.step(samples, labels)
-            synchronize(self.settings.device)
-            seconds.append(time.perf_counter() - start)
-        return seconds
+
+class TimmTaskLoop(_PeerLoop):
+    """One training step as timm's `train.py` runs `TokenDistillationTask` (`train_one_epoch`, no prefetcher)."""
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        student = _timm_student(settings).to(settings.device)
+        self.task = timm_token_distillation_task(student, _peer_teacher(settings), settings.alpha, settings.device)
+        if settings.torch_compile:
+            self.task.compile()  # train.py's --torchcompile (inductor): student and teacher
+        self.mixup = Mixup(**timm_mixup_args(settings.aug_args(), settings.num_labels))
+        self.optimizer = timm_adamw(self.task.get_trainable_module(), settings.learning_rate)
+        self.task.get_trainable_module().train()  # the teacher stays in eval mode (DistillationTeacher)
+        self.optimizer.zero_grad()
+
+    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
+        samples, targets = self.mixup(samples, targets)
+        with autocast(self.settings.device, self.settings.dtype):
+            loss = self.task(samples, targets)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        loss.item()  # train.py's `losses_m.update(loss.item(), ...)`: a host synchronization per step
+        self.optimizer.zero_grad()
 
 
 class _StepTimer(TrainerCallback):
@@ -196,6 +277,7 @@ class TrainerLoop:
             report_to="none",
             use_cpu=settings.device == "cpu",
             bf16=settings.dtype == torch.bfloat16,
+            torch_compile=settings.torch_compile,
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=True,
@@ -218,7 +300,9 @@ class TrainerLoop:
 
 
 def _build(contender: str, settings: TrainSettings, output_dir: str):
-    return TrainerLoop(settings, output_dir) if contender == TRAINER else HandWrittenLoop(settings)
+    if contender == TRAINER:
+        return TrainerLoop(settings, output_dir)
+    return {HAND_WRITTEN: HandWrittenLoop, TIMM_TASK: TimmTaskLoop}[contender](settings)
 
 
 def _peak_memory_of_one_round(contender: str, settings: TrainSettings, threads: int) -> dict[str, float]:
@@ -255,7 +339,7 @@ def step_flops(settings: TrainSettings) -> int:
 
 
 def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) -> Iterator[Measurement]:
-    """Yield img/s, achieved GFLOP/s, MFU and peak memory of both loops; the Trainer's row has its ratio to the loop."""
+    """Yield img/s, achieved GFLOP/s, MFU and peak memory of each contender; the Trainer's row has its ratios."""
     if settings.steps_per_round <= settings.warmup_steps:
         raise ValueError(
             f"steps_per_round ({settings.steps_per_round}) must exceed warmup_steps ({settings.warmup_steps})."
@@ -263,18 +347,24 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
     flops = step_flops(settings)
     peak_flops = matmul_peak_flops(settings.device, settings.dtype)
     with tempfile.TemporaryDirectory() as output_dir:
-        loops = {name: _build(name, settings, output_dir) for name in (TRAINER, HAND_WRITTEN)}
+        loops = {name: _build(name, settings, output_dir) for name in settings.contenders}
+        names, rounds_run = list(loops), 0
 
         def run_round() -> dict[str, list[float]]:
-            return {name: loop.run_round()[settings.warmup_steps :] for name, loop in loops.items()}
+            # Each round starts one contender later, as `benchmarks.time_interleaved` does.
+            nonlocal rounds_run
+            shift, rounds_run = rounds_run % len(names), rounds_run + 1
+            return {name: loops[name].run_round()[settings.warmup_steps :] for name in names[shift:] + names[:shift]}
 
         timing = keep_quiet_rounds(run_round, settings.rounds, settings.busy_retries)
     case = (
         f"{settings.student} student {settings.image_size}px/patch{settings.patch_size} + {settings.teacher} teacher,"
-        f" hard, bs{settings.batch_size} {DTYPE_NAMES[settings.dtype]} on {settings.device}"
-        f" (matmul peak {peak_flops / 1e9:,.0f} GFLOP/s)"
+        f" hard, bs{settings.batch_size} {DTYPE_NAMES[settings.dtype]}{' compiled' if settings.torch_compile else ''}"
+        f" on {settings.device} (matmul peak {peak_flops / 1e9:,.0f} GFLOP/s)"
     )
-    for name, seconds in timing.seconds.items():
+    peers = {HAND_WRITTEN: "ratio_vs_loop", TIMM_TASK: "ratio_vs_timm_task"}
+    for name in settings.contenders:
+        seconds = timing.seconds[name]
         extra = {
             "gflop_per_image": flops / settings.batch_size / 1e9,
             "achieved_gflop_per_s": flops / seconds / 1e9,
@@ -283,5 +373,5 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
         if measure_memory:
             extra.update(peak_memory_in_fresh_process(name, settings))
         if name == TRAINER:
-            extra["ratio_vs_loop"] = timing.seconds[HAND_WRITTEN] / seconds
+            extra.update({column: timing.seconds[peer] / seconds for peer, column in peers.items() if peer in loops})
         yield timing.measurement("train", case, name, settings.batch_size, **extra)

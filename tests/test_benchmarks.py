@@ -10,14 +10,16 @@ from benchmarks.run import END_MARKER, START_MARKER, main
 COMMON_KEYS = {"benchmark", "case", "contender", "images_per_second", "seconds_per_call", "repeats"}
 CONTENDERS = {
     "inference": {"deit_hf sdpa", "deit_hf eager", "timm", "transformers eager", "transformers sdpa"},
-    "train": {"DistillationTrainer", "facebookresearch-style loop"},
+    "train": {"DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"},
     "input": {
         "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder", "timm ImageFolder prefetcher"
     },
+    "end_to_end": {"deit_hf training.train", "timm pipeline (create_loader + TokenDistillationTask)"},
 }
 RATIOS = {
     "deit_hf sdpa": {"ratio_vs_timm", "ratio_vs_transformers_eager", "ratio_vs_transformers_sdpa"},
-    "DistillationTrainer": {"ratio_vs_loop"},
+    "DistillationTrainer": {"ratio_vs_loop", "ratio_vs_timm_task"},
+    "deit_hf training.train": {"ratio_vs_timm"},
     "deit_hf parquet": {"ratio_vs_timm_ImageFolder", "ratio_vs_timm_ImageFolder_prefetcher"},
     "deit_hf parquet + batch steps on this CPU": {"ratio_vs_timm_ImageFolder"},
 }
@@ -93,3 +95,98 @@ def test_streaming_smoke_run_times_both_input_paths_on_two_processes(tmp_path):
     assert [row.contender for row in rows] == [streaming.MAP_STYLE, streaming.STREAMED, streaming.DISPATCHED]
     assert all(row.images_per_second > 0 and "2 processes x 1 workers" in row.case for row in rows)
     assert all(row.extra["ratio_vs_map-style"] > 0 for row in rows[1:])
+
+
+def test_compiled_training_rows_compile_student_and_teacher_on_both_sides(monkeypatch):
+    from benchmarks.training_step import TIMM_TASK, TRAINER, TrainSettings, run
+
+    compiled = []
+
+    def record_compile(target, *args, **kwargs):  # compiling on a CPU takes minutes: record what would be compiled
+        compiled.append(type(getattr(target, "__self__", target)).__name__)  # nn.Module.compile passes _call_impl
+        return target
+
+    monkeypatch.setattr(torch, "compile", record_compile)
+    settings = TrainSettings(
+        image_size=32, batch_size=4, steps_per_round=2, warmup_steps=1, rounds=1, busy_retries=0, torch_compile=True
+    )
+    trainer, timm_task = run(settings, measure_memory=False)
+
+    assert (trainer.contender, timm_task.contender) == (TRAINER, TIMM_TASK)  # facebookresearch/deit compiles nothing
+    assert " compiled " in trainer.case and trainer.extra.keys() >= {"ratio_vs_timm_task", "mfu"}
+    assert "ratio_vs_loop" not in trainer.extra
+    # the Trainer: its student (accelerate) and teacher wrapper; timm's task: its student and teacher model
+    expected = ["DeiTForImageClassificationWithTeacher", "Teacher", "VisionTransformerDistilled", "RegNet"]
+    assert sorted(compiled) == sorted(expected)
+
+
+def test_accelerator_settings_run_eager_and_compiled_training_and_carry_the_h100_anchors(monkeypatch):
+    from benchmarks import end_to_end, inference, run as run_module, training_step
+    from benchmarks import Measurement
+
+    built = []
+
+    def fake_run(benchmark):
+        def run(*args, **kwargs):
+            settings = next((arg for arg in (*args, *kwargs.values()) if hasattr(arg, "torch_compile")), None)
+            built.append((benchmark, settings, kwargs))
+            compiled = " compiled " if getattr(settings, "torch_compile", False) else " "
+            case = f"deit-small-distilled bs128{compiled}on cuda" if benchmark != "train" else (
+                f"deit_small_distilled_patch16_224 student + regnety_160 teacher{compiled}on cuda")
+            yield Measurement(benchmark, case, "contender", 2_000.0, 0.064, 1)
+        return run
+
+    for module, benchmark in ((inference, "inference"), (training_step, "train"), (end_to_end, "end_to_end")):
+        monkeypatch.setattr(module, "run", fake_run(benchmark))
+    benchmarks = ["inference", "train", "end_to_end"]
+    measurements = list(run_module.run_benchmarks(benchmarks, device="cuda", dtype=torch.bfloat16))
+
+    train_settings = [settings for benchmark, settings, _ in built if benchmark == "train"]
+    assert [settings.torch_compile for settings in train_settings] == [False, True]
+    assert all(
+        (s.student, s.teacher, s.batch_size, s.dtype, s.device)
+        == ("deit_small_distilled_patch16_224", "regnety_160", 128, torch.bfloat16, "cuda")
+        for s in train_settings
+    )
+    e2e_settings = [settings for benchmark, settings, _ in built if benchmark == "end_to_end"]
+    assert [settings.torch_compile for settings in e2e_settings] == [False, True]
+    assert built[0][2]["compile"] and built[0][2]["batch_size"] == 256
+    anchors = [(m.benchmark, m.extra["h100_anchor_img_per_s"]) for m in measurements]
+    assert anchors == [("inference", 18_006), ("train", 1_898), ("train", 2_731), ("end_to_end", 1_898),
+                       ("end_to_end", 2_731)]
+    assert measurements[2].extra["ratio_vs_h100_anchor"] == pytest.approx(2_000 / 2_731)
+    assert "| 2,731 | 0.73× |" in run_module.markdown_tables(measurements)
+
+    built.clear()
+    cpu = list(run_module.run_benchmarks(["train", "end_to_end"]))  # CPU: eager only, no anchors
+    assert [settings.torch_compile for _, settings, _ in built] == [False, False]
+    assert all("h100_anchor_img_per_s" not in m.extra for m in cpu)
+
+
+def _burn_cpu_then_wait(burnt, release):
+    import time
+
+    while time.process_time() < 0.5:
+        pass
+    burnt.set()
+    release.wait(60)
+
+
+def test_foreign_cpu_with_children_counts_the_live_workers_cpu_as_its_own():
+    import multiprocessing
+
+    from benchmarks import ForeignCpu
+
+    context = multiprocessing.get_context("fork")  # as DataLoader workers start on Linux
+    burnt, release = context.Event(), context.Event()
+    with_children, alone = ForeignCpu(include_children=True), ForeignCpu()
+    before = with_children._own_cpu_seconds(), alone._own_cpu_seconds()
+    worker = context.Process(target=_burn_cpu_then_wait, args=(burnt, release))
+    worker.start()
+    try:
+        assert burnt.wait(60)
+        after = with_children._own_cpu_seconds(), alone._own_cpu_seconds()
+    finally:
+        release.set()
+        worker.join()
+    assert after[0] - before[0] >= 0.5 > 0.2 > after[1] - before[1]
