@@ -1,6 +1,6 @@
 """Run the benchmarks, print one JSON line per measurement and record them in BENCHMARKS.md.
 
-    python -m benchmarks.run [--quick] [--only inference,train,input,end_to_end] [--full] [--no-compile]
+    python -m benchmarks.run [--quick] [--only inference,train,input,stream,end_to_end] [--full] [--no-compile]
                              [--threads N] [--compile-training]
     python -m benchmarks.run --device cuda      # bf16 autocast, the issue's GPU settings, eager and compiled
 
@@ -25,21 +25,25 @@ import timm
 import torch
 import transformers
 
-from . import DTYPE_NAMES, Measurement, end_to_end, hold_freed_memory, inference, input_pipeline, training_step
+from . import (
+    DTYPE_NAMES, Measurement, end_to_end, hold_freed_memory, inference, input_pipeline, streaming, training_step
+)
 
-BENCHMARKS = ("inference", "train", "input", "end_to_end")
+BENCHMARKS = ("inference", "train", "input", "stream", "end_to_end")
 START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
 # Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
 QUICK = {
     "inference": dict(sizes=("tiny",), batch_size=2, warmup=1, repeats=2, busy_retries=0),
     "train": dict(steps_per_round=3, warmup_steps=1, rounds=1, busy_retries=0),
     "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
+    "stream": dict(num_images=16, num_shards=3, num_workers=1, input_size=32, batch_size=4, warmup=0, repeats=1),
     "end_to_end": dict(batch_size=8, workers=1, warmup_steps=1, timed_steps=2, rounds=1, busy_retries=0),
 }
 FULL = {
     "inference": dict(sizes=("tiny", "small"), batch_size=8, warmup=3, repeats=20),
     "train": dict(steps_per_round=10, warmup_steps=3, rounds=4),
     "input": dict(num_images=200, batch_size=32, warmup=1, repeats=5),
+    "stream": dict(num_images=256, num_shards=4, num_workers=1, batch_size=32, warmup=1, repeats=3),
     "end_to_end": dict(batch_size=32, workers=2, warmup_steps=3, timed_steps=12, rounds=2),
 }
 # On an accelerator, the issue's GPU settings: batch 256 inference; DeiT-S⚗ + RegNetY-16GF (the paper's) at batch 128.
@@ -50,6 +54,7 @@ ACCELERATOR = {
         batch_size=128, steps_per_round=12, warmup_steps=4, rounds=4,
     ),
     "input": FULL["input"],  # decoding and augmenting run on the CPU wherever the model runs
+    "stream": FULL["stream"],
     "end_to_end": dict(
         preset="deit-small-distilled-patch16-224", timm_student="deit_small_distilled_patch16_224",
         teacher="regnety_160", input_size=224, batch_size=128, workers=max(1, (os.cpu_count() or 1) - 2),
@@ -200,6 +205,8 @@ def run_benchmarks(
             )
         elif name == "input":
             measurements = _in_temporary_directory(input_pipeline.run, **settings["input"])
+        elif name == "stream":
+            measurements = _in_temporary_directory(streaming.run, **settings["stream"])
         elif name == "end_to_end":
             measurements = (
                 measurement

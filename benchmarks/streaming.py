@@ -7,8 +7,9 @@ the CPU), through `get_batch_samples` as the training loop does, with no model s
 second all processes together receive, decoded and augmented, from the same number of DataLoader workers each.
 
 - map-style: accelerate's `BatchSamplerShard` gives each process every N-th batch of one shuffled order;
-- streamed: each process's part of the stream (`training.data.split_stream_by_process`), the processes ending the
-  epoch together (`DistillationTrainer.get_batch_samples`);
+- streamed: each process's part of the stream, shuffled, as `training.train` reads it
+  (`training.data.prepare_train_stream`), the processes ending the epoch together
+  (`DistillationTrainer.get_batch_samples`);
 - streamed, dispatched from process 0: accelerate's default for a stream, which `training.train` used before (and
   uses with `--accelerator_config '{"dispatch_batches": true}'`): process 0 reads and decodes every batch.
 """
@@ -82,7 +83,7 @@ def run(
     medians = {name: statistics.median(values[warmup:]) for name, values in seconds.items()}
     for name, median in medians.items():
         extra = {"ratio_vs_map-style": medians[MAP_STYLE] / median} if name != MAP_STYLE else {}
-        yield Measurement("input", case, name, num_images / median, median, repeats, extra=extra)
+        yield Measurement("stream", case, name, num_images / median, median, repeats, extra=extra)
 
 
 def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: int, num_workers: int) -> float:
@@ -93,19 +94,19 @@ def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: i
     from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher
     from training.args import AugmentationArguments, DataArguments
     from training.collator import DistillationCollator
-    from training.data import attach_transform, load_image_datasets, split_stream_by_process
+    from training.data import attach_transform, load_image_datasets, prepare_train_stream
     from training.trainer import DistillationTrainer
     from training.transforms import ImageTransform, build_train_transform
 
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(output_dir, per_device_train_batch_size=batch_size, dataloader_num_workers=num_workers,
                                  remove_unused_columns=False, report_to=[], use_cpu=True, max_steps=1)
-        data = load_image_datasets(
-            DataArguments(dataset_name=data_dir, streaming=contender != MAP_STYLE, cache_dir=output_dir)
-        )
+        data_args = DataArguments(dataset_name=data_dir, streaming=contender != MAP_STYLE, cache_dir=output_dir)
+        data = load_image_datasets(data_args)
         train, own_stream_part = data.dataset_dict["train"], contender == STREAMED
-        if own_stream_part:
-            train = split_stream_by_process(train, args.process_index, args.world_size, num_workers)
+        if data_args.streaming:
+            train = prepare_train_stream(train, data_args, args.process_index, args.world_size, num_workers, args.seed,
+                                         own_stream_part)
         transform = ImageTransform(build_train_transform(AugmentationArguments(input_size=input_size)))
         model = DeiTForImageClassificationWithTeacher(DeiTConfig(  # never run: the trainer needs one
             image_size=input_size, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
@@ -126,7 +127,6 @@ def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: i
     if total != expected:
         raise RuntimeError(f"An epoch delivered {int(total)} images instead of {expected}.")
     return elapsed.item()
-
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ class DataArguments:
     streaming: bool = field(
         default=False, metadata={"help": "Stream the dataset instead of downloading and preparing it first."}
     )
+    shuffle_buffer_size: int = field(
+        default=4096,  # timm's for streamed Hugging Face datasets; held undecoded in each DataLoader worker
+        metadata={"help": "With --streaming: the train stream's shuffle buffer (examples per DataLoader worker), and "
+                  "its shards' order reshuffled each epoch from --seed; 0 trains in the files' order."},
+    )
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Train on the first N examples only (debugging, quick runs)."}
     )
@@ -100,6 +105,8 @@ class DataArguments:
             raise ValueError(
                 f"`validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}."
             )
+        if self.shuffle_buffer_size < 0:
+            raise ValueError(f"`shuffle_buffer_size` must be >= 0 (0: no shuffling), got {self.shuffle_buffer_size}.")
         for name in ("max_train_samples", "max_eval_samples", "num_labels"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -110,6 +110,17 @@ def attach_transform(dataset: AnyDataset, transform) -> AnyDataset:
     return dataset.with_transform(transform)
 
 
+def prepare_train_stream(
+    dataset: datasets.IterableDataset, data_args: DataArguments, rank: int, world_size: int, num_workers: int,
+    seed: int, own_part: bool,
+) -> datasets.IterableDataset:
+    """The streamed train split as `training.train` reads it: this process's own part when `own_part`
+    (`split_stream_by_process`), shuffled (`shuffle_stream`). Call it before `attach_transform`."""
+    if own_part:
+        dataset = split_stream_by_process(dataset, rank, world_size, num_workers)
+    return shuffle_stream(dataset, seed, data_args.shuffle_buffer_size, num_workers)
+
+
 def split_stream_by_process(
     dataset: datasets.IterableDataset, rank: int, world_size: int, num_workers: int
 ) -> datasets.IterableDataset:
@@ -142,6 +153,20 @@ def split_stream_by_process(
             num_workers - part.num_shards,
         )
     return part
+
+
+def shuffle_stream(
+    dataset: datasets.IterableDataset, seed: int, buffer_size: int, num_workers: int
+) -> datasets.IterableDataset:
+    """A streamed train split shuffled as timm's `ReaderHfids` shuffles one: the shards' order redrawn each epoch
+    from `seed` (the same on every process, so `split_stream_by_process`'s parts stay disjoint) and the examples
+    through a buffer of `buffer_size` per DataLoader worker; `buffer_size` 0 keeps the files' order."""
+    if buffer_size == 0:
+        logger.warning("--shuffle_buffer_size 0: the train stream is read in the same order every epoch.")
+        return dataset
+    # datasets fills the buffer from up to this many shards at once, and then counts them as one: keep one per worker
+    input_shards = max(1, min(10, dataset.num_shards // max(1, num_workers)))
+    return dataset.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=input_shards)
 
 
 def _is_own_example(example: dict, index: int, rank: int, world_size: int) -> bool:

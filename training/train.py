@@ -33,7 +33,7 @@ from .args import (
 )
 from .checkpoints import last_complete_checkpoint, missing_parts
 from .collator import DistillationCollator
-from .data import attach_transform, load_image_datasets, split_stream_by_process
+from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
@@ -334,9 +334,11 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
     own_stream_part = data_args.streaming and splits_train_stream(training_args)
-    if own_stream_part:  # before the transform: each process decodes only its own examples
-        train_dataset = split_stream_by_process(train_dataset, training_args.process_index, training_args.world_size,
-                                                training_args.dataloader_num_workers)
+    if data_args.streaming:  # before the transform: each process decodes only its own examples
+        train_dataset = prepare_train_stream(
+            train_dataset, data_args, training_args.process_index, training_args.world_size,
+            training_args.dataloader_num_workers, training_args.seed, own_stream_part,
+        )
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from training.data import split_stream_by_process
+from training.data import shuffle_stream, split_stream_by_process
 
 from .conftest import tiny_run_args
 from .test_distributed import launch, two_processes
@@ -96,3 +96,23 @@ def test_split_stream_by_process_gives_each_example_to_one_process(digits, tmp_p
     assert sorted(parts[0] + parts[1]) == list(range(NUM_TRAIN)) and len(parts[0]) == 15
     assert "3 shards do not divide among them" in caplog.text and "2 of them stay idle" not in caplog.text
     assert "3 shard(s) per process for 4 DataLoader workers" in caplog.text
+
+
+def test_the_train_stream_is_shuffled_each_epoch_the_same_on_every_process(digits, tmp_path, caplog):
+    stream = datasets.load_dataset(str(write_stream(digits, tmp_path / "data", [10, 10, 9])), split="train",
+                                   streaming=True).select_columns(["label"])
+    in_files = list(range(NUM_TRAIN))
+
+    def epoch_order(rank: int, epoch: int) -> list[int]:
+        shuffled = shuffle_stream(split_stream_by_process(stream, rank, 2, num_workers=0), seed=0, buffer_size=8,
+                                  num_workers=0)
+        shuffled.set_epoch(epoch)
+        return [example["label"] for example in shuffled]
+
+    for epoch in (0, 1):
+        parts = [epoch_order(rank, epoch) for rank in (0, 1)]
+        assert sorted(parts[0] + parts[1]) == in_files, epoch  # each example once, across the processes
+    assert epoch_order(0, 0) != sorted(epoch_order(0, 0)) and epoch_order(0, 0) != epoch_order(0, 1)
+    assert epoch_order(1, 1) == epoch_order(1, 1)  # reproducible from the seed
+    assert [example["label"] for example in shuffle_stream(stream, 0, 0, 0)] == in_files
+    assert "read in the same order every epoch" in caplog.text
