@@ -4,14 +4,8 @@ Both load the same parquet shards of real JPEGs (`benchmarks.input_pipeline.writ
 `training.data.load_image_datasets` and the recipe's training transform, and iterate one epoch of
 `DistillationTrainer`'s own train DataLoader in each of `num_processes` processes (`accelerate launch`, gloo on
 the CPU), through `get_batch_samples` as the training loop does, with no model step: the figure is the images per
-second all processes together receive, decoded and augmented, from the same number of DataLoader workers each.
-
-- map-style: accelerate's `BatchSamplerShard` gives each process every N-th batch of one shuffled order;
-- streamed: each process's part of the stream, shuffled, as `training.train` reads it
-  (`training.data.prepare_train_stream`), the processes ending the epoch together
-  (`DistillationTrainer.get_batch_samples`);
-- streamed, dispatched from process 0: accelerate's default for a stream, which `training.train` used before (and
-  uses with `--accelerator_config '{"dispatch_batches": true}'`): process 0 reads and decodes every batch.
+second all processes together receive, decoded and augmented, from the same number of DataLoader workers each,
+until the last batch; the wait from there to the epoch's end is its own column (`epoch_end_wait_s`).
 """
 
 import json
@@ -80,14 +74,18 @@ def run(
     seconds = json.loads(result.stdout.strip().splitlines()[-1])
     case = (f"recipe train transform {input_size}px, {num_images} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
             f"q{JPEG_QUALITY} in {num_shards} shards, {num_processes} processes x {num_workers} workers")
-    medians = {name: statistics.median(values[warmup:]) for name, values in seconds.items()}
+    medians = {name: statistics.median(delivering for delivering, _ in values[warmup:])
+               for name, values in seconds.items()}
     for name, median in medians.items():
-        extra = {"ratio_vs_map-style": medians[MAP_STYLE] / median} if name != MAP_STYLE else {}
+        extra = {"epoch_end_wait_s": statistics.median(wait for _, wait in seconds[name][warmup:])}
+        if name != MAP_STYLE:
+            extra["ratio_vs_map-style"] = medians[MAP_STYLE] / median
         yield Measurement("stream", case, name, num_images / median, median, repeats, extra=extra)
 
 
-def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: int, num_workers: int) -> float:
-    """One epoch of this process's train DataLoader; returns the slowest process's seconds."""
+def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: int, num_workers: int) -> list[float]:
+    """One epoch of this process's train DataLoader: the slowest process's seconds until its last batch, and from
+    there until the epoch's end."""
     import torch
     from transformers import TrainingArguments
 
@@ -119,14 +117,17 @@ def _epoch_seconds(data_dir: str, contender: str, input_size: int, batch_size: i
         iterator, images = iter(loader), 0
         while batches := trainer.get_batch_samples(iterator, 1, args.device)[0]:
             images += sum(len(batch["labels"]) for batch in batches)
-        elapsed = torch.tensor(time.perf_counter() - start)
-    torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+            last_batch = time.perf_counter()
+        # (until the iterator ends: the epoch-end wait, datasets' pause when a shuffle buffer's interleaved shards
+        # close, SLEEP_TIME_ON_THREADS_SHUTDOWN, 5 s per epoch and worker)
+        seconds = torch.tensor([last_batch - start, time.perf_counter() - last_batch])
+    torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
     total = torch.tensor(images)
     torch.distributed.all_reduce(total)
     expected = sum(pq.ParquetFile(path).metadata.num_rows for path in Path(data_dir).glob("train-*.parquet"))
     if total != expected:
         raise RuntimeError(f"An epoch delivered {int(total)} images instead of {expected}.")
-    return elapsed.item()
+    return seconds.tolist()
 
 
 if __name__ == "__main__":

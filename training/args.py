@@ -62,7 +62,7 @@ class DataArguments:
         default=False, metadata={"help": "Stream the dataset instead of downloading and preparing it first."}
     )
     shuffle_buffer_size: int = field(
-        default=4096,  # timm's for streamed Hugging Face datasets; held undecoded in each DataLoader worker
+        default=4096,  # as timm for streamed Hugging Face datasets; held undecoded in each DataLoader worker
         metadata={"help": "With --streaming: the train stream's shuffle buffer (examples per DataLoader worker), and "
                   "its shards' order reshuffled each epoch from --seed; 0 trains in the files' order."},
     )

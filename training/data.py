@@ -118,7 +118,7 @@ def prepare_train_stream(
     (`split_stream_by_process`), shuffled (`shuffle_stream`). Call it before `attach_transform`."""
     if own_part:
         dataset = split_stream_by_process(dataset, rank, world_size, num_workers)
-    return shuffle_stream(dataset, seed, data_args.shuffle_buffer_size, num_workers)
+    return shuffle_stream(dataset, seed, data_args.shuffle_buffer_size)
 
 
 def split_stream_by_process(
@@ -155,18 +155,19 @@ def split_stream_by_process(
     return part
 
 
-def shuffle_stream(
-    dataset: datasets.IterableDataset, seed: int, buffer_size: int, num_workers: int
-) -> datasets.IterableDataset:
-    """A streamed train split shuffled as timm's `ReaderHfids` shuffles one: the shards' order redrawn each epoch
-    from `seed` (the same on every process, so `split_stream_by_process`'s parts stay disjoint) and the examples
-    through a buffer of `buffer_size` per DataLoader worker; `buffer_size` 0 keeps the files' order."""
+def shuffle_stream(dataset: datasets.IterableDataset, seed: int, buffer_size: int) -> datasets.IterableDataset:
+    """A streamed train split shuffled: the shards' order redrawn each epoch from `seed` (the same on every process,
+    so `split_stream_by_process`'s parts stay disjoint), and the examples through a buffer of `buffer_size` per
+    DataLoader worker; `buffer_size` 0 keeps the files' order.
+
+    The buffer is filled from one shard at a time. datasets can interleave several (timm's reader does), but then
+    pauses 5 s each time the interleaved shards close (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, apache/arrow
+    #45214): once per epoch and DataLoader worker, a stall of every epoch's end.
+    """
     if buffer_size == 0:
         logger.warning("--shuffle_buffer_size 0: the train stream is read in the same order every epoch.")
         return dataset
-    # datasets fills the buffer from up to this many shards at once, and then counts them as one: keep one per worker
-    input_shards = max(1, min(10, dataset.num_shards // max(1, num_workers)))
-    return dataset.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=input_shards)
+    return dataset.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
 
 
 def _is_own_example(example: dict, index: int, rank: int, world_size: int) -> bool:

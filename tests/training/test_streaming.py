@@ -104,8 +104,7 @@ def test_the_train_stream_is_shuffled_each_epoch_the_same_on_every_process(digit
     in_files = list(range(NUM_TRAIN))
 
     def epoch_order(rank: int, epoch: int) -> list[int]:
-        shuffled = shuffle_stream(split_stream_by_process(stream, rank, 2, num_workers=0), seed=0, buffer_size=8,
-                                  num_workers=0)
+        shuffled = shuffle_stream(split_stream_by_process(stream, rank, 2, num_workers=0), seed=0, buffer_size=8)
         shuffled.set_epoch(epoch)
         return [example["label"] for example in shuffled]
 
@@ -114,5 +113,5 @@ def test_the_train_stream_is_shuffled_each_epoch_the_same_on_every_process(digit
         assert sorted(parts[0] + parts[1]) == in_files, epoch  # each example once, across the processes
     assert epoch_order(0, 0) != sorted(epoch_order(0, 0)) and epoch_order(0, 0) != epoch_order(0, 1)
     assert epoch_order(1, 1) == epoch_order(1, 1)  # reproducible from the seed
-    assert [example["label"] for example in shuffle_stream(stream, 0, 0, 0)] == in_files
+    assert [example["label"] for example in shuffle_stream(stream, 0, 0)] == in_files
     assert "read in the same order every epoch" in caplog.text
