@@ -50,6 +50,15 @@ def poison_if_nonfinite(loss: torch.Tensor, *tensors: torch.Tensor | None) -> to
     return loss * torch.where(finite, 1.0, math.nan).to(loss.dtype)
 
 
+def largest_magnitude(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |value| of `tensors` (NaN if any is NaN), without a host synchronization."""
+    if tensors and tensors[0].device.type == "cpu":
+        # torch has no foreach kernels on the CPU, where `get_total_norm`'s per-tensor infinity norm is ~6x slower
+        # than a min and max (3 % of a DeiT-Ti training step)
+        return torch.stack([torch.stack(torch.aminmax(tensor)) for tensor in tensors]).abs().max()
+    return torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)
+
+
 def weights_are_finite(model: torch.nn.Module) -> bool:
     """Whether every parameter of `model` is finite (one host synchronization)."""
     return bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all())
@@ -94,7 +103,7 @@ class NonFiniteStepGuard(TrainerCallback):
         if self.counters is None:
             return
         gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
-        largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf).to(self.counters.device)
+        largest = largest_magnitude(gradients).to(self.counters.device)
         nonfinite, empty = ~torch.isfinite(largest), largest == 0
         counters = self.counters
         counters[NONFINITE] += nonfinite

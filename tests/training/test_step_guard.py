@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from hypothesis import given, strategies as st
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
-from training.step_guard import NonFiniteStepGuard, NonFiniteTrainingError
+from training.step_guard import NonFiniteStepGuard, NonFiniteTrainingError, largest_magnitude
 from training.teacher import Teacher
 from training.skipped_images import SkippedImageCounter
 from training.trainer import DistillationTrainer
@@ -199,3 +200,11 @@ def test_no_host_read_in_the_training_step_or_the_guard(tmp_path, digits, fitted
 def test_max_consecutive_nonfinite_must_be_positive():
     with pytest.raises(ValueError, match="`max_consecutive_nonfinite` must be at least 1"):
         NonFiniteStepGuard(0)
+
+
+@given(values=st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=5),
+                       min_size=1, max_size=4))
+def test_largest_magnitude_is_the_infinity_norm_nan_and_inf_included(values):
+    tensors = [torch.tensor(row, dtype=torch.float32) for row in values]
+    expected = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))
+    torch.testing.assert_close(largest_magnitude(tensors), expected, equal_nan=True)
