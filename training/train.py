@@ -18,7 +18,7 @@ import torch
 import transformers
 import yaml
 from accelerate.utils import get_int_from_env
-from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedConfig, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
@@ -321,7 +321,8 @@ def resume_argument(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def main(argv: list[str] | None = None) -> DistillationTrainer:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,
+        callbacks=callbacks,
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))

@@ -125,18 +125,26 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
                                    "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
                                    "SAVE_PROBE_FILE": str(tmp_path / "nodes.saves")}
     args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "nodes", *common))
-    machines = [
-        subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [machine.communicate(timeout=300) for machine in machines]
-    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in outputs[0][0]  # printed by the global rank 0
+    # Each machine's output goes to a file: a pipe left undrained while waiting on the other machine fills up and
+    # blocks its writer mid-run, and then both wait for each other.
+    logs = [(tmp_path / f"machine{rank}.out", tmp_path / f"machine{rank}.err") for rank in (0, 1)]
+    machines = []
+    for rank, (out, err) in enumerate(logs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            machines.append(subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE), *args],
+                stdout=stdout, stderr=stderr, text=True, env=env, cwd=REPO,
+            ))
+    try:
+        # past torch elastic's 300 s exit barrier, so that a machine whose worker failed is seen failing
+        returncodes = [machine.wait(timeout=400) for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    assert returncodes == [0, 0], "".join(err.read_text()[-2000:] for _, err in logs)
+    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in logs[0][0].read_text()  # printed by the global rank 0
 
     for folder in ("yaml", "nodes"):
         assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
