@@ -11,10 +11,11 @@ kept rounds. Linux only (`/proc`, glibc).
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import psutil
@@ -178,6 +179,15 @@ def keep_quiet_rounds(
     return Timing(seconds, samples, len(busy) if enough else 0, 0 if enough else len(busy))
 
 
+def rotating_orders(names: Iterable[str]) -> Iterator[list[str]]:
+    """The contenders' order for each round, each round starting one contender later: a call runs slower or faster
+    depending on what ran just before it (caches, the allocator's free lists), and the rotation spreads that over
+    all contenders alike."""
+    names = list(names)
+    for shift in itertools.cycle(range(len(names))):
+        yield names[shift:] + names[:shift]
+
+
 def time_interleaved(
     calls: dict[str, Callable[[], object]], warmup: int, repeats: int, busy_retries: int | None = None
 ) -> Timing:
@@ -189,17 +199,11 @@ def time_interleaved(
         for call in calls.values():
             call()
 
-    names = list(calls)
-    rounds_run = 0
+    orders = rotating_orders(calls)
 
     def run_round() -> dict[str, list[float]]:
-        # Each round starts one contender later: a call runs slower or faster depending on what ran just before it
-        # (caches, the allocator's free lists), and the rotation spreads that over all contenders alike.
-        nonlocal rounds_run
-        shift = rounds_run % len(names)
-        rounds_run += 1
         samples = {}
-        for name in names[shift:] + names[:shift]:
+        for name in next(orders):
             start = time.perf_counter()
             calls[name]()
             samples[name] = [time.perf_counter() - start]

@@ -50,7 +50,7 @@ from training.args import AugmentationArguments
 from training.train import share_cpu_threads
 from training.transforms import zero_bit_posterize
 
-from . import DTYPE_NAMES, ForeignCpu, Measurement, autocast, keep_quiet_rounds, synchronize
+from . import DTYPE_NAMES, ForeignCpu, Measurement, autocast, keep_quiet_rounds, rotating_orders, synchronize
 from .input_pipeline import IMAGE_SIZE, NUM_CLASSES, write_jpegs
 from .training_step import timm_adamw, timm_mixup_args, timm_token_distillation_task
 
@@ -207,14 +207,11 @@ def run(directory: str | os.PathLike, settings: EndToEndSettings = EndToEndSetti
     teacher = directory / "teacher.safetensors"
     _save_teacher(settings, teacher)
     threads = torch.get_num_threads()
-    rounds_run = 0
+    orders = rotating_orders((DEIT_HF, TIMM))
 
     def run_round() -> tuple[dict[str, list[float]], float]:
-        nonlocal rounds_run
-        order = (DEIT_HF, TIMM) if rounds_run % 2 == 0 else (TIMM, DEIT_HF)
-        rounds_run += 1
         windows = {}
-        for name in order:
+        for name in next(orders):
             try:
                 if name == DEIT_HF:
                     with tempfile.TemporaryDirectory(dir=directory) as output_dir:

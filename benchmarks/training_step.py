@@ -64,7 +64,10 @@ from training.teacher import load_teacher
 from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
-from . import DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, synchronize
+from . import (
+    DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, rotating_orders,
+    synchronize,
+)
 from .reference import facebookresearch_hard_distillation_loss
 
 TRAINER, HAND_WRITTEN, TIMM_TASK = "DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"
@@ -348,13 +351,10 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
     peak_flops = matmul_peak_flops(settings.device, settings.dtype)
     with tempfile.TemporaryDirectory() as output_dir:
         loops = {name: _build(name, settings, output_dir) for name in settings.contenders}
-        names, rounds_run = list(loops), 0
+        orders = rotating_orders(loops)
 
         def run_round() -> dict[str, list[float]]:
-            # Each round starts one contender later, as `benchmarks.time_interleaved` does.
-            nonlocal rounds_run
-            shift, rounds_run = rounds_run % len(names), rounds_run + 1
-            return {name: loops[name].run_round()[settings.warmup_steps :] for name in names[shift:] + names[:shift]}
+            return {name: loops[name].run_round()[settings.warmup_steps :] for name in next(orders)}
 
         timing = keep_quiet_rounds(run_round, settings.rounds, settings.busy_retries)
     case = (

@@ -64,9 +64,9 @@ class DistillationTrainer(Trainer):
 
     With `own_stream_part`, the train dataset is this process's own part of a stream split among the processes
     (`training.data.split_stream_by_process`): its DataLoader is not split again, and the processes end each epoch
-    together. One whose part has run out
-    trains on empty batches (zero gradients, as for an all-corrupt batch) until every part has, so each example is
-    seen once per epoch and the DDP collectives, optimizer steps and epoch-end evaluations stay in step.
+    together. One whose part has run out trains on empty batches (zero gradients, as for an all-corrupt batch) until
+    every part has, so each example is seen once per epoch and the DDP collectives, optimizer steps and epoch-end
+    evaluations stay in step.
     """
 
     def __init__(

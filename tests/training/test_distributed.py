@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils.launch import _get_mpirun_args
 from safetensors.torch import load_file
 
 from .conftest import tiny_run_args
@@ -26,11 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A few steps of a tiny run, with nothing random but the model's initialisation and the order of the batches.
+THREE_STEPS = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+               "--do_eval", "false", "--mixup", "0", "--cutmix", "0"]
+
+
+def probe_env(**env: str) -> dict[str, str]:
+    """This environment for a launched probe: the checkout importable, one thread per process, offline, CPU only."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "CUDA_VISIBLE_DEVICES": "", **env}
+
+
 def launch(launcher: list[str], probe: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": "", **env}
-    return subprocess.run([*launcher, str(probe), *args], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    return subprocess.run([*launcher, str(probe), *args], capture_output=True, text=True, env=probe_env(**env),
+                          cwd=REPO, timeout=300)
 
 
 def run(launcher: list[str], args: list[str], probe_file: Path) -> str:
@@ -108,9 +118,7 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
                                                                           tmp_path):
     """`accelerate launch --config_file` with a multi-GPU YAML (the script itself runs on the CPU here), and two
     "machines" on one host (`--num_machines 2 --machine_rank 0|1`): both form a 2-process group that trains as one."""
-    common = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
-              "--do_eval", "false", "--mixup", "0", "--cutmix", "0"]
-    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
+    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *THREE_STEPS),
         tmp_path / "one.saves")
 
     config = tmp_path / "accelerate.yaml"
@@ -118,13 +126,11 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
                       f"num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nmain_process_port: {free_port()}\n")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     stdout = run(launcher, half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "yaml",
-                                                      *common)), tmp_path / "yaml.saves")
+                                                      *THREE_STEPS)), tmp_path / "yaml.saves")
     assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in stdout
 
-    port, env = str(free_port()), {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                   "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-                                   "SAVE_PROBE_FILE": str(tmp_path / "nodes.saves")}
-    args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "nodes", *common))
+    port, env = str(free_port()), probe_env(SAVE_PROBE_FILE=str(tmp_path / "nodes.saves"))
+    args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "nodes", *THREE_STEPS))
     # Each machine's output goes to a file: a pipe left undrained while waiting on the other machine fills up and
     # blocks its writer mid-run, and then both wait for each other.
     logs = [(tmp_path / f"machine{rank}.out", tmp_path / f"machine{rank}.err") for rank in (0, 1)]
@@ -150,41 +156,27 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
         assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
 
 
-def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir, tmp_path):
+def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir, tmp_path,
+                                                                      monkeypatch):
     """accelerate starts a `MULTI_CPU` config's processes with `mpirun` (the `mpich` test dependency provides one) on
     the hosts of its hostfile; with no MASTER_ADDR exported, `training.train` meets on this host when all its ranks
     are here."""
-    common = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
-              "--do_eval", "false", "--mixup", "0", "--cutmix", "0"]
-    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
+    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *THREE_STEPS),
         tmp_path / "one.saves")
 
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's mpirun
-    hostfile_flag = _get_mpirun_args_on(path)[1]
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # its mpirun
+    for variable in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    hostfile_flag = _get_mpirun_args()[1]  # accelerate's own choice of MPI program and flags
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n" if hostfile_flag == "--hostfile" else "localhost:2\n")  # Open MPI, MPICH
     config = tmp_path / "accelerate.yaml"
     config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
                       f"num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n"
                       f"main_process_port: {free_port()}\nmpirun_config:\n  mpirun_hostfile: {hostfile}\n")
-    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(PROBE),
-         *half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "mpi", *common))],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**env, "PATH": path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-             "CUDA_VISIBLE_DEVICES": "", "SAVE_PROBE_FILE": str(tmp_path / "mpi.saves")},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in result.stdout
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    stdout = run(launcher, half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "mpi",
+                                                      *THREE_STEPS)), tmp_path / "mpi.saves")
+    assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in stdout
     assert losses(tmp_path / "mpi") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert (tmp_path / "mpi.saves").read_text().split() == ["0"]  # the final model, written by rank 0 alone
-
-
-def _get_mpirun_args_on(path: str) -> tuple[str, ...]:
-    """accelerate's own choice of MPI program and flags, on `path`."""
-    from accelerate.utils.launch import _get_mpirun_args
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PATH", path)
-        return _get_mpirun_args()
