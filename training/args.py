@@ -166,9 +166,12 @@ class AugmentationArguments:
     )
     smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the (mixed) class targets."})
     repeated_aug: bool = field(
-        default=True, metadata={"help": "Repeated augmentation: each image appears `num_repeats` times per epoch."}
+        default=True,
+        metadata={"help": "Repeated augmentation (facebookresearch/deit's RASampler): an epoch of N views holds "
+                  "N / `num_repeats` distinct images, `num_repeats` differently augmented views of each, spread over "
+                  "the processes."},
     )
-    num_repeats: int = field(default=3, metadata={"help": "Repeats per image with `repeated_aug`."})
+    num_repeats: int = field(default=3, metadata={"help": "Views per image with `repeated_aug`."})
 
     def __post_init__(self):
         if self.auto_augment is not None and self.auto_augment.strip().lower() in _OFF_VALUES:

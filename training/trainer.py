@@ -6,15 +6,15 @@ import shutil
 import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
-from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
-from .skipped_images import SkippedImageCounter
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .randomness import RepeatedViewSampler, SeededViews, StepSeeder
+from .skipped_images import SkippedImageCounter
 from .step_guard import (
     MAX_CONSECUTIVE_NONFINITE,
     NonFiniteStepGuard,
@@ -53,14 +53,20 @@ class DistillationTrainer(Trainer):
             `config.distillation_type` is `"none"`.
         batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
             normalization of uint8 batches only.
-        num_repeats: repeated augmentation (`timm.data.RepeatAugSampler`): each image appears this many times per
-            epoch, differently augmented; 0 or 1 turns it off. The sampler draws one global order from the epoch
-            number and accelerate shards its batches over processes, so a global batch is the same on 1 or N
-            processes, and a resumed run replays the same order.
+        num_repeats: repeated augmentation (`training.randomness.RepeatedViewSampler`): an epoch is as many views
+            as the dataset has images, `num_repeats` differently augmented views of each of `1 / num_repeats` of
+            them, the views of an image spread over the processes as facebookresearch/deit's `RASampler` does; 0 or
+            1 turns it off. A global batch holds the same views on 1 or N processes, and a resumed run replays the
+            same order.
         skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
             too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
         max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
         own_stream_part: whether the train dataset is this process's part of a stream (see above).
+
+    Randomness (`training.randomness`): the epoch's order, each view of an image and each micro-batch's random
+    erasing, Mixup/CutMix and drop path are drawn from seeds derived from `args.seed` and the epoch, the view's
+    position, or the step, micro-batch and process (`step_seeder.key`, read by what needs the micro-batch's
+    identity): each process draws its own, and the same ones in a rerun or a resumed run.
 
     With `own_stream_part`, the train dataset is this process's own part of a stream split among the processes
     (`training.data.split_stream_by_process`): its DataLoader is not split again, and the processes end each epoch
@@ -107,6 +113,8 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.batch_transform = batch_transform if batch_transform is not None else BatchTransform()
         self.num_repeats = num_repeats
+        self.step_seeder = StepSeeder(self.args.seed, self.args.process_index)
+        self._view_sampler: RepeatedViewSampler | None = None
         self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
         self.add_callback(self.skipped_images)
         # Per-batch values kept on the device and averaged at each logging step: no host sync per step.
@@ -138,6 +146,9 @@ class DistillationTrainer(Trainer):
         return correct, total
 
     def get_train_dataloader(self):
+        if has_length(self.train_dataset):  # read with the sampler's `SampleKey`s, each view seeded
+            return self._get_dataloader(SeededViews(self.train_dataset, self.args.seed), "Training",
+                                        self._train_batch_size, self._get_train_sampler, is_training=True)
         if not self.own_stream_part:
             return super().get_train_dataloader()
         accelerator = self.accelerator
@@ -174,10 +185,19 @@ class DistillationTrainer(Trainer):
         return batch_samples + [empty] * (int(most) - len(batch_samples)), num_items_in_batch
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.num_repeats <= 1:
-            return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return RepeatAugSampler(dataset, num_replicas=1, rank=0, num_repeats=self.num_repeats, selected_round=0)
+        self._view_sampler = RepeatedViewSampler(
+            len(dataset), max(self.num_repeats, 1), self.args.seed, self.args.world_size, self._train_batch_size
+        )
+        return self._view_sampler
+
+    def _run_epoch(self, model, epoch, train_dataloader, *args, **kwargs):
+        # Here, not through the DataLoader's `set_epoch`: that misses the sampler of a resumed epoch on N processes
+        # (accelerate's skipping wraps its batch sampler twice).
+        if self._view_sampler is not None:
+            self._view_sampler.set_epoch(epoch)
+        self.step_seeder.start_epoch(epoch)
+        return super()._run_epoch(model, epoch, train_dataloader, *args, **kwargs)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_PARAMETERS)]
@@ -191,6 +211,7 @@ class DistillationTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.skipped_images.record(inputs, "train")
+        self.step_seeder.seed_micro_batch(self.state.global_step)
         return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
