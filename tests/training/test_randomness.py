@@ -1,27 +1,38 @@
 """training.randomness: the order and the views of an epoch, the same whatever the processes and DataLoader workers."""
 
 import json
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
+import timm.layers.drop
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timm.data.mixup import Mixup
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import BatchSampler
+from transformers import TrainerCallback
 
 from training.args import AugmentationArguments
 from training.randomness import RepeatedViewSampler, StepSeeder
+from training.train import main
+from training.trainer import DistillationTrainer
 from training.transforms import build_train_transform
 
+from . import randomness_probe
 from .conftest import IMAGE_SIZE, tiny_run_args
 from .test_distributed import half_batches, launch, losses, two_processes
 from .test_trainer import make_trainer, prepared, student
 
 PROBE = Path(__file__).with_name("randomness_probe.py")
+PATCHED = {"params_per_batch": (Mixup, "_params_per_batch"), "erase": (RandomErasing, "__call__"),
+           "drop_path": (timm.layers.drop, "drop_path"), "training_step": (DistillationTrainer, "training_step")}
 
 
 def process_batches(sampler: RepeatedViewSampler) -> list[list[list]]:
@@ -32,7 +43,7 @@ def process_batches(sampler: RepeatedViewSampler) -> list[list[list]]:
 
 def global_batches(sampler: RepeatedViewSampler) -> list[Counter]:
     """Each step's views on all processes together, as a multiset."""
-    return [Counter(key for batch in step for key in batch) for step in zip(*process_batches(sampler))]
+    return [Counter(key for batch in step for key in batch) for step in zip(*process_batches(sampler), strict=True)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,7 +147,7 @@ def test_the_views_are_the_same_with_0_or_2_dataloader_workers(tmp_path, small_d
             views.append(torch.cat([batch["pixel_values"] for batch in loader]))
         epochs.append(views)
         torch.rand(7), np.random.rand(7)  # the main process's RNGs move on; the views must not
-    for zero_workers, two_workers in zip(*epochs):
+    for zero_workers, two_workers in zip(*epochs, strict=True):
         torch.testing.assert_close(two_workers, zero_workers, rtol=0, atol=0)
         assert zero_workers.shape == (64, 3, IMAGE_SIZE, IMAGE_SIZE)  # 48 views, to whole batches of 32
     assert not torch.equal(epochs[0][0], epochs[0][1])  # another epoch, other views
@@ -190,8 +201,39 @@ def test_each_process_draws_its_own_batch_randomness_and_a_resumed_run_draws_the
         assert len(rank0[step]["drop_path"]) == 6  # two per block, but the first (rate 0)
     assert [rank0[step]["drop_path"] for step in range(12)] != [rank1[step]["drop_path"] for step in range(12)]
 
-    for uninterrupted, resumed in zip(runs["uninterrupted"], runs["resumed"]):
+    for uninterrupted, resumed in zip(runs["uninterrupted"], runs["resumed"], strict=True):
         assert sorted(resumed) == list(range(8, 12))
         assert {step: uninterrupted[step] for step in resumed} == resumed
     assert len(losses(tmp_path / "uninterrupted")) == 12
     assert losses(tmp_path / "resumed")[-4:] == pytest.approx(losses(tmp_path / "uninterrupted")[-4:], rel=1e-5)
+
+
+class DrawBeforeTraining(TrainerCallback):
+    """Draws from the three global RNGs as training begins, as the teacher's accuracy check does (its DataLoader
+    draws a worker seed from torch's RNG): a random teacher here cannot pass that check."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        random.random(), np.random.rand(), torch.rand(1)
+
+
+def test_the_students_draws_do_not_depend_on_a_teacher_or_what_drew_before_training(
+    small_digits_dir, tmp_path, monkeypatch
+):
+    """A timm teacher (its creation draws a random initialisation, before its checkpoint loads) against none and
+    other draws before step 1: the same λ, erasing and drop-path masks."""
+    for name, (owner, attribute) in PATCHED.items():
+        monkeypatch.setattr(owner, attribute, getattr(randomness_probe, name))
+    monkeypatch.setenv("RANDOMNESS_PROBE_DIR", str(tmp_path))
+    checkpoint = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), checkpoint)
+    draws = []
+    runs = [("teacher", ["--teacher_checkpoint", str(checkpoint)], []),
+            ("alone", ["--distillation_type", "none"], [DrawBeforeTraining()])]
+    for name, flags, callbacks in runs:
+        args = tiny_run_args(small_digits_dir, "resnet10t", tmp_path / name, *FULL_RECIPE, "--max_steps", "3",
+                             "--save_strategy", "no", *flags)
+        main(args, callbacks)
+        draws.append(probe_records(tmp_path, 0))
+        (tmp_path / "rank0.jsonl").unlink()
+    assert sorted(draws[0]) == [0, 1, 2]
+    assert draws[0] == draws[1]
