@@ -73,7 +73,7 @@ class RepeatedViewSampler(Sampler[SampleKey]):
     The epoch's order is drawn from `(seed, epoch)`: a permutation of the images, each repeated `num_repeats` times
     side by side (1: no repetition), cut to `num_images` views (so an epoch holds `num_images / num_repeats` distinct
     images, `num_repeats` views of each), then extended to a whole number of global batches
-    (`num_processes * batch_size` views) with the views that follow. `RASampler` gives process `r` the views
+    (`num_processes * batch_size` views) with the views that follow, or with `drop_last` cut to one. `RASampler` gives process `r` the views
     `r, r + num_processes, ...` of that order; so does this sampler once accelerate has dealt its batches to the
     processes (batch `b` to process `b % num_processes`): the views of each global batch are reordered so that
     process `r`'s batch holds views `r, r + num_processes, ...` of it. The copies of an image thus go to different
@@ -82,14 +82,18 @@ class RepeatedViewSampler(Sampler[SampleKey]):
     after `set_epoch`, so it sees the same order.
     """
 
-    def __init__(self, num_images: int, num_repeats: int, seed: int, num_processes: int, batch_size: int):
+    def __init__(
+        self, num_images: int, num_repeats: int, seed: int, num_processes: int, batch_size: int, drop_last: bool = False
+    ):
         if num_images < 1 or num_repeats < 1 or num_processes < 1 or batch_size < 1:
             raise ValueError(f"Cannot sample {num_images} images x {num_repeats} repeats on {num_processes} "
                              f"processes x {batch_size} per batch: each must be at least 1.")
         self.num_images, self.num_repeats, self.seed = num_images, num_repeats, seed
         self.num_processes, self.batch_size = num_processes, batch_size
         global_batch = num_processes * batch_size
-        self.num_views = -(-num_images // global_batch) * global_batch
+        self.num_views = (num_images // global_batch if drop_last else -(-num_images // global_batch)) * global_batch
+        if self.num_views == 0:
+            raise ValueError(f"{num_images} images make no global batch of {global_batch} (drop_last).")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

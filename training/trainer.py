@@ -54,10 +54,10 @@ class DistillationTrainer(Trainer):
         batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
             normalization of uint8 batches only.
         num_repeats: repeated augmentation (`training.randomness.RepeatedViewSampler`): an epoch is as many views
-            as the dataset has images, `num_repeats` differently augmented views of each of `1 / num_repeats` of
-            them, the views of an image spread over the processes as facebookresearch/deit's `RASampler` does; 0 or
-            1 turns it off. A global batch holds the same views on 1 or N processes, and a resumed run replays the
-            same order.
+            as the dataset has images (rounded to whole global batches), `num_repeats` differently augmented views
+            of each of `1 / num_repeats` of them, the views of an image spread over the processes as
+            facebookresearch/deit's `RASampler` does; 0 or 1 turns it off. A global batch holds the same views on
+            1 or N processes, and a resumed run replays the same order.
         skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
             too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
         max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
@@ -187,7 +187,8 @@ class DistillationTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         self._view_sampler = RepeatedViewSampler(
-            len(dataset), max(self.num_repeats, 1), self.args.seed, self.args.world_size, self._train_batch_size
+            len(dataset), max(self.num_repeats, 1), self.args.seed, self.args.world_size, self._train_batch_size,
+            self.args.dataloader_drop_last,
         )
         return self._view_sampler
 

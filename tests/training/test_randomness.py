@@ -237,3 +237,10 @@ def test_the_students_draws_do_not_depend_on_a_teacher_or_what_drew_before_train
         (tmp_path / "rank0.jsonl").unlink()
     assert sorted(draws[0]) == [0, 1, 2]
     assert draws[0] == draws[1]
+
+
+def test_drop_last_cuts_the_epoch_to_whole_global_batches():
+    assert len(RepeatedViewSampler(50, 3, 0, 2, 4, drop_last=True)) == 48
+    assert len(RepeatedViewSampler(50, 3, 0, 2, 4)) == 56
+    with pytest.raises(ValueError, match="5 images make no global batch of 8"):
+        RepeatedViewSampler(5, 3, 0, 2, 4, drop_last=True)
