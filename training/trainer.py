@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -13,8 +14,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .skipped_images import SkippedImageCounter
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .skipped_images import SkippedImageCounter, slice_dispatched_batch
 from .step_guard import (
     MAX_CONSECUTIVE_NONFINITE,
     NonFiniteStepGuard,
@@ -137,6 +138,13 @@ class DistillationTrainer(Trainer):
         correct, total = self.accelerator.reduce(torch.stack([correct, total]), reduction="sum").tolist()
         return correct, total
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # A stream's batches are dispatched from process 0 (on one process too): keep their skipped-image counts
+        self.accelerator.prepare_data_loader = partial(
+            self.accelerator.prepare_data_loader, slice_fn_for_dispatch=slice_dispatched_batch
+        )
+
     def get_train_dataloader(self):
         if not self.own_stream_part:
             return super().get_train_dataloader()
@@ -151,11 +159,12 @@ class DistillationTrainer(Trainer):
                 non_blocking=accelerator.non_blocking,
             )
 
+        prepare_dispatched = accelerator.prepare_data_loader
         accelerator.prepare_data_loader = prepare_own_part
         try:
             return super().get_train_dataloader()
         finally:
-            del accelerator.prepare_data_loader
+            accelerator.prepare_data_loader = prepare_dispatched
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
