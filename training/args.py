@@ -17,6 +17,9 @@ from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
 _OFF_VALUES = ("", "none", "null", "off", "false")
+# Evaluation resizes to input_size / eval_crop_pct: below this, the center crop keeps less than half of each side
+# (timm's pretrained models use 0.875 to 1).
+MIN_EVAL_CROP_PCT = 0.5
 
 
 @dataclass
@@ -183,8 +186,12 @@ class AugmentationArguments:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"`smoothing` must be in [0, 1), got {self.smoothing}.")
-        if not 0 < self.eval_crop_pct <= 1:
-            raise ValueError(f"`eval_crop_pct` must be in (0, 1], got {self.eval_crop_pct}.")
+        if not MIN_EVAL_CROP_PCT <= self.eval_crop_pct <= 1:
+            raise ValueError(
+                f"--eval_crop_pct {self.eval_crop_pct:g} is out of range [{MIN_EVAL_CROP_PCT:g}, 1] (DeiT: 0.875; 1 at "
+                f"384 px): evaluation would resize to {self.input_size / self.eval_crop_pct:.0f} px and keep only the "
+                f"central {self.eval_crop_pct:.0%} of each side."
+            )
         if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
             raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")
         if self.auto_augment is not None:
@@ -303,7 +310,7 @@ class DistillationArguments:
     )
 
     def __post_init__(self):
-        for name in ("blr", "warmup_epochs"):
+        for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.distillation_type != "none" and not (self.teacher_model or "").strip():

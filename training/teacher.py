@@ -191,6 +191,12 @@ def load_teacher(
             raise ValueError(
                 f"checkpoint_path is for timm teachers; the directory {name_or_path} carries its own weights."
             )
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise ValueError(
+                f"Teacher directory {name_or_path} holds no config.json: not a saved transformers model "
+                "(`save_pretrained` writes config.json beside the weights); for a timm model pass its name and "
+                "--teacher_checkpoint."
+            )
         config = AutoConfig.from_pretrained(name_or_path)
         if num_labels is not None and config.num_labels != num_labels:
             raise ValueError(

@@ -37,6 +37,9 @@ REFUSED = [
     (["--min_decodable_fraction", "1.5"], "`min_decodable_fraction` must be in [0, 1], got 1.5"),
     (["--num_labels", "0"], "`num_labels` must be a positive number, got 0"),
     (["--max_image_aspect_ratio", "0.5"], "`max_image_aspect_ratio` (0.5) must be >= 1"),
+    (["--teacher_check_batches", "-1"], "--teacher_check_batches must be >= 0, got -1"),
+    (["--eval_crop_pct", "0.01"], "--eval_crop_pct 0.01 is out of range [0.5, 1] (DeiT: 0.875; 1 at 384 px): "
+                                  "evaluation would resize to 22400 px and keep only the central 1% of each side"),
 ]
 
 

@@ -291,3 +291,9 @@ def test_a_teacher_near_chance_is_refused_with_the_causes_and_the_way_out(correc
             check_teacher_accuracy(correct, total, num_labels=10)
     else:
         assert check_teacher_accuracy(correct, total, num_labels=10) == correct / total
+
+
+def test_a_teacher_directory_without_config_json_says_so(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    with pytest.raises(ValueError, match=r"Teacher directory .*teacher holds no config.json: not a saved transformers"):
+        load_teacher(tmp_path / "teacher", num_labels=10)
