@@ -8,6 +8,7 @@ Arguments are the dataclasses of `training.args` plus transformers' `TrainingArg
 Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--help`.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -107,6 +108,7 @@ def parse_args(argv: list[str] | None = None):
     # would train alone on all the data.
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
+    _show_what_decides(parser)
     given = set()
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         try:
@@ -127,6 +129,15 @@ def parse_args(argv: list[str] | None = None):
     except ValueError as error:  # a dataclass's own check, a conflict between arguments, a value refused
         parser.error(str(error))
     return arguments
+
+
+def _show_what_decides(parser: HfArgumentParser) -> None:
+    """`--help` as the run reads it: a flag that a recipe rule derives says so, a refused one is not listed."""
+    actions = {action.dest: action for action in parser._actions}
+    for rule, derived in RECIPE_RULES:
+        actions[derived].help = (f"Default: derived from --{rule} (see there). A value given replaces that rule; with "
+                                 f"--{rule} 0 and none given: %(default)s.")
+    actions["label_smoothing_factor"].help = argparse.SUPPRESS  # refused: --smoothing is the recipe's
 
 
 def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_args, training_args) -> None:

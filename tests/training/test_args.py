@@ -77,3 +77,12 @@ def test_a_checkpoint_that_does_not_load_names_the_option(tmp_path):
     model_args, distill_args, _, aug_args, _ = arguments
     with pytest.raises(ValueError, match=rf"--model_name_or_path '{tmp_path}': .*model.safetensors"):
         build_student(model_args, distill_args, aug_args, {0: "a", 1: "b"})
+
+
+def test_help_shows_where_the_learning_rate_comes_from_and_hides_refused_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE Default: derived from --blr (see there)." in text
+    assert "--warmup_steps WARMUP_STEPS, --warmup-steps WARMUP_STEPS Default: derived from --warmup_epochs" in text
+    assert "(default: 5e-05)" not in text and "--label_smoothing_factor" not in text
