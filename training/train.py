@@ -149,6 +149,8 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
             setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
     if training_args.dataloader_num_workers == 0:
         training_args.dataloader_persistent_workers = False  # no workers to keep (torch refuses the pair)
+    if not training_args.do_train and not given & {"teacher_model", "teacher_checkpoint", "distillation_type"}:
+        distill_args.distillation_type = "none"  # evaluation only: the paper's default teacher is for training
     if "label_smoothing_factor" in given:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
