@@ -346,6 +346,13 @@ def check_arguments(
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(training_args, name)}.")
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and training_args.use_cpu:
+        raise ValueError(
+            "FSDP is asked for (--fsdp, or an accelerate config's FSDP section) but the run is on the CPU (--use_cpu), "
+            "where accelerate drops FSDP and trains plain data parallel, each process holding the whole model. Train "
+            "on accelerators, or drop FSDP to train on the CPU."
+        )
     if training_args.weight_decay < 0:
         raise ValueError(f"--weight_decay must be >= 0, got {training_args.weight_decay}.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:

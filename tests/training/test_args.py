@@ -86,3 +86,14 @@ def test_help_shows_where_the_learning_rate_comes_from_and_hides_refused_flags(c
     assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE Default: derived from --blr (see there)." in text
     assert "--warmup_steps WARMUP_STEPS, --warmup-steps WARMUP_STEPS Default: derived from --warmup_epochs" in text
     assert "(default: 5e-05)" not in text and "--label_smoothing_factor" not in text
+
+
+@pytest.mark.parametrize("flags, environment", [(["--fsdp", "full_shard"], {}), ([], {"ACCELERATE_USE_FSDP": "true"})])
+def test_fsdp_on_the_cpu_is_refused_rather_than_trained_as_plain_data_parallel(flags, environment, monkeypatch,
+                                                                              capsys):
+    for name, value in environment.items():  # what `accelerate launch` sets from an FSDP config
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--use_cpu", "true", *flags])
+    assert "FSDP is asked for (--fsdp, or an accelerate config's FSDP section) but the run is on the CPU" in (
+        capsys.readouterr().err)
