@@ -304,26 +304,6 @@ def check_class_names(teacher: Teacher, dataset_names: Sequence[str], show: int 
         )
 
 
-def check_teacher_accuracy(correct: int, total: int, num_labels: int) -> float:
-    """The teacher's top-1 on `total` validation images; a top-1 near chance stops the run before step 1.
-
-    Near chance means less than a fifth of the way from chance to perfect: a teacher that bad teaches nothing,
-    and is almost always fed wrongly (normalisation, checkpoint, class order).
-    """
-    chance = 1 / num_labels
-    top1 = correct / total
-    threshold = chance + 0.2 * (1 - chance)
-    logger.info("Teacher top-1 on %d validation images: %.1f %% (chance: %.1f %%).", total, 100 * top1, 100 * chance)
-    if top1 < threshold:
-        raise ValueError(
-            f"The teacher's top-1 on {total} validation images is {100 * top1:.1f} %, near chance ({100 * chance:.1f} "
-            f"%; the check asks for {100 * threshold:.1f} %). Likely causes: its input normalisation (set "
-            "--teacher_mean and --teacher_std to what it was trained with), its checkpoint (--teacher_checkpoint), "
-            "or a class order other than the dataset's. To train with it anyway, pass --teacher_check_batches 0."
-        )
-    return top1
-
-
 def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained: bool | None) -> nn.Module:
     pretrained = checkpoint_path is None if pretrained is None else pretrained
     if pretrained and checkpoint_path is not None:

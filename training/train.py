@@ -38,7 +38,8 @@ from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
-from .teacher import check_class_names, check_teacher_accuracy, load_teacher
+from .teacher import check_class_names, load_teacher
+from .teacher_check import check_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         callbacks=callbacks,
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
-        check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
+        check_teacher(trainer.teacher_confusions(distill_args.teacher_check_batches), data.label_names)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it
