@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -335,8 +336,17 @@ def resume_argument(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
-    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
+def main(
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    prepare_model: Callable[[DeiTForImageClassificationWithTeacher], torch.nn.Module] | None = None,
+) -> DistillationTrainer:
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
+
+    `prepare_model` is given the student built from the flags (with the dataset's labels) and returns the model to
+    train, e.g. a LoRA adapter around it: `lambda student: peft.get_peft_model(student, LoraConfig(...))`. The
+    Trainer saves what that model saves (a PEFT model: its adapter); the run card is written for a whole DeiT⚗ only.
+    """
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -355,6 +365,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             training_args.dataloader_num_workers, training_args.seed, own_stream_part,
         )
     model = build_student(model_args, distill_args, aug_args, data.id2label)
+    if prepare_model is not None:
+        model = prepare_model(model)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
     bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
@@ -403,8 +415,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if training_args.do_train:  # the saved model's README.md: this run's metrics per head, teacher and recipe
+    if training_args.do_train and isinstance(model, DeiTForImageClassificationWithTeacher):
+        # the saved model's README.md: this run's metrics per head, teacher and recipe
         write_run_card(trainer, model_args, distill_args, data_args, aug_args)
+    elif training_args.do_train:
+        logger.info("No run card: the trained model is a %s, not a DeiT⚗ (an adapter's save describes it).",
+                    type(model).__name__)
     # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
     # ("terminate called without an active exception"), failing a finished run.
     trainer.end()
