@@ -276,8 +276,8 @@ class DistillationArguments:
     teacher_model: Optional[str] = field(
         default="regnety_160.deit_in1k",
         metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
-                  "or a local directory of any Hugging Face image classifier. Evaluation only (--do_train false): no teacher, "
-                  "and no teacher metrics, unless one is given."},
+                  "or a local directory of any Hugging Face image classifier. Evaluation only (--do_train false): no "
+                  "teacher, and no teacher metrics, unless one is given."},
     )
     teacher_checkpoint: Optional[str] = field(
         default=None,

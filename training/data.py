@@ -363,7 +363,7 @@ def _check_same_classes(
 def _refuse_different_names(train_names: list[str], validation_names: list[str], where: str, data_args) -> None:
     if list(train_names) == list(validation_names):
         return
-    index = next((index for index, (a, b) in enumerate(zip(train_names, validation_names)) if a != b),
+    index = next((index for index, (a, b) in enumerate(zip(train_names, validation_names, strict=False)) if a != b),
                  min(len(train_names), len(validation_names)))
     name = lambda names: repr(names[index]) if index < len(names) else "absent"  # noqa: E731
     raise ValueError(

@@ -139,7 +139,7 @@ class DistillationTrainer(Trainer):
                     predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
                 counts[row] += torch.bincount(inputs["labels"] * num_labels + predictions, minlength=num_labels ** 2)
         counts = self.accelerator.reduce(counts, reduction="sum").cpu().view(-1, num_labels, num_labels)
-        return dict(zip(statistics, counts))
+        return dict(zip(statistics, counts, strict=True))
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()

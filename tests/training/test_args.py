@@ -83,7 +83,8 @@ def test_help_shows_where_the_learning_rate_comes_from_and_hides_refused_flags(c
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
-    assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE Default: derived from --blr (see there)." in text
+    learning_rate = "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE"
+    assert f"{learning_rate} Default: derived from --blr (see there)." in text
     assert "--warmup_steps WARMUP_STEPS, --warmup-steps WARMUP_STEPS Default: derived from --warmup_epochs" in text
     assert "(default: 5e-05)" not in text and "--label_smoothing_factor" not in text
 

@@ -276,8 +276,9 @@ def test_data_files_whose_class_labels_differ_are_refused_before_datasets_casts_
     digits["train"].to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
     digits["validation"].cast_column("label", datasets.ClassLabel(names=swapped)).to_parquet(
         str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
-    with pytest.raises(ValueError, match=r"in column 'label' \(10 and 10 classes; class 3 is '3' and '7'\).* train: "
-                                         r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]; validation: \[0, 1, 2, 7, 4, 5, 6, 3, 8, 9\]"):
+    with pytest.raises(ValueError, match=r"in column 'label' \(10 and 10 classes; class 3 is '3' and '7'\).* "
+                                         r"train: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]; "
+                                         r"validation: \[0, 1, 2, 7, 4, 5, 6, 3, 8, 9\]"):
         load(tmp_path, dataset_name=str(tmp_path / "data"))
 
 
@@ -292,5 +293,6 @@ def test_imagefolders_with_other_classes_are_refused_naming_both_lists(digits, t
 def test_a_validation_split_without_the_label_column_names_it(digits, tmp_path):
     datasets.DatasetDict({"train": digits["train"], "validation": digits["validation"].remove_columns("label")}
                          ).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(ValueError, match=r"Split 'validation' has no label column 'label' \(its columns: \['image'\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"Split 'validation' has no label column 'label' \(its columns: \['image'\]\)"):
         load(tmp_path, dataset_name=str(tmp_path / "saved"))
