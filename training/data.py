@@ -182,12 +182,12 @@ def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
     if data_args.train_dir is not None:
         data_files = {data_args.train_split: os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
-            # datasets names the classes of both directories together: a class of one only would shift no label,
-            # but the model would predict a class it never trained on, or be evaluated on one it never saw
-            _refuse_different_names(
-                _class_directories(data_args.train_dir), _class_directories(data_args.validation_dir),
-                "the class directories of --train_dir and --validation_dir", data_args,
-            )
+            # datasets names the classes of both directories together: a validation class that train lacks would
+            # become a class the model never trains on (a validation subset of train's classes is fine)
+            train_names, validation_names = map(_class_directories, (data_args.train_dir, data_args.validation_dir))
+            if set(validation_names) - set(train_names):
+                _refuse_different_names(train_names, validation_names,
+                                        "the class directories of --train_dir and --validation_dir", data_args)
             data_files[data_args.validation_split] = os.path.join(data_args.validation_dir, "**")
         return datasets.load_dataset("imagefolder", data_files=data_files, **load_kwargs)
 

@@ -283,11 +283,16 @@ def test_data_files_whose_class_labels_differ_are_refused_before_datasets_casts_
 
 
 def test_imagefolders_with_other_classes_are_refused_naming_both_lists(digits, tmp_path):
-    train_dir = write_imagefolder(digits["train"], tmp_path / "train")
-    validation_dir = write_imagefolder(digits["validation"].filter(lambda row: row["label"] != 4), tmp_path / "val")
-    with pytest.raises(ValueError, match=r"class directories of --train_dir and --validation_dir \(10 and 9 classes; "
-                                         r"class 4 is '4' and '5'\).*validation: \[0, 1, 2, 3, 5, 6, 7, 8, 9\]"):
+    train_dir = write_imagefolder(digits["train"].filter(lambda row: row["label"] != 4), tmp_path / "train")
+    validation_dir = write_imagefolder(digits["validation"], tmp_path / "val")
+    # a class of the validation directory only: the model would grow a class it never trains on
+    with pytest.raises(ValueError, match=r"class directories of --train_dir and --validation_dir \(9 and 10 classes; "
+                                         r"class 4 is '5' and '4'\).*train: \[0, 1, 2, 3, 5, 6, 7, 8, 9\]"):
         load(tmp_path, train_dir=str(train_dir), validation_dir=str(validation_dir))
+    # a validation subset of the train classes names them alike (datasets numbers the union)
+    subset = write_imagefolder(digits["validation"].filter(lambda row: row["label"] != 4), tmp_path / "subset")
+    data = load(tmp_path, train_dir=str(validation_dir), validation_dir=str(subset))
+    assert data.label_names == DIGIT_NAMES
 
 
 def test_a_validation_split_without_the_label_column_names_it(digits, tmp_path):
