@@ -73,6 +73,7 @@ class CardFacts:
         dataset: the dataset the weights were trained and evaluated on (Hub name or a description).
         dataset_on_hub: whether `dataset` is a Hub dataset id (the metadata's `datasets` lists only those).
         evaluation: metrics this checkpoint was measured at (`training.metrics` names, fractions of 1), or None.
+        evaluated_on: what `evaluation` was measured on; None: the validation split of `dataset`.
         teacher: the distillation teacher of a training run, or None.
         recipe: the run's settings (name -> value), or None for the paper's.
     """
@@ -84,6 +85,7 @@ class CardFacts:
     dataset: str = IMAGENET
     dataset_on_hub: bool = True
     evaluation: dict[str, float] | None = None
+    evaluated_on: str | None = None
     teacher: str | None = None
     recipe: dict[str, str] | None = field(default=None)
 
@@ -297,7 +299,8 @@ def _evaluation(facts: CardFacts) -> str:
             for key, label in _MEASURED if "eval_" + key in facts.evaluation
         )
         measured = (
-            f"Measured by this run on the validation split of {facts.dataset} (fractions of 1; `model-index` carries "
+            f"Measured by this run on {facts.evaluated_on or 'the validation split of ' + facts.dataset} (fractions "
+            "of 1; `model-index` carries "
             f"the fused top-1 in %):\n\n| | |\n|---|---|\n{rows}\n\n"
             "deit-hf has reproduced none of the paper's numbers on ImageNet yet."
         )

@@ -261,6 +261,14 @@ class DeiTEncoder(nn.Module):
         return hidden_states
 
 
+# Every Auto class deit_hf registers, for a saved config's `auto_map`: without deit_hf, `trust_remote_code` resolves
+# an Auto class missing there by the config's class name (DeiTConfig) to transformers' own DeiT class.
+MODEL_AUTO_MAP = {
+    "AutoModel": "modeling_deit.DeiTModel",
+    "AutoModelForImageClassification": "modeling_deit.DeiTForImageClassificationWithTeacher",
+}
+
+
 class DeiTPreTrainedModel(PreTrainedModel):
     """Weight initialisation (the DeiT reference's: timm `VisionTransformerDistilled`) and shared settings."""
 
@@ -276,6 +284,12 @@ class DeiTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": DeiTLayer, "attentions": DeiTSelfAttention}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with every Auto class in `config.auto_map` (the saved class's own entry
+        is transformers')."""
+        self.config.auto_map = {**MODEL_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

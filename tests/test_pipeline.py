@@ -218,3 +218,37 @@ def test_transformers_deit_checkpoint_is_not_shadowed(transformers_deit_folder, 
         assert result[case]["model"].startswith("transformers.models.deit.modeling_deit.")
         torch.testing.assert_close(result[case]["pixels"], expected_pixels, atol=0, rtol=0)
     torch.testing.assert_close(result["with"]["logits"], result["without"]["logits"], atol=0, rtol=0)
+
+
+AUTO_CLASSES_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModel, AutoModelForImageClassification
+loaded = {}
+for name, auto_class in (("model", AutoModel), ("classifier", AutoModelForImageClassification)):
+    for folder in sys.argv[1:3]:
+        model = auto_class.from_pretrained(folder, trust_remote_code=True)
+        model(torch.zeros(1, 3, 32, 32))
+        loaded[f"{name} from {folder[-4:]}"] = f"{type(model).__module__}.{type(model).__name__}"
+assert "deit_hf" not in sys.modules
+open(sys.argv[3], "w").write(json.dumps(loaded))
+"""
+
+
+def test_every_auto_class_resolves_to_deit_hf_code_without_deit_hf(tmp_path):
+    # Without AutoModel in the saved auto_map, transformers picked its own DeiTModel by the config's class name and
+    # crashed ('DeiTConfig' object has no attribute 'pooler_output_size'); a saved DeiTModel likewise.
+    from deit_hf import DeiTModel
+
+    config = DeiTConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    DeiTForImageClassificationWithTeacher(config).save_pretrained(tmp_path / "head")
+    DeiTModel(config).save_pretrained(tmp_path / "base")
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    run_script(AUTO_CLASSES_SCRIPT, tmp_path / "head", tmp_path / "base", tmp_path / "loaded.json", env=env,
+               cwd=tmp_path)
+    loaded = json.loads((tmp_path / "loaded.json").read_text())
+    assert {key: value.split(".")[-1] for key, value in loaded.items()} == {
+        "model from head": "DeiTModel", "model from base": "DeiTModel",
+        "classifier from head": "DeiTForImageClassificationWithTeacher",
+        "classifier from base": "DeiTForImageClassificationWithTeacher",
+    }
+    assert all(value.startswith("transformers_modules") for value in loaded.values()), loaded

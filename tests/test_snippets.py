@@ -86,7 +86,7 @@ def snippet_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (64, 48), (200, 120, 40)).save("cat.jpg")
     full_main = training.train.main
-    monkeypatch.setattr(training.train, "main", lambda argv: full_main([*argv, *TINY_RUN]))
+    monkeypatch.setattr(training.train, "main", lambda argv, **kwargs: full_main([*argv, *TINY_RUN], **kwargs))
     return tmp_path
 
 

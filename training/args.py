@@ -17,6 +17,9 @@ from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
 _OFF_VALUES = ("", "none", "null", "off", "false")
+# Evaluation resizes to input_size / eval_crop_pct: below this, the center crop keeps less than half of each side
+# (timm's pretrained models use 0.875 to 1).
+MIN_EVAL_CROP_PCT = 0.5
 
 
 @dataclass
@@ -186,8 +189,12 @@ class AugmentationArguments:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"`smoothing` must be in [0, 1), got {self.smoothing}.")
-        if not 0 < self.eval_crop_pct <= 1:
-            raise ValueError(f"`eval_crop_pct` must be in (0, 1], got {self.eval_crop_pct}.")
+        if not MIN_EVAL_CROP_PCT <= self.eval_crop_pct <= 1:
+            raise ValueError(
+                f"--eval_crop_pct {self.eval_crop_pct:g} is out of range [{MIN_EVAL_CROP_PCT:g}, 1] (DeiT: 0.875; 1 at "
+                f"384 px): evaluation would resize to {self.input_size / self.eval_crop_pct:.0f} px and keep only the "
+                f"central {self.eval_crop_pct:.0%} of each side."
+            )
         if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
             raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")
         if self.auto_augment is not None:
@@ -272,7 +279,8 @@ class DistillationArguments:
     teacher_model: Optional[str] = field(
         default="regnety_160.deit_in1k",
         metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
-                  "or a local directory of any Hugging Face image classifier."},
+                  "or a local directory of any Hugging Face image classifier. Evaluation only (--do_train false): no "
+                  "teacher, and no teacher metrics, unless one is given."},
     )
     teacher_checkpoint: Optional[str] = field(
         default=None,
@@ -306,7 +314,7 @@ class DistillationArguments:
     )
 
     def __post_init__(self):
-        for name in ("blr", "warmup_epochs"):
+        for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.distillation_type != "none" and not (self.teacher_model or "").strip():
@@ -341,6 +349,13 @@ def check_arguments(
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(training_args, name)}.")
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and training_args.use_cpu:
+        raise ValueError(
+            "FSDP is asked for (--fsdp, or an accelerate config's FSDP section) but the run is on the CPU (--use_cpu), "
+            "where accelerate drops FSDP and trains plain data parallel, each process holding the whole model. Train "
+            "on accelerators, or drop FSDP to train on the CPU."
+        )
     if training_args.weight_decay < 0:
         raise ValueError(f"--weight_decay must be >= 0, got {training_args.weight_decay}.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:

@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Union
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
 from .args import DataArguments
@@ -72,6 +74,7 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
     )
     _check_image_feature(features[image_column], image_column)
     label_names = _label_names(train, features[label_column], label_column, data_args)
+    _refuse_a_single_class(train, label_names, label_column, data_args)
     prepare = partial(
         _prepare_split, image_column=image_column, label_column=label_column, num_classes=len(label_names),
         streaming=data_args.streaming,
@@ -179,6 +182,12 @@ def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
     if data_args.train_dir is not None:
         data_files = {data_args.train_split: os.path.join(data_args.train_dir, "**")}
         if data_args.validation_dir is not None:
+            # datasets names the classes of both directories together: a validation class that train lacks would
+            # become a class the model never trains on (a validation subset of train's classes is fine)
+            train_names, validation_names = map(_class_directories, (data_args.train_dir, data_args.validation_dir))
+            if set(validation_names) - set(train_names):
+                _refuse_different_names(train_names, validation_names,
+                                        "the class directories of --train_dir and --validation_dir", data_args)
             data_files[data_args.validation_split] = os.path.join(data_args.validation_dir, "**")
         return datasets.load_dataset("imagefolder", data_files=data_files, **load_kwargs)
 
@@ -198,7 +207,39 @@ def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
             _LOCAL_FILE_BUILDERS[suffix], data_files={data_args.train_split: name}, **load_kwargs
         )
     # A Hub id, or a local directory of data files whose names tell the splits (`train-00000-of-00004.parquet`).
+    if os.path.isdir(name):
+        _check_declared_classes(name, data_args)
     return datasets.load_dataset(name, data_args.dataset_config_name, **load_kwargs)
+
+
+def _class_directories(directory: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _check_declared_classes(directory: str, data_args: DataArguments) -> None:
+    """Refuse a directory of parquet/arrow files whose train and validation files declare different ClassLabels:
+    datasets would cast the validation labels to the train names index by index, silently."""
+    files = DataFilesDict.from_patterns(get_data_patterns(directory), base_path=directory)
+    if data_args.train_split not in files or data_args.validation_split not in files:
+        return
+    train, validation = (_declared_features(files[split][0]) for split in (data_args.train_split,
+                                                                           data_args.validation_split))
+    for column, feature in train.items():
+        other = validation.get(column)
+        if isinstance(feature, datasets.ClassLabel) and isinstance(other, datasets.ClassLabel):
+            _refuse_different_names(feature.names, other.names, f"column '{column}'", data_args)
+
+
+def _declared_features(path: str) -> datasets.Features:
+    """The features a parquet or arrow file declares in its schema's metadata; none for other files."""
+    if path.endswith(".parquet"):
+        schema = pq.read_schema(path)
+    elif path.endswith(".arrow"):
+        with pa.memory_map(path) as file:
+            schema = pa.ipc.open_stream(file).schema
+    else:
+        return datasets.Features()
+    return datasets.Features.from_arrow_schema(schema)
 
 
 def _is_saved_to_disk(directory: str) -> bool:
@@ -310,23 +351,45 @@ def _check_same_classes(
 ) -> None:
     train_feature = train_features[column]
     validation_feature = (validation_features or {}).get(column)
-    if not (isinstance(train_feature, datasets.ClassLabel) and isinstance(validation_feature, datasets.ClassLabel)):
-        return
-    if train_feature.names != validation_feature.names:
-        index = next(
-            (index for index, (a, b) in enumerate(zip(train_feature.names, validation_feature.names)) if a != b),
-            min(train_feature.num_classes, validation_feature.num_classes),
-        )
+    if validation_features is not None and validation_feature is None:
         raise ValueError(
-            f"Splits '{data_args.train_split}' and '{data_args.validation_split}' name their classes differently in "
-            f"column '{column}' ({train_feature.num_classes} and {validation_feature.num_classes} classes; class "
-            f"{index} is {_class_name(train_feature, index)} and {_class_name(validation_feature, index)}): the "
-            "same label would mean different classes."
+            f"Split '{data_args.validation_split}' has no label column '{column}' (its columns: "
+            f"{list(validation_features)}); evaluation needs the labels. Pass --validation_split with a labelled split."
         )
+    if isinstance(train_feature, datasets.ClassLabel) and isinstance(validation_feature, datasets.ClassLabel):
+        _refuse_different_names(train_feature.names, validation_feature.names, f"column '{column}'", data_args)
 
 
-def _class_name(feature: datasets.ClassLabel, index: int) -> str:
-    return repr(feature.names[index]) if index < feature.num_classes else "absent"
+def _refuse_different_names(train_names: list[str], validation_names: list[str], where: str, data_args) -> None:
+    if list(train_names) == list(validation_names):
+        return
+    index = next((index for index, (a, b) in enumerate(zip(train_names, validation_names, strict=False)) if a != b),
+                 min(len(train_names), len(validation_names)))
+    name = lambda names: repr(names[index]) if index < len(names) else "absent"  # noqa: E731
+    raise ValueError(
+        f"Splits '{data_args.train_split}' and '{data_args.validation_split}' name their classes differently in "
+        f"{where} ({len(train_names)} and {len(validation_names)} classes; class {index} is {name(train_names)} and "
+        f"{name(validation_names)}): the same label would mean different classes. {data_args.train_split}: "
+        f"{_listed(train_names)}; {data_args.validation_split}: {_listed(validation_names)}."
+    )
+
+
+def _listed(names: list[str], shown: int = 20) -> str:
+    return "[" + ", ".join(map(str, names[:shown])) + (f", ... ({len(names)} in all)]" if len(names) > shown else "]")
+
+
+def _refuse_a_single_class(train: AnyDataset, label_names: list[str], column: str, data_args: DataArguments) -> None:
+    """A model of one class, or trained on one class only, reaches loss 0 at once and learns nothing."""
+    if len(label_names) < 2:
+        found = f"names a single class ({', '.join(map(repr, label_names))})"
+    elif not data_args.streaming and pc.count_distinct(_label_array(train, column)).as_py() < 2:
+        found = f"holds a single one of its {len(label_names)} classes"
+    else:
+        return
+    raise ValueError(
+        f"Label column '{column}' of split '{data_args.train_split}' {found}: a classifier trained on one class "
+        "learns nothing (its loss is 0 from the start). Check --label_column and the dataset."
+    )
 
 
 def _label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:

@@ -39,8 +39,10 @@ def run_card_facts(
             f"α = {distill_args.distillation_alpha}{softness}"
         )
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    # a stream's length is unknown: transformers counts max_steps as one epoch
+    epochs = "the stream's epochs are not counted" if data_args.streaming else f"{state.epoch:g} epochs"
     recipe = {
-        "steps": f"{state.global_step} ({state.epoch:g} epochs)",
+        "steps": f"{state.global_step} × {global_batch} images ({state.global_step * global_batch:,} images, {epochs})",
         "global batch": f"{global_batch} ({args.world_size} process(es))",
         "optimizer": f"{_name(args.optim)}, lr {args.learning_rate:.3g}, weight decay {args.weight_decay}, "
         f"{_name(args.lr_scheduler_type)} schedule, {args.get_warmup_steps(state.max_steps)} warm-up steps",
@@ -59,6 +61,7 @@ def run_card_facts(
         dataset=dataset,
         dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
         evaluation=last_evaluation(state.log_history),
+        evaluated_on=f"`{data_args.validation_dir}`" if data_args.validation_dir else None,
         teacher=teacher or "none (distillation_type none: both heads learn the labels)",
         recipe=recipe,
     )

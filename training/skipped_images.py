@@ -10,7 +10,7 @@ import math
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import reduce, slice_tensors
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,21 @@ logger = logging.getLogger(__name__)
 # An epoch's decodable fraction is checked at its end, and at each log once this many of its images were read:
 # early enough to stop a hopeless run within minutes, late enough that a few bad images at the start do not.
 MIN_IMAGES_FOR_EARLY_CHECK = 1000
+
+
+def slice_dispatched_batch(batch: dict, data_slice: slice, process_index: int = 0, num_processes: int = 1) -> dict:
+    """accelerate's slicing of a dispatched batch (`slice_fn_for_dispatch`: process 0 reads a stream's batches, each
+    process keeps a slice of the images), except for the `skipped_images` count, which is not per image.
+
+    accelerate slices every tensor by the number of images that decoded, so a batch in which none did would lose its
+    count (and a stream whose images mostly fail would never stop the run). Process 0 keeps the whole count, the
+    others none: summed over processes, each skipped image counts once.
+    """
+    sliced = slice_tensors({key: value for key, value in batch.items() if key != "skipped_images"}, data_slice)
+    if "skipped_images" in batch:
+        skipped = batch["skipped_images"]
+        sliced["skipped_images"] = skipped if process_index == 0 else skipped[:0]
+    return sliced
 
 
 class TooFewDecodableImagesError(RuntimeError):

@@ -191,6 +191,12 @@ def load_teacher(
             raise ValueError(
                 f"checkpoint_path is for timm teachers; the directory {name_or_path} carries its own weights."
             )
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise ValueError(
+                f"Teacher directory {name_or_path} holds no config.json: not a saved transformers model "
+                "(`save_pretrained` writes config.json beside the weights); for a timm model pass its name and "
+                "--teacher_checkpoint."
+            )
         config = AutoConfig.from_pretrained(name_or_path)
         if num_labels is not None and config.num_labels != num_labels:
             raise ValueError(
@@ -296,26 +302,6 @@ def check_class_names(teacher: Teacher, dataset_names: Sequence[str], show: int 
             f"The teacher's classes are not the dataset's, in order ({len(mismatches)} of {len(dataset_names)} "
             f"differ): {listed}. Teacher and student must predict the same classes in the same order."
         )
-
-
-def check_teacher_accuracy(correct: int, total: int, num_labels: int) -> float:
-    """The teacher's top-1 on `total` validation images; a top-1 near chance stops the run before step 1.
-
-    Near chance means less than a fifth of the way from chance to perfect: a teacher that bad teaches nothing,
-    and is almost always fed wrongly (normalisation, checkpoint, class order).
-    """
-    chance = 1 / num_labels
-    top1 = correct / total
-    threshold = chance + 0.2 * (1 - chance)
-    logger.info("Teacher top-1 on %d validation images: %.1f %% (chance: %.1f %%).", total, 100 * top1, 100 * chance)
-    if top1 < threshold:
-        raise ValueError(
-            f"The teacher's top-1 on {total} validation images is {100 * top1:.1f} %, near chance ({100 * chance:.1f} "
-            f"%; the check asks for {100 * threshold:.1f} %). Likely causes: its input normalisation (set "
-            "--teacher_mean and --teacher_std to what it was trained with), its checkpoint (--teacher_checkpoint), "
-            "or a class order other than the dataset's. To train with it anyway, pass --teacher_check_batches 0."
-        )
-    return top1
 
 
 def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained: bool | None) -> nn.Module:

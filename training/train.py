@@ -8,11 +8,13 @@ Arguments are the dataclasses of `training.args` plus transformers' `TrainingArg
 Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--help`.
 """
 
+import argparse
 import json
 import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -37,7 +39,8 @@ from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
-from .teacher import check_class_names, check_teacher_accuracy, load_teacher
+from .teacher import check_class_names, load_teacher
+from .teacher_check import check_teacher
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -107,6 +110,7 @@ def parse_args(argv: list[str] | None = None):
     # would train alone on all the data.
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
+    _show_what_decides(parser)
     given = set()
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         try:
@@ -129,6 +133,15 @@ def parse_args(argv: list[str] | None = None):
     return arguments
 
 
+def _show_what_decides(parser: HfArgumentParser) -> None:
+    """`--help` as the run reads it: a flag that a recipe rule derives says so, a refused one is not listed."""
+    actions = {action.dest: action for action in parser._actions}
+    for rule, derived in RECIPE_RULES:
+        actions[derived].help = (f"Default: derived from --{rule} (see there). A value given replaces that rule; with "
+                                 f"--{rule} 0 and none given: %(default)s.")
+    actions["label_smoothing_factor"].help = argparse.SUPPRESS  # refused: --smoothing is the recipe's
+
+
 def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_args, training_args) -> None:
     """Apply what the user gave explicitly over what the recipe or a checkpoint would decide."""
     for rule, derived in RECIPE_RULES:
@@ -138,6 +151,8 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
             setattr(distill_args, rule, 0)  # 0 turns the rule off and keeps the value given
     if training_args.dataloader_num_workers == 0:
         training_args.dataloader_persistent_workers = False  # no workers to keep (torch refuses the pair)
+    if not training_args.do_train and not given & {"teacher_model", "teacher_checkpoint", "distillation_type"}:
+        distill_args.distillation_type = "none"  # evaluation only: the paper's default teacher is for training
     if "label_smoothing_factor" in given:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
@@ -321,8 +336,17 @@ def resume_argument(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
-    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
+def main(
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    prepare_model: Callable[[DeiTForImageClassificationWithTeacher], torch.nn.Module] | None = None,
+) -> DistillationTrainer:
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
+
+    `prepare_model` is given the student built from the flags (with the dataset's labels) and returns the model to
+    train, e.g. a LoRA adapter around it: `lambda student: peft.get_peft_model(student, LoraConfig(...))`. The
+    Trainer saves what that model saves (a PEFT model: its adapter); the run card is written for a whole DeiT⚗ only.
+    """
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -341,6 +365,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             training_args.dataloader_num_workers, training_args.seed, own_stream_part,
         )
     model = build_student(model_args, distill_args, aug_args, data.id2label)
+    if prepare_model is not None:
+        model = prepare_model(model)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
     bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
@@ -378,7 +404,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         callbacks=callbacks,
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
-        check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
+        check_teacher(trainer.teacher_confusions(distill_args.teacher_check_batches), data.label_names)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it
@@ -389,8 +415,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if training_args.do_train:  # the saved model's README.md: this run's metrics per head, teacher and recipe
+    if training_args.do_train and isinstance(model, DeiTForImageClassificationWithTeacher):
+        # the saved model's README.md: this run's metrics per head, teacher and recipe
         write_run_card(trainer, model_args, distill_args, data_args, aug_args)
+    elif training_args.do_train:
+        logger.info("No run card: the trained model is a %s, not a DeiT⚗ (an adapter's save describes it).",
+                    type(model).__name__)
     # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
     # ("terminate called without an active exception"), failing a finished run.
     trainer.end()

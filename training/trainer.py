@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate
 
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
 from .randomness import RepeatedViewSampler, SeededViews, StepSeeder
-from .skipped_images import SkippedImageCounter
+from .skipped_images import SkippedImageCounter, slice_dispatched_batch
 from .step_guard import (
     MAX_CONSECUTIVE_NONFINITE,
     NonFiniteStepGuard,
@@ -23,6 +24,7 @@ from .step_guard import (
     weights_are_finite,
 )
 from .teacher import Teacher
+from .teacher_check import normalisations, normalised_as
 from .transforms import BatchTransform
 
 # DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
@@ -127,23 +129,32 @@ class DistillationTrainer(Trainer):
         self._run_loss_totals = [0.0, 0.0]
         return super().train(*args, **kwargs)
 
-    def count_teacher_correct(self, num_batches: int) -> tuple[int, int]:
-        """(correct, total) of the teacher's top-1 on the first `num_batches` evaluation batches, summed over
-        processes so that every rank reaches the same verdict."""
-        correct = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
-        total = torch.zeros_like(correct)
+    def teacher_confusions(self, num_batches: int) -> dict[str, torch.Tensor]:
+        """The teacher's counts of (true class, predicted class) on the first `num_batches` evaluation batches, for
+        each normalisation of `training.teacher_check.normalisations`, summed over processes so that every rank
+        reaches the same verdict (`training.teacher_check.check_teacher`)."""
+        statistics = normalisations(self.teacher)
+        num_labels = self.teacher.num_labels
+        counts = torch.zeros(len(statistics), num_labels * num_labels, dtype=torch.int64, device=self.args.device)
         for index, inputs in enumerate(self.get_eval_dataloader()):
             if index == num_batches:
                 break
             if inputs["labels"].numel() == 0:
                 continue
             inputs = self._transform_batch(inputs, training=False)
-            with self.accelerator.autocast():
-                predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
-            correct += (predictions == inputs["labels"]).sum()
-            total += inputs["labels"].numel()
-        correct, total = self.accelerator.reduce(torch.stack([correct, total]), reduction="sum").tolist()
-        return correct, total
+            for row, normalisation in enumerate(statistics.values()):
+                with normalised_as(self.teacher, normalisation), self.accelerator.autocast():
+                    predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
+                counts[row] += torch.bincount(inputs["labels"] * num_labels + predictions, minlength=num_labels ** 2)
+        counts = self.accelerator.reduce(counts, reduction="sum").cpu().view(-1, num_labels, num_labels)
+        return dict(zip(statistics, counts, strict=True))
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # A stream's batches are dispatched from process 0 (on one process too): keep their skipped-image counts
+        self.accelerator.prepare_data_loader = partial(
+            self.accelerator.prepare_data_loader, slice_fn_for_dispatch=slice_dispatched_batch
+        )
 
     def get_train_dataloader(self):
         if has_length(self.train_dataset):  # read with the sampler's `SampleKey`s, each view seeded
@@ -162,11 +173,12 @@ class DistillationTrainer(Trainer):
                 non_blocking=accelerator.non_blocking,
             )
 
+        prepare_dispatched = accelerator.prepare_data_loader
         accelerator.prepare_data_loader = prepare_own_part
         try:
             return super().get_train_dataloader()
         finally:
-            del accelerator.prepare_data_loader
+            accelerator.prepare_data_loader = prepare_dispatched
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)

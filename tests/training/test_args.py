@@ -37,6 +37,9 @@ REFUSED = [
     (["--min_decodable_fraction", "1.5"], "`min_decodable_fraction` must be in [0, 1], got 1.5"),
     (["--num_labels", "0"], "`num_labels` must be a positive number, got 0"),
     (["--max_image_aspect_ratio", "0.5"], "`max_image_aspect_ratio` (0.5) must be >= 1"),
+    (["--teacher_check_batches", "-1"], "--teacher_check_batches must be >= 0, got -1"),
+    (["--eval_crop_pct", "0.01"], "--eval_crop_pct 0.01 is out of range [0.5, 1] (DeiT: 0.875; 1 at 384 px): "
+                                  "evaluation would resize to 22400 px and keep only the central 1% of each side"),
 ]
 
 
@@ -74,3 +77,24 @@ def test_a_checkpoint_that_does_not_load_names_the_option(tmp_path):
     model_args, distill_args, _, aug_args, _ = arguments
     with pytest.raises(ValueError, match=rf"--model_name_or_path '{tmp_path}': .*model.safetensors"):
         build_student(model_args, distill_args, aug_args, {0: "a", 1: "b"})
+
+
+def test_help_shows_where_the_learning_rate_comes_from_and_hides_refused_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    learning_rate = "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE"
+    assert f"{learning_rate} Default: derived from --blr (see there)." in text
+    assert "--warmup_steps WARMUP_STEPS, --warmup-steps WARMUP_STEPS Default: derived from --warmup_epochs" in text
+    assert "(default: 5e-05)" not in text and "--label_smoothing_factor" not in text
+
+
+@pytest.mark.parametrize("flags, environment", [(["--fsdp", "full_shard"], {}), ([], {"ACCELERATE_USE_FSDP": "true"})])
+def test_fsdp_on_the_cpu_is_refused_rather_than_trained_as_plain_data_parallel(flags, environment, monkeypatch,
+                                                                              capsys):
+    for name, value in environment.items():  # what `accelerate launch` sets from an FSDP config
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset_name", "x", "--use_cpu", "true", *flags])
+    assert "FSDP is asked for (--fsdp, or an accelerate config's FSDP section) but the run is on the CPU" in (
+        capsys.readouterr().err)

@@ -254,3 +254,50 @@ def test_streamed_integer_labels_need_num_labels(digits, tmp_path):
         load(tmp_path, dataset_name=str(tmp_path / "data"), streaming=True)
     data = load(tmp_path, dataset_name=str(tmp_path / "data"), streaming=True, num_labels=10)
     assert data.label_names == DIGIT_NAMES and len(list(data.dataset_dict["validation"])) == 20
+
+
+@pytest.mark.parametrize("names, labels, found", [
+    (["cat"], [0, 0, 0], r"names a single class \('cat'\)"),
+    (["cat", "dog"], [1, 1, 1], "holds a single one of its 2 classes"),
+])
+def test_a_single_class_is_refused(digits, tmp_path, names, labels, found):
+    train = digits["train"].select(range(3)).cast_column("label", datasets.Value("int64"))
+    train = train.remove_columns("label").add_column("label", labels).cast_column("label", datasets.ClassLabel(
+        names=names))
+    train.to_parquet(str(tmp_path / "one.parquet"))
+    with pytest.raises(ValueError, match=f"Label column 'label' of split 'train' {found}: a classifier trained on one"):
+        load(tmp_path, dataset_name=str(tmp_path / "one.parquet"))
+
+
+def test_data_files_whose_class_labels_differ_are_refused_before_datasets_casts_them(digits, tmp_path):
+    # datasets gives every split the first file's features: the validation labels would mean other classes
+    swapped = DIGIT_NAMES[:]
+    swapped[3], swapped[7] = "7", "3"
+    digits["train"].to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    digits["validation"].cast_column("label", datasets.ClassLabel(names=swapped)).to_parquet(
+        str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"in column 'label' \(10 and 10 classes; class 3 is '3' and '7'\).* "
+                                         r"train: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]; "
+                                         r"validation: \[0, 1, 2, 7, 4, 5, 6, 3, 8, 9\]"):
+        load(tmp_path, dataset_name=str(tmp_path / "data"))
+
+
+def test_imagefolders_with_other_classes_are_refused_naming_both_lists(digits, tmp_path):
+    train_dir = write_imagefolder(digits["train"].filter(lambda row: row["label"] != 4), tmp_path / "train")
+    validation_dir = write_imagefolder(digits["validation"], tmp_path / "val")
+    # a class of the validation directory only: the model would grow a class it never trains on
+    with pytest.raises(ValueError, match=r"class directories of --train_dir and --validation_dir \(9 and 10 classes; "
+                                         r"class 4 is '5' and '4'\).*train: \[0, 1, 2, 3, 5, 6, 7, 8, 9\]"):
+        load(tmp_path, train_dir=str(train_dir), validation_dir=str(validation_dir))
+    # a validation subset of the train classes names them alike (datasets numbers the union)
+    subset = write_imagefolder(digits["validation"].filter(lambda row: row["label"] != 4), tmp_path / "subset")
+    data = load(tmp_path, train_dir=str(validation_dir), validation_dir=str(subset))
+    assert data.label_names == DIGIT_NAMES
+
+
+def test_a_validation_split_without_the_label_column_names_it(digits, tmp_path):
+    datasets.DatasetDict({"train": digits["train"], "validation": digits["validation"].remove_columns("label")}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError,
+                       match=r"Split 'validation' has no label column 'label' \(its columns: \['image'\]\)"):
+        load(tmp_path, dataset_name=str(tmp_path / "saved"))

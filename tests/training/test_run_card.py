@@ -25,7 +25,8 @@ def test_a_training_run_writes_a_card_with_its_own_facts(
     for key in ("eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_dist_teacher_agreement"):
         assert f"{measured[key]:.4f}" in card.text, key
     assert f"`{random_teacher_dir}`, hard distillation, α = 0.5" in card.text
-    assert "| steps | 3 (" in card.text and "lr 0.001" in card.text
+    assert "| steps | 3 × 8 images (24 images, 0.5 epochs) |" in card.text and "lr 0.001" in card.text
+    assert f"Measured by this run on the validation split of {small_digits_dir} (" in card.text
     assert "| global batch | 8 (1 process(es)) |" in card.text
     assert "trained from scratch (random init) as `deit-tiny-distilled-patch16-224`" in card.text
     for index, code in enumerate(blocks(output / "README.md", PYTHON)):  # the card's snippets load this run's model
@@ -36,3 +37,21 @@ def test_last_evaluation_is_the_latest_eval_entry():
     history = [{"eval_top1": 0.1, "epoch": 1}, {"loss": 2.0}, {"eval_top1": 0.3, "eval_loss": 1.0, "epoch": 2}]
     assert last_evaluation(history) == {"eval_top1": 0.3, "eval_loss": 1.0}
     assert last_evaluation([{"loss": 2.0}]) is None
+
+
+def test_a_streamed_run_on_imagefolders_says_what_it_saw_and_where_it_was_evaluated(digits, random_teacher_dir,
+                                                                                      tmp_path):
+    for split, directory in (("train", "train"), ("validation", "val")):
+        for index, example in enumerate(digits[split].select(range(60))):
+            folder = tmp_path / directory / str(example["label"])
+            folder.mkdir(parents=True, exist_ok=True)
+            example["image"].save(folder / f"{index}.png")
+    args = tiny_run_args("x", random_teacher_dir, tmp_path / "run", "--max_steps", "2", "--streaming", "true")
+    args[args.index("--dataset_name"):args.index("--dataset_name") + 2] = [
+        "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val")]
+    main(args)
+    text = ModelCard.load(tmp_path / "run" / "README.md").text
+    # transformers counts a stream's max_steps as 1 epoch; 16 of the 60 images were seen
+    assert "| steps | 2 × 8 images (16 images, the stream's epochs are not counted) |" in text
+    assert "epochs) |" not in text
+    assert f"Measured by this run on `{tmp_path / 'val'}` (" in text

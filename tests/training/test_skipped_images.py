@@ -144,3 +144,20 @@ def test_two_processes_sum_their_skips(digits, random_teacher_dir, tmp_path):
     assert "WORLD_SIZE 2" in stdout
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_skipped_images"] == 5
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 2
+
+
+def test_a_stream_on_one_process_counts_batches_where_nothing_decoded(digits, random_teacher_dir, tmp_path):
+    # accelerate dispatches a stream's batches even on one process, slicing each by its number of decoded images:
+    # the count of a batch where none decoded was lost (0 skipped, and --min_decodable_fraction never stopped a run).
+    datasets.DatasetDict({
+        "train": with_garbage(digits["train"].select(range(32)), set(range(16))),  # the first 2 of 4 batches
+        "validation": with_garbage(digits["validation"].select(range(16)), {0, 1, 2, 3, 4, 5, 6, 7}),
+    }).save_to_disk(str(tmp_path / "data"))
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--streaming", "true",
+                         "--shuffle_buffer_size", "0", "--max_steps", "4", "--repeated_aug", "false",
+                         "--eval_strategy", "no", "--do_eval", "true", "--per_device_eval_batch_size", "8")
+    main([*args, "--min_decodable_fraction", "0.4"])
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_skipped_images"] == 16
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 8
+    with pytest.raises(TooFewDecodableImagesError, match="Only 16 of the 32 images read in epoch 1"):
+        main([*args, "--min_decodable_fraction", "0.9", "--output_dir", str(tmp_path / "stopped")])

@@ -331,3 +331,29 @@ def test_fine_tuning_refuses_a_checkpoint_whose_weights_do_not_load(small_digits
     with pytest.raises(ValueError, match=r"model_type 'vit'\) is not a DeiT⚗ checkpoint .*: weights \d+ missing"):
         main(_fine_tune_args(small_digits_dir, tmp_path / "vit", tmp_path / "out"))
 
+
+
+def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, random_teacher_dir, tmp_path,
+                                                              monkeypatch):
+    import training.train
+
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "run", "--max_steps", "1"))
+    def without(args, *flags):  # the flags and their values
+        kept, dropping = [], False
+        for token in args:
+            dropping = token in flags if token.startswith("--") else dropping
+            kept += [] if dropping else [token]
+        return kept
+
+    evaluate = without(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "eval", "--do_train", "false",
+                                     "--do_eval", "true", "--model_name_or_path", str(tmp_path / "run")),
+                       "--model_preset", "--config_overrides")
+    without_teacher = without(evaluate, "--teacher_model")
+    # the paper's default teacher (regnety_160, fetched from the Hub) stays the default of training runs only
+    assert parse_args(["--dataset_name", "x"])[1].teacher_model == "regnety_160.deit_in1k"
+    load_teacher = training.train.load_teacher
+    monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: pytest.fail("a teacher was loaded"))
+    metrics = main(without_teacher).evaluate()
+    assert "eval_top1" in metrics and not any("teacher" in name for name in metrics)
+    monkeypatch.setattr(training.train, "load_teacher", load_teacher)
+    assert "eval_teacher_top1" in main(evaluate).evaluate()

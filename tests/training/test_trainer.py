@@ -200,15 +200,3 @@ def test_training_without_distillation_needs_no_teacher(tmp_path, pixel_batch):
 def pixel_batch():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(6, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator), torch.arange(6)
-
-
-def test_teacher_accuracy_is_measured_on_the_students_evaluation_batches(tmp_path, digits, fitted_teacher):
-    from training.teacher import check_teacher_accuracy
-
-    augmentation = AugmentationArguments(input_size=IMAGE_SIZE, auto_augment=None, reprob=0, mixup=0, cutmix=0)
-    held_out = prepared(digits["validation"], build_eval_transform(augmentation))
-    trainer = make_trainer(tmp_path, student(), None, held_out, fitted_teacher,
-                           batch_transform=build_batch_transform(augmentation, 10))
-    correct, total = trainer.count_teacher_correct(num_batches=2)
-    assert total == 256  # two batches of 128
-    assert check_teacher_accuracy(correct, total, num_labels=10) > 0.9

@@ -1,0 +1,120 @@
+"""The teacher's pre-flight on the first validation batches: refuse a teacher that would teach the wrong thing.
+
+`DistillationTrainer.teacher_confusions` runs the teacher on the student's evaluation batches, with the input
+normalisation it declares and with each common one (`COMMON_NORMALISATIONS`), and counts (true class, predicted
+class) pairs; `check_teacher` reads those counts and refuses, before step 1:
+
+- a check on which no image decoded (nothing to judge);
+- a declared normalisation that another common one beats by far (a processor saved with the wrong statistics);
+- a top-1 near chance;
+- classes mostly predicted as one other class (a head in another class order), naming the pairs.
+"""
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .teacher import Teacher, _affine_between
+
+logger = logging.getLogger(__name__)
+
+DECLARED = "declared"
+# The statistics image classifiers are commonly trained with, tried besides the one the teacher declares.
+COMMON_NORMALISATIONS = {
+    "ImageNet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "0.5/0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "[0, 1]": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+# A class is taken as swapped when at least this many of its check images went mostly to one other class.
+MIN_IMAGES_PER_CLASS = 4
+_WAY_OUT = "To train with it anyway, pass --teacher_check_batches 0."
+
+
+def normalisations(teacher: Teacher) -> dict[str, tuple[Sequence[float], Sequence[float]] | None]:
+    """The normalisations to check the teacher with: its declared one (None: as it is) and each common one that
+    differs from it and has its channel count; only the declared one when the teacher declares none."""
+    found = {DECLARED: None}
+    if teacher.mean is None:
+        return found
+    declared = (teacher.mean, teacher.std)
+    for name, (mean, std) in COMMON_NORMALISATIONS.items():
+        if len(mean) == len(teacher.mean) and _affine_between(declared, (mean, std)) is not None:
+            found[name] = (mean, std)
+    return found
+
+
+@contextlib.contextmanager
+def normalised_as(teacher: Teacher, statistics: tuple[Sequence[float], Sequence[float]] | None) -> Iterator[Teacher]:
+    """The teacher, fed as if it had been trained with `statistics` (mean, std) instead of its declared ones."""
+    affine = None if statistics is None else _affine_between((teacher.mean, teacher.std), statistics)
+    saved = teacher.input_scale, teacher.input_shift
+    if affine is not None:
+        device = next(teacher.model.parameters(), torch.empty(0)).device
+        scale, shift = (part.to(device) for part in affine)
+        if saved[0] is not None:  # the student's statistics to the declared ones, then to `statistics`
+            scale, shift = saved[0] * scale, saved[1] * scale + shift
+        teacher.input_scale, teacher.input_shift = scale, shift
+    try:
+        yield teacher
+    finally:
+        teacher.input_scale, teacher.input_shift = saved
+
+
+def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], show: int = 5) -> float:
+    """The teacher's top-1 with its declared normalisation, after refusing (`ValueError`) a teacher that the check
+    batches show to be fed wrongly or to predict other classes. `confusions` maps each normalisation of
+    `normalisations` to its counts (true class × predicted class)."""
+    declared = confusions[DECLARED].double()
+    total = int(declared.sum())
+    if total == 0:
+        raise ValueError(
+            "No validation image decoded in the teacher check's batches: the teacher cannot be checked. The warnings "
+            f"of training.transforms name the images that failed. {_WAY_OUT}"
+        )
+    top1 = {name: int(counts.diagonal().sum()) / max(int(counts.sum()), 1) for name, counts in confusions.items()}
+    num_labels = declared.shape[0]
+    chance = 1 / num_labels
+    logger.info("Teacher top-1 on %d validation images: %.1f %% (chance: %.1f %%).", total, 100 * top1[DECLARED],
+                100 * chance)
+    best = max(top1, key=top1.get)
+    # far better: at least 10 points up, and at most half the errors
+    if best != DECLARED and top1[best] - top1[DECLARED] >= 0.1 and 1 - top1[best] <= (1 - top1[DECLARED]) / 2:
+        mean, std = COMMON_NORMALISATIONS[best]
+        raise ValueError(
+            f"The teacher scores {100 * top1[DECLARED]:.1f} % on {total} validation images with the normalisation it "
+            f"declares, but {100 * top1[best]:.1f} % with {best} statistics (mean {list(mean)}, std {list(std)}): it "
+            f"was trained with those. Pass --teacher_mean {' '.join(map(str, mean))} --teacher_std "
+            f"{' '.join(map(str, std))} (or fix its image processor). {_WAY_OUT}"
+        )
+    threshold = chance + 0.2 * (1 - chance)  # a fifth of the way from chance to perfect
+    if top1[DECLARED] < threshold:
+        raise ValueError(
+            f"The teacher's top-1 on {total} validation images is {100 * top1[DECLARED]:.1f} %, near chance "
+            f"({100 * chance:.1f} %; the check asks for {100 * threshold:.1f} %). Likely causes: its input "
+            "normalisation (set --teacher_mean and --teacher_std to what it was trained with), its checkpoint "
+            f"(--teacher_checkpoint), or a class order other than the dataset's. {_WAY_OUT}"
+        )
+    swapped = _mostly_predicted_as_another(declared)
+    if swapped:
+        named = "; ".join(
+            f"{label_names[true]!r} as {label_names[predicted]!r} ({count} of {support})"
+            for true, predicted, count, support in swapped[:show]
+        )
+        raise ValueError(
+            f"The teacher predicts {len(swapped)} class(es) mostly as another one on {total} validation images: "
+            f"{named}. Its classes are likely in another order than the dataset's (a swapped head?). {_WAY_OUT}"
+        )
+    return top1[DECLARED]
+
+
+def _mostly_predicted_as_another(counts: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(class, the other class, how many of its images went there, its images) for each class of at least
+    `MIN_IMAGES_PER_CLASS` check images of which at least half went to one other class, twice as many as to itself."""
+    support = counts.sum(dim=1)
+    off_diagonal = counts - torch.diag(counts.diagonal())
+    most, predicted = off_diagonal.max(dim=1)
+    mostly = (support >= MIN_IMAGES_PER_CLASS) & (2 * most >= support) & (most >= 2 * counts.diagonal())
+    return [(int(c), int(predicted[c]), int(most[c]), int(support[c])) for c in torch.nonzero(mostly).flatten()]
