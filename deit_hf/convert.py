@@ -21,9 +21,9 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import ImageNetInfo
 from timm.models import load_state_dict as timm_load_state_dict
-from safetensors import SafetensorError
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
