@@ -34,6 +34,7 @@ from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .teacher import check_class_names, check_teacher_accuracy, load_teacher
@@ -302,7 +303,10 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
-    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
+
+    On SIGTERM (`training.preemption`) training stops after the current step with a checkpoint there, and this exits
+    with status 143 without saving a final model or evaluating."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -340,6 +344,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         check_class_names(teacher, data.label_names)
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
+    preemption = Preemption()
     trainer = DistillationTrainer(
         model=model,
         args=training_args,
@@ -355,12 +360,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), preemption],
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
+        if preemption.signal_number is not None:  # a checkpoint was saved at the last step: no final model
+            trainer.end()
+            sys.exit(128 + preemption.signal_number)  # as if the signal had ended the run, its work saved
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
