@@ -14,12 +14,14 @@ share timm's parameter names. The conversion is checked: the converted model mus
 
 import argparse
 import json
+import pickle
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import ImageNetInfo
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.deit import VisionTransformerDistilled
@@ -68,13 +70,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     Torch files are read with `weights_only=True` (no arbitrary unpickling). A checkpoint that wraps the weights,
     as facebookresearch/deit's `{"model": ...}` or timm's `{"state_dict": ...}`, is unwrapped, and DDP/compile
     prefixes (`module.`, `_orig_mod.`) are stripped (timm's loader). EMA weights are ignored: the recipe evaluates
-    the model itself.
+    the model itself. A file that is empty, cut short, of another format than its name says, or whose pickle holds
+    more than tensors raises a ValueError naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
+    if problem := unreadable_weights_file(path):
+        raise ValueError(problem)
     try:
         state_dict = timm_load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        if pickle.UnpicklingError in (type(error), type(error.__cause__)):  # timm re-raises it as a RuntimeError
+            raise ValueError(f"{path} holds more than tensors, refused by torch.load(weights_only=True).") from error
+        raise ValueError(f"{path} is cut short or damaged: {_first_line(error)}") from error
     except AttributeError as error:  # timm's prefix cleaning calls `.items()` on whatever the file held
         raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors).") from error
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
@@ -84,6 +93,35 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             "(expected parameters at the top level or under a 'model' or 'state_dict' key)."
         )
     return state_dict
+
+
+# How torch.save's files begin: a zip archive (torch >= 1.6) or a bare pickle (protocol 2 and later).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def unreadable_weights_file(path: str | Path) -> str | None:
+    """Why the weights file `path` cannot be what its name says, in one sentence naming it, or None: empty, or a
+    torch file (zip or pickle) named `.safetensors`. Truncation and bad contents show when the file is read."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if not start:
+        return f"{path} is empty."
+    if path.suffix == ".safetensors" and start.startswith(_TORCH_FILE_STARTS):
+        return (f"{path} is a torch pickle, not a safetensors file: rename it to .pth to load it with "
+                "torch.load(weights_only=True).")
+    return None
+
+
+def nonfinite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of `state_dict` holding a NaN or an infinity."""
+    return [name for name, tensor in state_dict.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, target: str) -> None:
@@ -196,6 +234,8 @@ def convert_timm_model(
             "VisionTransformerDistilled models (deit_*_distilled_*), whose distillation token and head it needs."
         )
     timm_model.eval().set_distilled_training(False)
+    if nonfinite := nonfinite_tensors(timm_model.state_dict()):
+        raise ValueError(f"The weights to convert are not finite (NaN or inf) in {_few(nonfinite)}: not converting.")
     config = config_from_timm(timm_model, **config_overrides)
     model = DeiTForImageClassificationWithTeacher(config).eval()
     load_state_dict_strict(
@@ -292,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", required=True, type=Path, help="Directory to write the deit_hf checkpoint to.")
     args = parser.parse_args(argv)
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is an existing file: give a directory to write the checkpoint to.")
     try:
         label_names = read_label_names(args.label_names) if args.label_names else None
         model, image_processor = convert_timm_checkpoint(

@@ -221,3 +221,59 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "has no distillation token" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+class _Payload:
+    def __reduce__(self):
+        return print, ("payload ran",)
+
+
+@pytest.mark.parametrize("name, spoil, message", [
+    ("empty.safetensors", lambda path: path.write_bytes(b""), "empty.safetensors is empty."),
+    ("empty.pth", lambda path: path.write_bytes(b""), "empty.pth is empty."),
+    ("cut.safetensors", _cut_in_half, "cut.safetensors is cut short or damaged: "),
+    ("cut.pth", _cut_in_half, "cut.pth is cut short or damaged: "),
+    ("pickle.safetensors", lambda path: torch.save({"head.weight": torch.zeros(3, 32)}, path),
+     "pickle.safetensors is a torch pickle, not a safetensors file"),
+    ("payload.pth", lambda path: path.write_bytes(__import__("pickle").dumps(_Payload())),
+     "payload.pth holds more than tensors, refused by torch.load(weights_only=True)"),
+])
+def test_cli_names_a_damaged_checkpoint_file_in_one_line(tmp_path, capsys, name, spoil, message):
+    checkpoint = tmp_path / name
+    state_dict = timm.create_model("deit_tiny_distilled_patch16_224", **TINY_TIMM).state_dict()
+    save_file(state_dict, checkpoint) if checkpoint.suffix == ".safetensors" else torch.save(state_dict, checkpoint)
+    spoil(checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timm-model", "deit_tiny_distilled_patch16_224", "--checkpoint", str(checkpoint), "--output",
+              str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"deit-hf-convert: error: {checkpoint.parent}/{message}"), error
+    assert "payload ran" not in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_not_converted(tmp_path, capsys, value):
+    state_dict = timm.create_model("deit_tiny_distilled_patch16_224").state_dict()
+    state_dict["blocks.1.mlp.fc2.bias"][3] = value
+    save_file(state_dict, tmp_path / "weights.safetensors")
+    with pytest.raises(SystemExit):
+        main(["--timm-model", "deit_tiny_distilled_patch16_224", "--checkpoint", str(tmp_path / "weights.safetensors"),
+              "--output", str(tmp_path / "out")])
+    assert "not finite (NaN or inf) in blocks.1.mlp.fc2.bias: not converting" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_as_output_is_refused_before_converting(tmp_path, capsys):
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--timm-model", "deit_tiny_distilled_patch16_224", "--random-init", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"--output {tmp_path / 'out'} is an existing file" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "notes"

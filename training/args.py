@@ -384,6 +384,11 @@ class DeiTTrainingArguments(TrainingArguments):
         metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
                   "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "`last`: continue from the newest complete, undamaged checkpoint of --output_dir (or start "
+                  "from step 0 when there is none); or the path of a checkpoint folder to continue from."},
+    )
 
     @cached_property
     def _setup_devices(self) -> torch.device:

@@ -4,17 +4,26 @@ transformers writes `checkpoint-N/` file by file in place, and resumes from the 
 holds: a run killed while saving leaves a folder without `trainer_state.json` (resume crashes), or without the
 optimizer or RNG state (transformers then resumes without them, silently). `DistillationTrainer` writes each
 checkpoint under `STAGING_DIR` and renames it into place once every process has written its part, and resuming only
-considers folders holding every file below.
+considers folders holding every file below, each of which reads (`damaged_files`).
 """
 
 import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
+from collections.abc import Collection
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from deit_hf.convert import nonfinite_tensors, unreadable_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,58 @@ def missing_parts(checkpoint: str) -> list[str]:
     return missing
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest-numbered `checkpoint-N` of `output_dir` holding everything needed to resume; each newer but
-    incomplete one is skipped with a warning saying what it lacks."""
+# The torch files transformers reads back when resuming, all with `torch.load(weights_only=True)`;
+# `training_args.bin`, a full pickle, is never read back.
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "pytorch_model*.bin")
+
+
+def damaged_files(checkpoint: str, expected_tensors: Collection[str] = ()) -> list[str]:
+    """What would make resuming from `checkpoint` crash or go silently wrong, one sentence per file, naming it:
+    weights that are empty, cut short or not safetensors, lack some of `expected_tensors` (transformers only warns)
+    or are not finite, and torch files that `torch.load(weights_only=True)` refuses (a pickled payload, a cut)."""
+    problems, tensors = [], set()
+    for path in sorted(glob.glob(os.path.join(glob.escape(checkpoint), "*.safetensors"))):
+        if problem := unreadable_weights_file(path):
+            problems.append(problem)
+            continue
+        try:
+            with safe_open(path, "pt") as weights:
+                names = list(weights.keys())
+                nonfinite = nonfinite_tensors({name: weights.get_tensor(name) for name in names})
+        except (SafetensorError, OSError) as error:
+            problems.append(f"{path} is cut short or damaged: {error}.")
+            continue
+        tensors.update(names)
+        if nonfinite:
+            problems.append(f"{path} holds non-finite (NaN or inf) weights: {_some(nonfinite)}.")
+    for pattern in TORCH_FILES:
+        for path in sorted(glob.glob(os.path.join(glob.escape(checkpoint), pattern))):
+            if problem := unreadable_weights_file(path) or _torch_file_problem(path):
+                problems.append(problem)
+    missing = sorted(set(expected_tensors) - tensors)
+    if missing and tensors:
+        problems.append(f"The weights of {checkpoint} lack {len(missing)} of the model's tensors: {_some(missing)}.")
+    return problems
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _torch_file_problem(path: str) -> str | None:
+    try:  # with what transformers allows (numpy's RNG state); memory-mapped where possible: only the pickle is read
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        return f"{path} holds more than tensors, refused by torch.load(weights_only=True)."
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        return f"{path} is cut short or damaged: {str(error).strip().splitlines()[0]}"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str, expected_tensors: Collection[str] = ()) -> str | None:
+    """The highest-numbered `checkpoint-N` of `output_dir` holding everything needed to resume, undamaged (see
+    `damaged_files`); each newer one that is incomplete or damaged is skipped with a warning saying why."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
@@ -62,10 +120,45 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     for _, name in reversed(steps):
         checkpoint = os.path.join(output_dir, name)
         missing = missing_parts(checkpoint)
-        if not missing:
+        if missing:
+            logger.warning("Skipping the incomplete checkpoint %s: it has no %s.", checkpoint, ", no ".join(missing))
+        elif damaged := damaged_files(checkpoint, expected_tensors):
+            logger.warning("Skipping the damaged checkpoint %s: %s", checkpoint, " ".join(damaged))
+        else:
             return checkpoint
-        logger.warning("Skipping the incomplete checkpoint %s: it has no %s.", checkpoint, ", no ".join(missing))
     return None
+
+
+def resume_argument(training_args: TrainingArguments, expected_tensors: Collection[str] = ()) -> str | None:
+    """`--resume_from_checkpoint last` (or true) resumes the newest complete checkpoint of `output_dir`, or starts
+    from step 0 when there is none (one command for the first start and every restart); a path resumes it.
+
+    Incomplete or damaged checkpoints (`training.checkpoints.missing_parts`, `damaged_files`: weights that do not
+    read, are not finite or lack some of `expected_tensors`, torch files holding more than tensors) are skipped with
+    a warning naming the file, or refused when named. A new run into an `output_dir` that already holds checkpoints
+    is refused rather than left to overwrite them.
+    """
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("last", "true"):
+        resume = last_complete_checkpoint(training_args.output_dir, expected_tensors)
+        if resume is None:
+            logger.warning("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
+            return None
+    elif resume is not None:
+        if missing := missing_parts(resume):
+            raise ValueError(f"Cannot resume from {resume}: it has no {', no '.join(missing)}.")
+        if damaged := damaged_files(resume, expected_tensors):
+            raise ValueError(f"Cannot resume from {resume}: {' '.join(damaged)}")
+    else:
+        existing = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if existing is not None:
+            raise ValueError(
+                f"{training_args.output_dir} already holds checkpoints ({os.path.basename(existing)}, ...): pass "
+                "--resume_from_checkpoint last to continue that run, or another --output_dir to start a new one."
+            )
+        return None
+    logger.info("Resuming from %s.", resume)
+    return resume
 
 
 def publish_checkpoint(staged: str, final: str) -> None:

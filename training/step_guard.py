@@ -147,8 +147,9 @@ class NonFiniteStepGuard(TrainerCallback):
             message = (
                 f"{worst_streak} optimizer steps in a row had a non-finite loss, teacher output or gradient (up to "
                 f"step {global_step}; --max_consecutive_nonfinite {self.max_consecutive_nonfinite}): stopping. They "
-                "were skipped, so the weights are those before them; resume from the last checkpoint with a lower "
-                "learning rate, or check the teacher and the data."
+                "were skipped, so the weights are those before them; resume with --resume_from_checkpoint last (the "
+                "newest checkpoint whose files read and whose weights are finite) and a lower learning rate, or check "
+                "the teacher and the data."
             )
             logger.error(message)
             raise NonFiniteTrainingError(message)

@@ -21,7 +21,6 @@ import transformers
 import yaml
 from accelerate.utils import get_int_from_env
 from transformers import HfArgumentParser, PreTrainedConfig, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
@@ -33,10 +32,11 @@ from .args import (
     ModelArguments,
     check_arguments,
 )
-from .checkpoints import last_complete_checkpoint, missing_parts
+from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
+from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .teacher import check_class_names, load_teacher
@@ -82,6 +82,8 @@ ARGUMENT_CLASSES = (ModelArguments, DistillationArguments, DataArguments, Augmen
 
 # A flag of the recipe's rule and the TrainingArguments value it derives: the one the user gave wins.
 RECIPE_RULES = (("blr", "learning_rate"), ("warmup_epochs", "warmup_steps"))
+# An interval given alone switches its strategy from the recipe's "epoch" to "steps", as transformers' default does.
+STEP_INTERVALS = (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"))
 
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -99,7 +101,8 @@ def parse_args(argv: list[str] | None = None):
     """The five argument dataclasses from flags, or from a `.json`/`.yaml` file followed by flags that override it.
 
     An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
-    `--warmup_epochs`); giving both of a pair is refused. A checkpoint to fine-tune (`--model_name_or_path`) gives
+    `--warmup_epochs`); giving both of a pair is refused. `--save_steps` or `--eval_steps` without its strategy
+    means `steps`, as in transformers. A checkpoint to fine-tune (`--model_name_or_path`) gives
     the architecture and input size. A value that an argument dataclass, a conflict between arguments or
     `training.args.check_arguments` refuses exits as argparse does (status 2), with one line naming the option.
     """
@@ -123,6 +126,8 @@ def parse_args(argv: list[str] | None = None):
         parser.set_defaults(**file_values)
         given, argv = set(file_values), argv[1:]
     given |= {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+    parser.set_defaults(**{strategy: "steps" for interval, strategy in STEP_INTERVALS
+                           if interval in given and strategy not in given})
     try:
         arguments = parser.parse_args_into_dataclasses(argv)
         _resolve_given(given, *arguments)
@@ -312,30 +317,6 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     return threads
 
 
-def resume_argument(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint last` (or true) resumes the newest complete checkpoint of `output_dir`, or starts
-    from step 0 when there is none (one command for the first start and every restart); a path resumes it.
-
-    Incomplete checkpoints (`training.checkpoints.missing_parts`) are skipped with a warning, or refused when named.
-    A new run into an `output_dir` that already holds checkpoints is refused rather than left to overwrite them.
-    """
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("last", "true"):
-        checkpoint = last_complete_checkpoint(training_args.output_dir)
-        if checkpoint is None:
-            logger.warning("No complete checkpoint in %s: starting from step 0.", training_args.output_dir)
-        return checkpoint
-    if resume is not None and (missing := missing_parts(resume)):
-        raise ValueError(f"Cannot resume from {resume}: it has no {', no '.join(missing)}.")
-    existing = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if resume is None and existing is not None:
-        raise ValueError(
-            f"{training_args.output_dir} already holds checkpoints ({os.path.basename(existing)}, ...): pass "
-            "--resume_from_checkpoint last to continue that run, or another --output_dir to start a new one."
-        )
-    return resume
-
-
 def main(
     argv: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
@@ -346,6 +327,9 @@ def main(
     `prepare_model` is given the student built from the flags (with the dataset's labels) and returns the model to
     train, e.g. a LoRA adapter around it: `lambda student: peft.get_peft_model(student, LoraConfig(...))`. The
     Trainer saves what that model saves (a PEFT model: its adapter); the run card is written for a whole DeiT⚗ only.
+
+    On SIGTERM (`training.preemption`) training stops after the current step with a checkpoint there, and this exits
+    with status 143 without saving a final model or evaluating.
     """
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
@@ -386,6 +370,7 @@ def main(
         check_class_names(teacher, data.label_names)
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
+    preemption = Preemption()
     trainer = DistillationTrainer(
         model=model,
         args=training_args,
@@ -401,12 +386,15 @@ def main(
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), preemption],
     )
     if teacher is not None and distill_args.teacher_check_batches > 0:
         check_teacher(trainer.teacher_confusions(distill_args.teacher_check_batches), data.label_names)
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
+        result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
+        if preemption.signal_number is not None:  # a checkpoint was saved at the last step: no final model
+            trainer.end()
+            sys.exit(128 + preemption.signal_number)  # as if the signal had ended the run, its work saved
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

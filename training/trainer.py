@@ -313,12 +313,13 @@ class DistillationTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not weights_are_finite(self.model):
-            message = (
+            checkpoint = last_complete_checkpoint(self.args.output_dir, self.model.state_dict().keys())
+            advice = (f"The last complete checkpoint with finite weights is {checkpoint}; resume from it" if checkpoint
+                      else f"{self.args.output_dir} holds no complete checkpoint with finite weights; start again")
+            raise NonFiniteTrainingError(
                 f"The weights are not finite at step {self.state.global_step}: not saving them to "
-                f"{output_dir or self.args.output_dir}. The last complete checkpoint is "
-                f"{last_complete_checkpoint(self.args.output_dir)}; resume from it with a lower learning rate."
+                f"{output_dir or self.args.output_dir}. {advice} with a lower learning rate."
             )
-            raise NonFiniteTrainingError(message)
         super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -3,6 +3,8 @@
 `$STOP_AT=<rank>:<step>`: that process prints `STOPPED AT <time>` and SIGSTOPs itself as the step after that one
 begins (a stuck rank).
 `$EMPTY_AT=<rank>:<step>,...`: that process's batch for the step after that one is all corrupt (`*`: every process).
+`$PREEMPT_AT=<rank>:<step>:<file>`: at the end of that step, that process writes its pid to `file` and waits until
+it has received SIGTERM (sent by the test) before going on.
 At the end each process prints `WEIGHTS <rank> <sum of its weights>`.
 
 `$KILL_AT=<point>:<global step>`: the process SIGKILLs itself at that point:
@@ -19,19 +21,22 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
-from transformers import Trainer, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerState
 
-from training import train, trainer
+from training import preemption, train, trainer
 from training.collator import DistillationCollator
 
 POINT, _, STEP = os.environ.get("KILL_AT", "none:0").partition(":")
 STEP = int(STEP)
 STOP_AT = os.environ.get("STOP_AT", "")
 EMPTY_AT = set(filter(None, os.environ.get("EMPTY_AT", "").split(",")))
+PREEMPT_AT = os.environ.get("PREEMPT_AT", "::").split(":", 2)
 published = []
+signalled = threading.Event()
 
 
 def kill_at(point: str, step: int) -> None:
@@ -84,13 +89,30 @@ def rotate_checkpoints(output_dir, *args, **kwargs):
     return _rotate_checkpoints(output_dir, *args, **kwargs)
 
 
+_handle = preemption.Preemption._handle
+
+
+def handle(self, signal_number, frame):
+    _handle(self, signal_number, frame)
+    signalled.set()
+
+
+class WaitForSignal(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if PREEMPT_AT[:2] == [str(args.process_index), str(state.global_step)]:
+            with open(PREEMPT_AT[2], "w") as marker:
+                marker.write(str(os.getpid()))
+            assert signalled.wait(timeout=240), "no SIGTERM came"
+
+
 if __name__ == "__main__":
+    preemption.Preemption._handle = handle
     torch.set_num_threads(1)
     trainer.DistillationTrainer.training_step = training_step
     Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     TrainerState.save_to_json = save_to_json
     trainer.publish_checkpoint = publish_checkpoint
     trainer.rotate_checkpoints = rotate_checkpoints
-    run = train.main(sys.argv[1:])
+    run = train.main(sys.argv[1:], callbacks=[WaitForSignal()])
     weights = sum(parameter.double().sum().item() for parameter in run.model.parameters())
     print(f"WEIGHTS {run.args.process_index} {weights!r}", flush=True)

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from training.checkpoints import STAGING_DIR, last_complete_checkpoint, missing_parts
+from training.checkpoints import STAGING_DIR, damaged_files, last_complete_checkpoint, missing_parts
 from training.train import main, parse_args, resume_argument
 
 from .conftest import tiny_run_args
@@ -22,11 +24,62 @@ PROBE = Path(__file__).with_name("fault_probe.py")
 COMPLETE = ["trainer_state.json", "config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
 
 
+WEIGHTS = {"weight": torch.ones(4, 2), "bias": torch.zeros(4)}
+
+
 def fake_checkpoint(path: Path, files=COMPLETE) -> Path:
+    """A checkpoint whose files read as transformers reads them: JSON, safetensors `WEIGHTS`, torch pickles."""
     path.mkdir(parents=True)
     for name in files:
-        (path / name).write_text("{}")
+        if name.endswith(".json"):
+            (path / name).write_text("{}")
+        elif name.endswith(".safetensors"):
+            save_file(WEIGHTS, path / name)
+        else:
+            torch.save({"state": torch.zeros(2)}, path / name)
     return path
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ("echo payload ran",)
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# Ways a checkpoint's files get damaged, each with the words of the problem reported for that file.
+DAMAGE = {
+    "NaN weights": ("model.safetensors", lambda path: save_file({**WEIGHTS, "bias": torch.full((4,), float("nan"))},
+                                                                path), "holds non-finite (NaN or inf) weights: bias"),
+    "a missing tensor": ("model.safetensors", lambda path: save_file({"weight": WEIGHTS["weight"]}, path),
+                         "lack 1 of the model's tensors: bias"),
+    "cut-short weights": ("model.safetensors", cut_in_half, "is cut short or damaged"),
+    "empty weights": ("model.safetensors", lambda path: path.write_bytes(b""), "is empty"),
+    "a payload in scaler.pt": ("scaler.pt", lambda path: path.write_bytes(pickle.dumps(Payload())),
+                               "holds more than tensors, refused by torch.load(weights_only=True)"),
+    "a cut-short optimizer state": ("optimizer.pt", cut_in_half, "is cut short or damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_skipped_by_last_and_refused_when_named(tmp_path, caplog, capfd, damage):
+    name, spoil, problem = DAMAGE[damage]
+    fake_checkpoint(tmp_path / "checkpoint-4", [*COMPLETE, "scaler.pt"])
+    damaged = fake_checkpoint(tmp_path / "checkpoint-8", [*COMPLETE, "scaler.pt"])
+    spoil(damaged / name)
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(str(tmp_path), WEIGHTS) == str(tmp_path / "checkpoint-4")
+    assert f"Skipping the damaged checkpoint {damaged}: " in caplog.text and problem in caplog.text
+    if name != "model.safetensors" or "tensors" not in problem:
+        assert str(damaged / name) in caplog.text  # the file is named
+    training_args = parse_args(["--dataset_name", "x", "--output_dir", str(tmp_path),
+                                "--resume_from_checkpoint", str(damaged)])[-1]
+    with pytest.raises(ValueError, match=f"Cannot resume from {re.escape(str(damaged))}: .*{re.escape(problem)}"):
+        resume_argument(training_args, WEIGHTS)
+    assert damaged_files(str(tmp_path / "checkpoint-4"), WEIGHTS) == []
+    assert "payload ran" not in capfd.readouterr().out
 
 
 def test_the_newest_complete_checkpoint_is_found_and_newer_incomplete_ones_are_skipped(tmp_path, caplog):

@@ -208,3 +208,19 @@ def test_largest_magnitude_is_the_infinity_norm_nan_and_inf_included(values):
     tensors = [torch.tensor(row, dtype=torch.float32) for row in values]
     expected = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"))
     torch.testing.assert_close(largest_magnitude(tensors), expected, equal_nan=True)
+
+
+def test_the_advice_on_non_finite_weights_names_the_newest_checkpoint_with_finite_ones(tmp_path, digits,
+                                                                                        fitted_teacher):
+    model = student()
+    trainer, _ = trainer_for(tmp_path, digits, fitted_teacher, model=model)
+    for step in (4, 8):  # checkpoint-8's weights are NaN
+        if step == 8:
+            torch.nn.init.constant_(model.cls_classifier.bias, float("nan"))
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        model.save_pretrained(checkpoint, safe_serialization=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.save({}, checkpoint / name)
+    with pytest.raises(NonFiniteTrainingError, match=r"with finite weights is .*checkpoint-4; resume from it"):
+        trainer.save_model(str(tmp_path / "final"))

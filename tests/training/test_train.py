@@ -80,7 +80,7 @@ def test_imagenet_style_inputs_train_and_save_a_pipeline_checkpoint(layout, digi
     assert {"eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_token_cosine"} <= metrics.keys()
 
 
-def test_resume_continues_the_same_run(small_digits_dir, random_teacher_dir, tmp_path):
+def test_resume_continues_the_same_run(small_digits_dir, random_teacher_dir, tmp_path, caplog):
     """12 steps over 2 epochs (repeated augmentation, mixup), against a run stopped at step 8 and resumed."""
     common = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",
               "--repeated_aug", "true", "--num_repeats", "3", "--mixup", "0.8", "--cutmix", "1.0"]
@@ -91,9 +91,11 @@ def test_resume_continues_the_same_run(small_digits_dir, random_teacher_dir, tmp
 
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume_from_checkpoint last"):
         main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common))
-    resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common,
-                                 "--resume_from_checkpoint", "last"))
+    with caplog.at_level(logging.INFO, logger="training"):
+        resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common,
+                                     "--resume_from_checkpoint", "last"))
     assert resumed.state.global_step == 12
+    assert f"Resuming from {tmp_path / 'b' / 'checkpoint-8'}." in caplog.text
 
     losses = lambda trainer: [e["loss"] for e in trainer.state.log_history if "loss" in e]  # noqa: E731
     assert losses(resumed)[-4:] == pytest.approx(losses(uninterrupted)[-4:], rel=1e-4)
@@ -357,3 +359,19 @@ def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, 
     assert "eval_top1" in metrics and not any("teacher" in name for name in metrics)
     monkeypatch.setattr(training.train, "load_teacher", load_teacher)
     assert "eval_teacher_top1" in main(evaluate).evaluate()
+
+
+@pytest.mark.parametrize("interval, strategy", [("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")])
+def test_an_interval_given_alone_switches_its_strategy_to_steps(interval, strategy):
+    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7"])[-1]
+    assert getattr(training_args, strategy) == "steps" and getattr(training_args, interval) == 7
+    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7", f"--{strategy}", "epoch"])[-1]
+    assert getattr(training_args, strategy) == "epoch"  # the strategy given wins
+    assert parse_args(["--dataset_name", "x"])[-1].save_strategy == "epoch"  # the recipe's
+
+
+def test_resume_from_checkpoint_help_mentions_last(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "RESUME_FROM_CHECKPOINT `last`: continue from the newest complete, undamaged checkpoint" in help_text
