@@ -9,7 +9,6 @@ Module and parameter names are those of transformers' DeiT checkpoints (facebook
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +18,14 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_deit import DeiTConfig
 from .losses import DistillationLoss
+from .modeling_outputs import DeiTForImageClassificationOutput, DeiTForImageClassificationWithTeacherOutput
 from .position_embeddings import position_embedding_resampling
 
 
@@ -43,52 +42,6 @@ def _refuse_teacher_logits_without_labels(labels, teacher_logits) -> None:
     if teacher_logits is not None and labels is None:
         raise ValueError("`teacher_logits` were given without `labels`: the teacher only enters the training loss, "
                          "which needs the labels. Pass `labels`, or drop `teacher_logits` for inference.")
-
-
-@dataclass
-class DeiTForImageClassificationOutput(ImageClassifierOutput):
-    r"""
-    Output of [`DeiTForImageClassification`]: transformers' `ImageClassifierOutput` and the two parts of the loss.
-
-    base_loss, distillation_loss (`torch.Tensor` of shape `()`):
-        The cross-entropy of the class head on the labels and, with a teacher (classical distillation), its
-        distillation loss (`deit_hf.losses.DistillationLoss`); `distillation_loss` is None without a teacher.
-    """
-
-    base_loss: torch.Tensor | None = None
-    distillation_loss: torch.Tensor | None = None
-
-
-@dataclass
-class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
-    r"""
-    Output of [`DeiTForImageClassificationWithTeacher`].
-
-    loss (`torch.Tensor` of shape `()`, returned when `labels` are given):
-        `(1 - alpha) * base_loss + alpha * distillation_loss` (see `deit_hf.losses.DistillationLoss`).
-    logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        The prediction at inference: the average of `cls_logits` and `distillation_logits` (late fusion).
-    cls_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Head on the final class token.
-    distillation_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Head on the final distillation token.
-    token_cosine_similarity (`torch.Tensor` of shape `(batch_size,)`):
-        Cosine similarity of the final class and distillation token embeddings (the paper reports ~0.93): a
-        value near 1 means the two tokens learned the same thing.
-    base_loss, distillation_loss (`torch.Tensor` of shape `()`):
-        The two parts of `loss`, for logging; `distillation_loss` is None without a teacher (then `base_loss` is the
-        cross-entropy of the fused `logits`).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cls_logits: torch.Tensor | None = None
-    distillation_logits: torch.Tensor | None = None
-    token_cosine_similarity: torch.Tensor | None = None
-    base_loss: torch.Tensor | None = None
-    distillation_loss: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class DeiTPatchEmbeddings(nn.Module):
