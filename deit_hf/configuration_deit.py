@@ -84,6 +84,9 @@ class DeiTConfig(PreTrainedConfig):
         # Checked here rather than in `validate_*` methods so that nonsense raises a plain ValueError.
         self._check_fields()
         super().__post_init__(**kwargs)
+        if not self.use_distillation_token and not self.architectures:
+            # the Auto classes build the one class that fits (their default, the distilled model, needs the token)
+            self.architectures = ["DeiTForImageClassification"]
 
     def _check_fields(self):
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):

@@ -4,8 +4,8 @@
 transformers or converted timm checkpoint) builds the model at 384 and, while its weights load, resizes the stored
 position embedding to the new patch grid: the class (and distillation) rows are kept, the patch rows are resampled
 bicubically by timm's `resample_abs_pos_embed` with its defaults, as timm does when a ViT changes input size
-(`set_input_size`, its checkpoint filter). facebookresearch/deit's `--finetune` resizes without antialiasing; for
-upsampling the two kernels differ slightly, and fine-tuning absorbs either.
+(`set_input_size`, its checkpoint filter: bicubic, antialiased). facebookresearch/deit's `--finetune` resizes with
+plain bicubic; the two kernels differ slightly even when upsampling, and fine-tuning absorbs either.
 
 The resize is a transformers weight conversion that `DeiTPreTrainedModel` adds to its own loading only (not to the
 global registry, whose class-name entries would also reach transformers' own DeiT), so those classes load as before.
@@ -30,7 +30,7 @@ def resample_position_embeddings(
     old_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """`(1, prefix + old patches, dim)` -> `(1, prefix + new patches, dim)`: the prefix rows kept, the patch grid
-    (square unless `old_grid` is given) resized bicubically as timm does (antialiased when shrinking)."""
+    (square unless `old_grid` is given) resized with timm's defaults (bicubic, antialiased)."""
     return resample_abs_pos_embed(
         position_embeddings, new_size=list(new_grid), old_size=None if old_grid is None else list(old_grid),
         num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",

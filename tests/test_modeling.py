@@ -124,6 +124,8 @@ def test_auto_classes_pick_the_saved_architecture(tmp_path, tiny_config):
         loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / model_class.__name__)
         assert type(loaded) is model_class
     assert type(transformers.AutoModel.from_config(tiny_config)) is DeiTModel
+    one_head = DeiTConfig(**TINY, use_distillation_token=False)  # the Auto classes' default needs the token
+    assert type(transformers.AutoModelForImageClassification.from_config(one_head)) is DeiTForImageClassification
 
 
 def test_forward_with_labels_trains_both_heads_and_matches_the_loss_module(tiny_config, pixel_values):
