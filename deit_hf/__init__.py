@@ -14,6 +14,7 @@ from .image_processing_deit_fast import DeiTHfImageProcessor
 from .losses import DistillationLoss, DistillationLossOutput
 from .modeling_deit import (
     DeiTForImageClassification,
+    DeiTForImageClassificationOutput,
     DeiTForImageClassificationWithTeacher,
     DeiTForImageClassificationWithTeacherOutput,
     DeiTModel,
@@ -44,6 +45,7 @@ __all__ = [
     "PRESETS",
     "DeiTConfig",
     "DeiTForImageClassification",
+    "DeiTForImageClassificationOutput",
     "DeiTForImageClassificationWithTeacher",
     "DeiTForImageClassificationWithTeacherOutput",
     "DeiTHfImageProcessor",

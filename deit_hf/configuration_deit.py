@@ -30,11 +30,16 @@ class DeiTConfig(PreTrainedConfig):
     (timm and facebookresearch/deit use it; transformers' default of 1e-12 is not DeiT's). The defaults
     describe DeiT-B⚗ at 224.
 
+    use_distillation_token (`bool`, defaults to `True`):
+        Whether the sequence carries the distillation token (DeiT⚗). `False` is the paper's DeiT without one, as
+        timm's `deit_*_patch16_224`: one class head, trained on the labels and, with a teacher, on the "usual
+        distillation" of the paper's Table 3 (`DeiTForImageClassification`).
     drop_path_rate (`float`, defaults to 0.0):
         Stochastic depth rate of the last layer; it grows linearly from 0 over the layers (the recipe uses 0.1).
     distillation_type (`str`, defaults to `"hard"`):
-        `"hard"`: the distillation head learns the teacher's argmax; `"soft"`: KL to the teacher's softened
-        distribution; `"none"`: no teacher, both heads trained on the cross-entropy of the fused logits.
+        `"hard"`: the distillation head (the class head of a model without a distillation token) learns the
+        teacher's argmax; `"soft"`: KL to the teacher's softened distribution; `"none"`: no teacher, both heads
+        trained on the cross-entropy of the fused logits.
     distillation_alpha (`float`, defaults to 0.5):
         Weight of the distillation loss; the class-token loss gets `1 - alpha`.
     distillation_tau (`float`, defaults to 1.0):
@@ -68,6 +73,7 @@ class DeiTConfig(PreTrainedConfig):
     patch_size: int | list[int] | tuple[int, int] = 16
     num_channels: int = 3
     qkv_bias: bool = True
+    use_distillation_token: bool = True
     drop_path_rate: float | int = 0.0
     distillation_type: str = "hard"
     distillation_alpha: float | int = 0.5
@@ -78,6 +84,9 @@ class DeiTConfig(PreTrainedConfig):
         # Checked here rather than in `validate_*` methods so that nonsense raises a plain ValueError.
         self._check_fields()
         super().__post_init__(**kwargs)
+        if not self.use_distillation_token and not self.architectures:
+            # the Auto classes build the one class that fits (their default, the distilled model, needs the token)
+            self.architectures = ["DeiTForImageClassification"]
 
     def _check_fields(self):
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
@@ -117,6 +126,13 @@ class DeiTConfig(PreTrainedConfig):
             )
             config_dict = {**config_dict, "model_type": cls.model_type}
         return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(path, image_size=...)` sets its overrides after construction: check them too.
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._check_fields()
+        return loaded
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "DeiTConfig":

@@ -1,13 +1,16 @@
-"""Convert timm / facebookresearch DeiT⚗ checkpoints into deit_hf checkpoints.
+"""Convert timm / facebookresearch DeiT checkpoints (DeiT⚗ and the DeiT without distillation token) into deit_hf.
 
     python -m deit_hf.convert --timm-model deit_small_distilled_patch16_224 \
         --checkpoint deit_small_distilled_patch16_224-649709d9.pth --output deit-small-distilled
 
 (or `--pretrained` for timm's own weights, `--random-init` for tests) writes `model.safetensors`, `config.json`,
 `preprocessor_config.json` and a model card `README.md`, loadable with
-`DeiTForImageClassificationWithTeacher.from_pretrained` or, after `import deit_hf`,
-`AutoModelForImageClassification.from_pretrained`. facebookresearch/deit builds its models with timm, so both
-share timm's parameter names. The conversion is checked: the converted model must reproduce timm's logits.
+`DeiTForImageClassificationWithTeacher.from_pretrained` (`DeiTForImageClassification` for timm's non-distilled
+`deit_*_patch16_*`) or, after `import deit_hf`, `AutoModelForImageClassification.from_pretrained`.
+`--image-size 384` converts a 224 checkpoint for 384 px inputs, its position embedding resampled as timm's
+`set_input_size` does (the interpolation of `from_pretrained(path, image_size=384)`). facebookresearch/deit builds its
+models with timm, so both share timm's parameter names. The conversion is checked: the converted model must
+reproduce timm's logits.
 
 `load_state_dict_file` and `load_state_dict_strict` are also the checkpoint loaders of `training.teacher`.
 """
@@ -25,16 +28,17 @@ from safetensors import SafetensorError
 from timm.data import ImageNetInfo
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .configuration_deit import DeiTConfig
 from .image_processing_deit import DeiTHfImageProcessorPil
 from .modelcard import conversion_facts, write_model_card
-from .modeling_deit import DeiTForImageClassificationWithTeacher
+from .modeling_deit import DeiTForImageClassification, DeiTForImageClassificationWithTeacher
 
 # Tolerance of the post-conversion check, on logits of a random image (float32 kernels differ between the two).
 VERIFY_ATOL = 1e-3
-DISTILLED_DEIT_MODELS = timm.list_models("deit*distilled*")
+DEIT_MODELS = timm.list_models("deit_*")  # with and without distillation token
 _SHOWN_KEYS = 5
 
 # timm name -> deit_hf name, as prefix rewrites; `blocks.i.attn.qkv` is split separately (see `convert_state_dict`).
@@ -152,8 +156,8 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
     module.load_state_dict(state_dict, strict=True)
 
 
-def config_from_timm(timm_model: VisionTransformerDistilled, **overrides) -> DeiTConfig:
-    """The `DeiTConfig` describing a timm distilled ViT, with ImageNet label names for 1000-class heads.
+def config_from_timm(timm_model: VisionTransformer, **overrides) -> DeiTConfig:
+    """The `DeiTConfig` describing a timm DeiT (distilled or not), with ImageNet label names for 1000-class heads.
 
     `overrides` set fields the weights do not describe (e.g. `drop_path_rate`, `distillation_alpha`)."""
     block = timm_model.blocks[0]
@@ -178,6 +182,7 @@ def config_from_timm(timm_model: VisionTransformerDistilled, **overrides) -> Dei
         "patch_size": patch_size,
         "num_channels": timm_model.patch_embed.proj.in_channels,
         "num_labels": timm_model.num_classes,
+        "use_distillation_token": isinstance(timm_model, VisionTransformerDistilled),
         **({"id2label": id2label} if id2label else {}),
         **overrides,
     }
@@ -187,7 +192,8 @@ def config_from_timm(timm_model: VisionTransformerDistilled, **overrides) -> Dei
 
 
 def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a timm DeiT⚗ state dict to deit_hf's names, splitting each fused qkv projection into q, k and v."""
+    """Rename a timm DeiT state dict to deit_hf's names, splitting each fused qkv projection into q, k and v; without a
+    distillation token, `head` is the one-head model's `classifier`."""
     converted, unmapped = {}, []
     for key, tensor in timm_state_dict.items():
         if fused := _FUSED_QKV.match(key):
@@ -204,10 +210,12 @@ def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str,
             unmapped.append(key)
     if unmapped:
         raise ValueError(f"No deit_hf counterpart for timm parameters {_few(unmapped)}: unsupported DeiT variant.")
+    if "dist_token" not in timm_state_dict:  # a DeiT without distillation token has one head
+        converted = {re.sub(r"^cls_classifier\.", "classifier.", key): tensor for key, tensor in converted.items()}
     return converted
 
 
-def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassificationWithTeacher) -> None:
+def _verify(timm_model: VisionTransformer, model: DeiTForImageClassification) -> None:
     config = model.config
     height, width = config.image_size if isinstance(config.image_size, list) else (config.image_size,) * 2
     pixel_values = torch.randn(1, config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
@@ -221,23 +229,31 @@ def _verify(timm_model: VisionTransformerDistilled, model: DeiTForImageClassific
 
 
 def convert_timm_model(
-    timm_model: nn.Module, **config_overrides
-) -> tuple[DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
-    """Convert a timm `VisionTransformerDistilled` (with its current weights) into deit_hf, in eval mode.
+    timm_model: nn.Module, image_size: int | None = None, **config_overrides
+) -> tuple[DeiTForImageClassification | DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
+    """Convert a timm DeiT (with its current weights) into deit_hf, in eval mode: a `VisionTransformerDistilled`
+    (deit_*_distilled_*) into `DeiTForImageClassificationWithTeacher`, a class-token `VisionTransformer`
+    (deit_*_patch16_*) into `DeiTForImageClassification` without distillation token.
 
-    Checks that the converted model reproduces timm's eval logits (the mean of both heads) on a random image.
-    `config_overrides` go to `config_from_timm`.
+    `image_size` first moves the timm model to that input size (timm's `set_input_size`: the position embedding is
+    resampled). Checks that the converted model reproduces timm's eval logits (for DeiT⚗ the mean of both heads) on a
+    random image. `config_overrides` go to `config_from_timm`.
     """
-    if not isinstance(timm_model, VisionTransformerDistilled):
+    if not isinstance(timm_model, VisionTransformer) or timm_model.global_pool != "token":
         raise ValueError(
-            f"{type(timm_model).__name__} is not a distilled DeiT: deit_hf converts timm's "
-            "VisionTransformerDistilled models (deit_*_distilled_*), whose distillation token and head it needs."
+            f"{type(timm_model).__name__} is not a DeiT: deit_hf converts timm's VisionTransformerDistilled "
+            "(deit_*_distilled_*) and class-token VisionTransformer (deit_*_patch16_*) models."
         )
-    timm_model.eval().set_distilled_training(False)
+    distilled = isinstance(timm_model, VisionTransformerDistilled)
+    if distilled:
+        timm_model.set_distilled_training(False)
+    if image_size is not None:
+        timm_model.set_input_size(img_size=(image_size, image_size))
+    timm_model.eval()
     if nonfinite := nonfinite_tensors(timm_model.state_dict()):
         raise ValueError(f"The weights to convert are not finite (NaN or inf) in {_few(nonfinite)}: not converting.")
     config = config_from_timm(timm_model, **config_overrides)
-    model = DeiTForImageClassificationWithTeacher(config).eval()
+    model = (DeiTForImageClassificationWithTeacher if distilled else DeiTForImageClassification)(config).eval()
     load_state_dict_strict(
         model, convert_state_dict(timm_model.state_dict()), "the converted timm weights", "the deit_hf model"
     )
@@ -270,12 +286,14 @@ def convert_timm_checkpoint(
     pretrained: bool = False,
     random_init: bool = False,
     label_names: list[str] | None = None,
-) -> tuple[DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
+    image_size: int | None = None,
+) -> tuple[DeiTForImageClassification | DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil]:
     """Build timm's `timm_model_name` with the weights of `checkpoint_path` (loaded strictly; its heads give the
     class count, so fine-tuned checkpoints convert), or timm's own pretrained weights (`pretrained`, fetched by
     timm), and convert it to deit_hf.
 
-    `label_names` name the classes in order (default: ImageNet-1k's for 1000-class heads). timm's random
+    `label_names` name the classes in order (default: ImageNet-1k's for 1000-class heads); `image_size` converts for
+    another input size (see `convert_timm_model`). timm's random
     initialisation needs `random_init=True`: it is only good for testing, and must never be written by mistake.
     """
     if sum((checkpoint_path is not None, pretrained, random_init)) != 1:
@@ -283,7 +301,7 @@ def convert_timm_checkpoint(
                          "own weights) or random_init (for tests only).")
     if not timm.is_model(timm_model_name):
         raise ValueError(
-            f"Unknown timm model {timm_model_name!r}; the distilled DeiTs are {DISTILLED_DEIT_MODELS}."
+            f"Unknown timm model {timm_model_name!r}; timm's DeiTs are {DEIT_MODELS}."
         )
     state_dict = load_state_dict_file(checkpoint_path) if checkpoint_path is not None else None
     if state_dict is not None:
@@ -293,11 +311,8 @@ def convert_timm_checkpoint(
     timm_model = timm.create_model(
         timm_model_name, pretrained=pretrained, **({"num_classes": num_classes} if num_classes is not None else {})
     )
-    if not isinstance(timm_model, VisionTransformerDistilled):
-        raise ValueError(
-            f"timm model {timm_model_name!r} has no distillation token: deit_hf converts distilled DeiTs only, "
-            f"i.e. {DISTILLED_DEIT_MODELS}."
-        )
+    if not isinstance(timm_model, VisionTransformer):
+        raise ValueError(f"timm model {timm_model_name!r} is not a DeiT: deit_hf converts {DEIT_MODELS}.")
     if label_names is not None and len(label_names) != timm_model.num_classes:
         raise ValueError(
             f"{len(label_names)} label names were given for weights of {timm_model.num_classes} classes."
@@ -307,7 +322,7 @@ def convert_timm_checkpoint(
             timm_model, state_dict, f"checkpoint {checkpoint_path}", f"timm model {timm_model_name!r}"
         )
     overrides = {"id2label": dict(enumerate(label_names))} if label_names is not None else {}
-    return convert_timm_model(timm_model, **overrides)
+    return convert_timm_model(timm_model, image_size, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--timm-model",
         required=True,
-        help="timm model name, e.g. deit_base_distilled_patch16_384 (distilled DeiTs only).",
+        help="timm model name, e.g. deit_base_distilled_patch16_224 or deit_base_patch16_224 (no distillation token).",
     )
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument(
@@ -330,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         "--label-names", type=Path,
         help="Class names in order: a JSON list or one name per line (default: ImageNet-1k's for 1000 classes).",
     )
+    parser.add_argument(
+        "--image-size", type=int,
+        help="Convert for this input size (e.g. 384 from a 224 checkpoint): the position embedding is resampled.",
+    )
     parser.add_argument("--output", required=True, type=Path, help="Directory to write the deit_hf checkpoint to.")
     args = parser.parse_args(argv)
     if args.output.exists() and not args.output.is_dir():
@@ -338,13 +357,15 @@ def main(argv: list[str] | None = None) -> None:
         label_names = read_label_names(args.label_names) if args.label_names else None
         model, image_processor = convert_timm_checkpoint(
             args.timm_model, args.checkpoint, pretrained=args.pretrained, random_init=args.random_init,
-            label_names=label_names,
+            label_names=label_names, image_size=args.image_size,
         )
     except (ValueError, OSError, RuntimeError) as error:
         parser.error(str(error))
     model.save_pretrained(args.output)
     image_processor.save_pretrained(args.output)
-    write_model_card(args.output, model.config, conversion_facts(args.timm_model, args.checkpoint, args.output, args.pretrained))
+    write_model_card(args.output, model.config, conversion_facts(
+        args.timm_model, args.checkpoint, args.output, args.pretrained, args.image_size
+    ))
     source = args.checkpoint or ("timm's pretrained weights" if args.pretrained else "random init")
     print(f"Wrote {args.timm_model} ({source}, {model.config.num_labels} classes) to {args.output}")
 

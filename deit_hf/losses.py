@@ -21,16 +21,20 @@ class DistillationLossOutput:
 
 class DistillationLoss(nn.Module):
     """
-    `(1 - alpha) * CE(cls_logits, labels) + alpha * distillation(distillation_logits, teacher_logits)`.
+    `(1 - alpha) * CE(cls_logits, labels) + alpha * distillation(student, teacher_logits)`.
+
+    The distilled `student` logits are the distillation head's (token distillation, DeiT⚗) or, given no
+    `distillation_logits` (a model without a distillation token), the class head's own: the paper's classical
+    distillation, `(1 - alpha) * CE(cls, labels) + alpha * KD(cls, teacher)`.
 
     - base: cross-entropy of the class head; `labels` are class ids (smoothed by `label_smoothing`) or soft targets
       of shape (batch, num_classes) from Mixup/CutMix, which already carry their smoothing.
-    - hard: cross-entropy of the distillation head against the teacher's argmax (no smoothing on teacher targets).
+    - hard: cross-entropy of the student against the teacher's argmax (no smoothing on teacher targets).
     - soft: KL(student/tau || teacher/tau) * tau^2, summed and divided by the logits' element count, as the paper.
     - none, or no `teacher_logits`: the cross-entropy of the fused prediction `(cls + dist) / 2`, which trains both
       heads (timm's way of training a distilled DeiT without a teacher), so the prediction never averages in an
       untrained head. facebookresearch/deit's "none" trains the class head alone. Given only `cls_logits` (a model
-      with one head), the base loss alone.
+      with one head), the base loss alone. `teacher_logits` with "none" are refused: they would go unread.
     """
 
     def __init__(self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0):
@@ -55,6 +59,9 @@ class DistillationLoss(nn.Module):
     ) -> DistillationLossOutput:
         # Soft targets already carry Mixup's smoothing; smoothing them again would double it.
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
+        if self.distillation_type == "none" and teacher_logits is not None:
+            raise ValueError("`teacher_logits` were given but distillation_type='none' does not use them: set "
+                             "distillation_type to 'hard' or 'soft', or do not run the teacher.")
         if self.distillation_type == "none" or teacher_logits is None:
             if self.distillation_type != "none":
                 logger.warning_once(
@@ -64,26 +71,23 @@ class DistillationLoss(nn.Module):
             logits = cls_logits if distillation_logits is None else (cls_logits + distillation_logits) / 2
             base_loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
             return DistillationLossOutput(loss=base_loss, base_loss=base_loss)
-        if distillation_logits is None:
-            raise ValueError(
-                f"distillation_type={self.distillation_type!r} needs `distillation_logits` beside `teacher_logits`."
-            )
         base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
-        if teacher_logits.shape != distillation_logits.shape:
+        student = cls_logits if distillation_logits is None else distillation_logits
+        if teacher_logits.shape != student.shape:
             raise ValueError(
-                f"teacher_logits has shape {tuple(teacher_logits.shape)} but the student's distillation logits have "
-                f"shape {tuple(distillation_logits.shape)}; teacher and student must predict the same classes."
+                f"teacher_logits has shape {tuple(teacher_logits.shape)} but the student's distilled logits have "
+                f"shape {tuple(student.shape)}; teacher and student must predict the same classes."
             )
         teacher_logits = teacher_logits.detach().float()
         if self.distillation_type == "hard":
-            distillation_loss = F.cross_entropy(distillation_logits, teacher_logits.argmax(dim=1))
+            distillation_loss = F.cross_entropy(student, teacher_logits.argmax(dim=1))
         else:
             distillation_loss = F.kl_div(
-                F.log_softmax(distillation_logits.float() / self.tau, dim=1),
+                F.log_softmax(student.float() / self.tau, dim=1),
                 F.log_softmax(teacher_logits / self.tau, dim=1),
                 reduction="sum",
                 log_target=True,
-            ) * (self.tau * self.tau) / distillation_logits.numel()
+            ) * (self.tau * self.tau) / student.numel()
         loss = base_loss * (1 - self.alpha) + distillation_loss * self.alpha
         return DistillationLossOutput(loss=loss, base_loss=base_loss, distillation_loss=distillation_loss)
 

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from .configuration_deit import PRESETS, DeiTConfig
 from .image_processing_deit import DeiTHfImageProcessorPil
-from .modeling_deit import DeiTForImageClassificationWithTeacher
+from .modeling_deit import DeiTForImageClassification, DeiTForImageClassificationWithTeacher
 
 PAPER = "Touvron et al. 2021 (DeiT)"
 PAPER_URL = "https://arxiv.org/abs/2012.12877"
@@ -91,9 +91,11 @@ class CardFacts:
 
 
 def count_parameters(config: DeiTConfig) -> int:
-    """Parameters of `DeiTForImageClassificationWithTeacher(config)`, counted without allocating them."""
+    """Parameters of the config's classifier (`DeiTForImageClassificationWithTeacher`, or `DeiTForImageClassification`
+    without distillation token), counted without allocating them."""
     with torch.device("meta"):
-        model = DeiTForImageClassificationWithTeacher(config)
+        model = (DeiTForImageClassificationWithTeacher if config.use_distillation_token else
+                 DeiTForImageClassification)(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 
@@ -108,6 +110,7 @@ def preset_card(preset: str) -> str:
             f"`deit-hf-convert --timm-model {timm_name} --pretrained` (timm fetches the authors' weights; or "
             "`--checkpoint <the authors' .pth>`); the converter checks that "
             "the converted model reproduces timm's logits."
+            + (_UPSAMPLED_PATH if preset.endswith("384") else "")
         ),
         model_id=f"{HUB_ORGANISATION}/{preset}",
         paper_preset=preset,
@@ -116,7 +119,8 @@ def preset_card(preset: str) -> str:
 
 
 def conversion_facts(
-    timm_model_name: str, checkpoint: str | Path | None, output: str | Path, pretrained: bool = False
+    timm_model_name: str, checkpoint: str | Path | None, output: str | Path, pretrained: bool = False,
+    image_size: int | None = None,
 ) -> CardFacts:
     """The facts of a `deit-hf-convert` output: the timm architecture and the weights file it was given.
 
@@ -128,10 +132,12 @@ def conversion_facts(
         weights = f"timm's pretrained weights for `{timm_model_name}`"
     else:
         weights = "**timm's random initialisation** (`--random-init`: for testing the conversion, not a trained model)"
+    resized = (f" for {image_size} px inputs (`--image-size {image_size}`: the position embedding resampled as timm's "
+               "`set_input_size` does; fine-tune at that size for accuracy)" if image_size is not None else "")
     return CardFacts(
         title=f"`{timm_model_name}` converted to deit-hf's format",
-        source=f"timm's `{timm_model_name}` with {weights}, converted by `deit-hf-convert`, which checked that the "
-        "converted model reproduces timm's logits.",
+        source=f"timm's `{timm_model_name}` with {weights}, converted by `deit-hf-convert`{resized}, which checked "
+        "that the converted model reproduces timm's logits.",
         model_id=str(output),
     )
 
@@ -143,8 +149,8 @@ def render_card(config: DeiTConfig, facts: CardFacts) -> str:
         f"# {facts.title}\n\n{facts.source}",
         _architecture(config),
         _INTENDED_USE,
-        _HOW_IT_WORKS,
-        _usage(facts.model_id),
+        _HOW_IT_WORKS if config.use_distillation_token else _ONE_HEAD,
+        _usage(facts.model_id, config.use_distillation_token),
         _training(facts),
         _evaluation(facts),
         _LIMITATIONS,
@@ -191,7 +197,8 @@ def _architecture(config: DeiTConfig) -> str:
     parameters = count_parameters(config)
     return "\n".join([
         "| | |", "|---|---|",
-        f"| parameters | {parameters / 1e6:.1f} M ({parameters:,}, both heads) |",
+        f"| parameters | {parameters / 1e6:.1f} M ({parameters:,}, "
+        f"{'both heads' if config.use_distillation_token else 'one head, no distillation token'}) |",
         f"| layers / width / heads | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads}"
         f" (MLP {config.intermediate_size}) |",
         f"| input | {config.image_size} px, patch {config.patch_size}, {config.num_labels} classes |",
@@ -215,24 +222,32 @@ distillation). At inference the two heads are fused late: `logits = (cls_logits 
 outputs also hold each head's logits and `token_cosine_similarity`, the cosine of the two output tokens (the paper
 reports 0.06 at the input and 0.93 at the last layer: close, not identical)."""
 
+_ONE_HEAD = """## Without a distillation token
+
+This is the paper's DeiT without a distillation token: the sequence is `[cls, patches]` and one linear head reads the
+output class token. Trained with a teacher, that head learns the labels and the teacher's predictions at once (the
+paper's "usual distillation", Table 3): `(1 - α) CE(logits, labels) + α KD(logits, teacher)`."""
+
+# The 384 card: the paper's path from the 224 weights, which deit-hf can follow (the authors' own fine-tuned weights
+# are what the card describes).
+_UPSAMPLED_PATH = (
+    "\n\nThe paper's path to this model from the 224 px weights: `deit-hf-convert --timm-model "
+    "deit_base_distilled_patch16_224 --pretrained --image-size 384 --output deit-b-224-at-384` (the position "
+    "embedding resampled bicubically as timm does), then 30 epochs of fine-tuning at 384 with the teacher at 384: "
+    "`python -m training.train training/configs/finetune_384.yaml --model_name_or_path deit-b-224-at-384 "
+    "--dataset_name ILSVRC/imagenet-1k`."
+)
+
 _LIMITATIONS = """## Limitations
 
 The classes, photos and biases of the training data; ImageNet-1k's 1000 classes for the paper's weights. The
 distillation head inherits the teacher's errors. Position embeddings are learned for one resolution: other sizes
-need `interpolate_pos_encoding=True` and, for accuracy, fine-tuning."""
+need `from_pretrained(..., image_size=N)` (resampled once as the weights load) or `interpolate_pos_encoding=True`
+(at each call) and, for accuracy, fine-tuning at that size (`training.train --input_size N`)."""
 
 
-def _usage(model_id: str) -> str:
-    return f"""## How to use
-
-```python
-import deit_hf  # registers deit-hf's config, models and image processors with transformers' Auto classes
-from PIL import Image
-from transformers import pipeline
-
-classifier = pipeline("image-classification", model="{model_id}")
-print(classifier(Image.open("cat.jpg"), top_k=3))
-```
+def _usage(model_id: str, two_heads: bool = True) -> str:
+    heads = f"""
 
 Both heads, and the two tokens' cosine:
 
@@ -249,7 +264,17 @@ with torch.no_grad():
     outputs = model(**processor(Image.open("cat.jpg"), return_tensors="pt"))
 print(model.config.id2label[outputs.logits.argmax(-1).item()])  # fused prediction
 print(outputs.cls_logits.argmax(-1), outputs.distillation_logits.argmax(-1), outputs.token_cosine_similarity)
-```
+```""" if two_heads else ""
+    return f"""## How to use
+
+```python
+import deit_hf  # registers deit-hf's config, models and image processors with transformers' Auto classes
+from PIL import Image
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{model_id}")
+print(classifier(Image.open("cat.jpg"), top_k=3))
+```{heads}
 
 Without deit-hf installed, transformers runs the model code saved with the checkpoint:
 

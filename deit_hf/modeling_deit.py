@@ -2,11 +2,13 @@
 
 Module and parameter names are those of transformers' DeiT checkpoints (facebook/deit-*-distilled-*), so their
 `model.safetensors` loads as is; `deit_hf.convert` maps timm/facebookresearch checkpoints onto the same names.
+`config.use_distillation_token=False` gives the paper's DeiT without a distillation token ([cls, patches]).
+`from_pretrained(path, image_size=N)` loads a checkpoint at another size (`deit_hf.position_embeddings`).
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +18,15 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_deit import DeiTConfig
 from .losses import DistillationLoss
+from .modeling_outputs import DeiTForImageClassificationOutput, DeiTForImageClassificationWithTeacherOutput
+from .position_embeddings import position_embedding_resampling
 
 
 def _pair(value) -> tuple[int, int]:
@@ -35,36 +38,10 @@ def _classifier(config: DeiTConfig) -> nn.Module:
     return nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
 
 
-@dataclass
-class DeiTForImageClassificationWithTeacherOutput(ModelOutput):
-    r"""
-    Output of [`DeiTForImageClassificationWithTeacher`].
-
-    loss (`torch.Tensor` of shape `()`, returned when `labels` are given):
-        `(1 - alpha) * base_loss + alpha * distillation_loss` (see `deit_hf.losses.DistillationLoss`).
-    logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        The prediction at inference: the average of `cls_logits` and `distillation_logits` (late fusion).
-    cls_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Head on the final class token.
-    distillation_logits (`torch.Tensor` of shape `(batch_size, num_labels)`):
-        Head on the final distillation token.
-    token_cosine_similarity (`torch.Tensor` of shape `(batch_size,)`):
-        Cosine similarity of the final class and distillation token embeddings (the paper reports ~0.93): a
-        value near 1 means the two tokens learned the same thing.
-    base_loss, distillation_loss (`torch.Tensor` of shape `()`):
-        The two parts of `loss`, for logging; `distillation_loss` is None without a teacher (then `base_loss` is the
-        cross-entropy of the fused `logits`).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cls_logits: torch.Tensor | None = None
-    distillation_logits: torch.Tensor | None = None
-    token_cosine_similarity: torch.Tensor | None = None
-    base_loss: torch.Tensor | None = None
-    distillation_loss: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+def _refuse_teacher_logits_without_labels(labels, teacher_logits) -> None:
+    if teacher_logits is not None and labels is None:
+        raise ValueError("`teacher_logits` were given without `labels`: the teacher only enters the training loss, "
+                         "which needs the labels. Pass `labels`, or drop `teacher_logits` for inference.")
 
 
 class DeiTPatchEmbeddings(nn.Module):
@@ -89,14 +66,16 @@ class DeiTPatchEmbeddings(nn.Module):
 
 
 class DeiTEmbeddings(nn.Module):
-    """The `[cls, dist, patches]` sequence plus one learned position embedding per token (num_patches + 2)."""
-
-    num_prefix_tokens = 2
+    """The `[cls, dist, patches]` sequence (`[cls, patches]` without a distillation token) plus one learned position
+    embedding per token."""
 
     def __init__(self, config: DeiTConfig):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.distillation_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.distillation_token = (
+            nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_distillation_token else None
+        )
+        self.num_prefix_tokens = 2 if config.use_distillation_token else 1
         self.patch_embeddings = DeiTPatchEmbeddings(config)
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, self.patch_embeddings.num_patches + self.num_prefix_tokens, config.hidden_size)
@@ -104,7 +83,7 @@ class DeiTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
-        """Position embeddings resized (bicubic) to an image of `height` x `width`; both special tokens keep theirs."""
+        """Position embeddings resized (bicubic) to an image of `height` x `width`; the special tokens keep theirs."""
         patch_height, patch_width = self.patch_embeddings.patch_size
         return resample_abs_pos_embed(
             self.position_embeddings,
@@ -125,10 +104,8 @@ class DeiTEmbeddings(nn.Module):
             )
         embeddings = self.patch_embeddings(pixel_values)
         batch_size = embeddings.shape[0]
-        embeddings = torch.cat(
-            (self.cls_token.expand(batch_size, -1, -1), self.distillation_token.expand(batch_size, -1, -1), embeddings),
-            dim=1,
-        )
+        tokens = (self.cls_token, self.distillation_token) if self.distillation_token is not None else (self.cls_token,)
+        embeddings = torch.cat([*(token.expand(batch_size, -1, -1) for token in tokens), embeddings], dim=1)
         position_embeddings = (
             self.interpolate_pos_encoding(height, width) if interpolate_pos_encoding else self.position_embeddings
         )
@@ -314,11 +291,21 @@ class DeiTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DeiTEmbeddings):
             init.trunc_normal_(module.position_embeddings, std=std)
             init.normal_(module.cls_token, std=1e-6)  # timm's (facebookresearch/deit's original: trunc-normal 0.02)
-            init.trunc_normal_(module.distillation_token, std=std)
+            if module.distillation_token is not None:
+                init.trunc_normal_(module.distillation_token, std=std)
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        # `from_pretrained(path, image_size=N)`: the stored position embedding is resampled to the model's patch grid
+        # as it loads, before transformers compares shapes (`deit_hf.position_embeddings`).
+        weight_mapping = [*(load_config.weight_mapping or []), position_embedding_resampling()]
+        load_config = dataclasses.replace(load_config, weight_mapping=weight_mapping)
+        return super()._load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys)
 
 
 class DeiTModel(DeiTPreTrainedModel):
-    """The bare DeiT encoder: embeddings, blocks and final LayerNorm; `last_hidden_state` is [cls, dist, patches]."""
+    """The bare DeiT encoder: embeddings, blocks and final LayerNorm; `last_hidden_state` is [cls, dist, patches]
+    ([cls, patches] without a distillation token)."""
 
     def __init__(self, config: DeiTConfig):
         super().__init__(config)
@@ -335,6 +322,9 @@ class DeiTModel(DeiTPreTrainedModel):
     def forward(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
     ) -> BaseModelOutput:
+        if kwargs.get("teacher_logits") is not None:  # the attention kernels would swallow it unread
+            raise ValueError("DeiTModel computes no loss and cannot use `teacher_logits`: distil into "
+                             "DeiTForImageClassification(WithTeacher) with `labels`.")
         # Processors produce float32; a bf16/fp16 model takes its own dtype, as transformers' ViT does.
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
@@ -343,13 +333,20 @@ class DeiTModel(DeiTPreTrainedModel):
 
 
 class DeiTForImageClassification(DeiTPreTrainedModel):
-    """DeiT with one linear head on the final class token (the distillation token is carried but not read)."""
+    """
+    DeiT with one linear head on the final class token: with `config.use_distillation_token=False`, the paper's DeiT
+    without a distillation token (with one, as transformers' class, the token is carried but not read).
+
+    Given `labels`, the loss is the cross-entropy of the class head; given the teacher's `teacher_logits` as well
+    (`config.distillation_type` hard or soft), the paper's classical distillation of that head:
+    `(1 - alpha) * CE(logits, labels) + alpha * KD(logits, teacher_logits)` (`deit_hf.losses.DistillationLoss`).
+    """
 
     def __init__(self, config: DeiTConfig):
         super().__init__(config)
         self.deit = DeiTModel(config)
         self.classifier = _classifier(config)
-        self.loss_fct = DistillationLoss("none", label_smoothing=config.label_smoothing)
+        self.loss_fct = DistillationLoss.from_config(config)
         self.post_init()
 
     @can_return_tuple
@@ -357,14 +354,21 @@ class DeiTForImageClassification(DeiTPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput:
+    ) -> DeiTForImageClassificationOutput:
+        _refuse_teacher_logits_without_labels(labels, teacher_logits)
         outputs = self.deit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         logits = self.classifier(outputs.last_hidden_state[:, 0])
-        loss = self.loss_fct(logits, labels).loss if labels is not None else None
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        losses = self.loss_fct(logits, labels, teacher_logits=teacher_logits) if labels is not None else None
+        return DeiTForImageClassificationOutput(
+            loss=losses.loss if losses else None,
+            logits=logits,
+            base_loss=losses.base_loss if losses else None,
+            distillation_loss=losses.distillation_loss if losses else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -380,6 +384,9 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
     """
 
     def __init__(self, config: DeiTConfig):
+        if not config.use_distillation_token:
+            raise ValueError("DeiTForImageClassificationWithTeacher needs the distillation token, but the config has "
+                             "use_distillation_token=False: use DeiTForImageClassification (classical distillation).")
         super().__init__(config)
         self.deit = DeiTModel(config)
         self.cls_classifier = _classifier(config)
@@ -396,6 +403,7 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         **kwargs,
     ) -> DeiTForImageClassificationWithTeacherOutput:
+        _refuse_teacher_logits_without_labels(labels, teacher_logits)
         outputs = self.deit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
         cls_embedding, distillation_embedding = outputs.last_hidden_state[:, 0], outputs.last_hidden_state[:, 1]
         cls_logits = self.cls_classifier(cls_embedding)
@@ -418,6 +426,7 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
 
 __all__ = [
     "DeiTForImageClassification",
+    "DeiTForImageClassificationOutput",
     "DeiTForImageClassificationWithTeacher",
     "DeiTForImageClassificationWithTeacherOutput",
     "DeiTModel",

@@ -1,5 +1,6 @@
 """timm / facebookresearch DeiT⚗ -> deit_hf conversion: logit parity, checkpoint round trips, clear errors."""
 
+import copy
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from deit_hf import DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
+from deit_hf import DeiTForImageClassification, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 from deit_hf.convert import convert_timm_checkpoint, convert_timm_model, load_state_dict_file, main
 
 # A timm DeiT⚗ small enough to convert in milliseconds, for the error paths that take a model object.
@@ -173,11 +174,48 @@ def test_non_distilled_checkpoint_names_the_missing_distillation_keys(tmp_path):
         convert_timm_checkpoint("deit_tiny_distilled_patch16_224", checkpoint)
 
 
-def test_non_distilled_model_name_is_refused():
-    with pytest.raises(ValueError, match="'deit_tiny_patch16_224' has no distillation token"):
-        convert_timm_checkpoint("deit_tiny_patch16_224", random_init=True)
-    with pytest.raises(ValueError, match="VisionTransformer is not a distilled DeiT"):
-        convert_timm_model(timm.create_model("deit_tiny_patch16_224"))
+@pytest.mark.parametrize(
+    "name, hidden_size",
+    [("deit_tiny_patch16_224", 192), ("deit_small_patch16_224", 384), ("deit_base_patch16_224", 768)],
+)
+def test_deit_without_distillation_token_converts_to_the_one_head_model_with_timm_logits(name, hidden_size):
+    timm_model = randomized(timm.create_model(name, pretrained=False))
+    model, _ = convert_timm_model(timm_model)
+    assert type(model) is DeiTForImageClassification and not model.config.use_distillation_token
+    assert model.config.hidden_size == hidden_size and model.deit.embeddings.distillation_token is None
+    assert not [key for key in model.state_dict() if "distillation" in key]
+    pixel_values = images(1, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, timm_model(pixel_values), atol=1e-4, rtol=0)
+
+
+def test_one_head_conversion_round_trips_through_the_cli_and_auto_class(tmp_path):
+    timm_model = randomized(timm.create_model("deit_tiny_patch16_224", pretrained=False), seed=4)
+    save_file(timm_model.state_dict(), tmp_path / "w.safetensors")
+    main(["--timm-model", "deit_tiny_patch16_224", "--checkpoint", str(tmp_path / "w.safetensors"),
+          "--output", str(tmp_path / "out")])
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert type(model) is DeiTForImageClassification
+    with torch.no_grad():
+        torch.testing.assert_close(model(images(1, 224)).logits, timm_model(images(1, 224)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "deit_tiny_patch16_224"])
+def test_conversion_at_a_larger_size_resamples_as_from_pretrained_does(name, tmp_path):
+    """Converted for 64 px from a 32 px timm model: timm's own set_input_size gives the logits the converter checks,
+    and loading the 32 px conversion with from_pretrained(image_size=64) gives the same model."""
+    timm_model = randomized(timm.create_model(name, pretrained=False, **TINY_TIMM), seed=5)
+    at32, _ = convert_timm_model(copy.deepcopy(timm_model))
+    at32.save_pretrained(tmp_path / "at32")
+    converted, processor = convert_timm_model(copy.deepcopy(timm_model), image_size=64)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "at32", image_size=64).eval()
+    assert converted.config.image_size == loaded.config.image_size == 64
+    assert processor.crop_size == {"height": 64, "width": 64}
+    timm_model.set_input_size(img_size=(64, 64))
+    with torch.no_grad():
+        expected = timm_model(images(2, 64))
+        torch.testing.assert_close(converted(images(2, 64)).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(loaded(images(2, 64)).logits, expected, atol=1e-4, rtol=0)
 
 
 def test_unknown_model_name():
@@ -217,9 +255,9 @@ def test_unsupported_variants_are_refused():
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--timm-model", "deit_tiny_patch16_224", "--random-init", "--output", str(tmp_path / "out")])
+        main(["--timm-model", "resnet10t", "--random-init", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "has no distillation token" in capsys.readouterr().err
+    assert "timm model 'resnet10t' is not a DeiT" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

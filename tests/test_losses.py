@@ -71,17 +71,52 @@ def test_teacher_gets_no_gradient_and_student_heads_do():
     assert cls.grad.abs().sum() > 0 and dist.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("distillation_type, teacher", [("none", TEACHER), ("hard", None), ("soft", None)])
+@pytest.mark.parametrize("distillation_type", ["none", "hard", "soft"])
 @pytest.mark.parametrize("labels", [LABELS, torch.softmax(torch.randn(6, 5, generator=g), dim=1)])
-def test_without_a_teacher_both_heads_train_on_the_fused_logits(distillation_type, teacher, labels):
+def test_without_a_teacher_both_heads_train_on_the_fused_logits(distillation_type, labels):
     cls, dist = CLS.clone().requires_grad_(), DIST.clone().requires_grad_()
-    out = DistillationLoss(distillation_type, label_smoothing=0.1)(cls, labels, dist, teacher)
+    out = DistillationLoss(distillation_type, label_smoothing=0.1)(cls, labels, dist)
     smoothing = 0.0 if labels.is_floating_point() else 0.1
     torch.testing.assert_close(out.loss, F.cross_entropy((CLS + DIST) / 2, labels, label_smoothing=smoothing))
     assert out.distillation_loss is None
     out.loss.backward()
     assert cls.grad.abs().sum() > 0 and dist.grad.abs().sum() > 0
     torch.testing.assert_close(cls.grad, dist.grad)  # the average passes the same gradient to both heads
+
+
+@pytest.mark.parametrize("distillation_logits", [DIST, None])
+def test_teacher_logits_with_distillation_type_none_are_refused_not_ignored(distillation_logits):
+    with pytest.raises(ValueError, match="`teacher_logits` were given but distillation_type='none' does not use them"):
+        DistillationLoss("none")(CLS, LABELS, distillation_logits, TEACHER)
+
+
+def classical_by_the_paper(alpha, tau, hard, labels=LABELS):
+    """The paper's "usual distillation" of the class head (section 5.2), written out with its own symbols.
+
+    soft: (1 - λ) L_CE(ψ(Z_s), y) + λ τ² KL(ψ(Z_s/τ), ψ(Z_t/τ)), with KL(teacher || student) summed over the classes
+    and averaged over the images and the classes (facebookresearch/deit: `sum / numel`); hard: the teacher's argmax
+    y_t = argmax_c Z_t(c) as a second true label, (1 - λ) L_CE(ψ(Z_s), y) + λ L_CE(ψ(Z_s), y_t).
+    """
+    log_p = lambda z: z - z.logsumexp(dim=1, keepdim=True)  # noqa: E731  log ψ
+    cross_entropy = lambda z, y: -log_p(z)[torch.arange(len(y)), y].mean()  # noqa: E731
+    base = cross_entropy(CLS, labels)
+    if hard:
+        distillation = cross_entropy(CLS, TEACHER.argmax(dim=1))
+    else:
+        student, teacher = log_p(CLS / tau), log_p(TEACHER / tau)
+        distillation = tau**2 * (teacher.exp() * (teacher - student)).sum() / CLS.numel()
+    return (1 - alpha) * base + alpha * distillation
+
+
+@pytest.mark.parametrize("distillation_type, alpha, tau", [("hard", 0.5, 1.0), ("soft", 0.5, 3.0), ("soft", 0.1, 1.0)])
+def test_classical_distillation_of_the_class_head_matches_the_paper(distillation_type, alpha, tau):
+    cls = CLS.clone().requires_grad_()
+    out = DistillationLoss(distillation_type, alpha, tau)(cls, LABELS, teacher_logits=TEACHER)
+    torch.testing.assert_close(out.loss, classical_by_the_paper(alpha, tau, hard=distillation_type == "hard"))
+    torch.testing.assert_close(out.base_loss, F.cross_entropy(CLS, LABELS))
+    torch.testing.assert_close(out.loss, (1 - alpha) * out.base_loss + alpha * out.distillation_loss)
+    out.loss.backward()  # both terms reach the one head
+    assert cls.grad.abs().sum() > 0
 
 
 def test_teacher_with_other_classes_is_a_clear_error():

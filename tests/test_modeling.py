@@ -124,6 +124,8 @@ def test_auto_classes_pick_the_saved_architecture(tmp_path, tiny_config):
         loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / model_class.__name__)
         assert type(loaded) is model_class
     assert type(transformers.AutoModel.from_config(tiny_config)) is DeiTModel
+    one_head = DeiTConfig(**TINY, use_distillation_token=False)  # the Auto classes' default needs the token
+    assert type(transformers.AutoModelForImageClassification.from_config(one_head)) is DeiTForImageClassification
 
 
 def test_forward_with_labels_trains_both_heads_and_matches_the_loss_module(tiny_config, pixel_values):
@@ -258,3 +260,41 @@ def test_construction_on_the_meta_device(model_class):
     # the drop-path schedule is the one built on the CPU
     rates = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.base_model.encoder.layer]
     assert rates == pytest.approx([0.0, 0.1])
+
+
+def test_without_a_distillation_token_the_sequence_is_cls_patches_and_no_weight_is_extra(tiny_config, pixel_values):
+    config = DeiTConfig(**TINY, use_distillation_token=False)
+    model = DeiTForImageClassification._from_config(config, attn_implementation="eager").eval()
+    assert not [name for name in model.state_dict() if "distillation" in name]
+    assert model.deit.embeddings.position_embeddings.shape == (1, (32 // 4) ** 2 + 1, 32)
+    with torch.no_grad():
+        out = model(pixel_values, output_attentions=True)
+        base = model.deit(pixel_values)
+    assert base.last_hidden_state.shape == (5, 65, 32)
+    torch.testing.assert_close(out.logits, model.classifier(base.last_hidden_state[:, 0]))
+    assert out.attentions[0].shape == (5, 4, 65, 65)
+    with pytest.raises(ValueError, match="needs the distillation token.*use DeiTForImageClassification"):
+        DeiTForImageClassificationWithTeacher(config)
+
+
+@pytest.mark.parametrize("distillation_type", ["hard", "soft"])
+def test_one_head_model_distils_its_class_head_with_a_teacher(distillation_type, pixel_values):
+    model = DeiTForImageClassification(DeiTConfig(**TINY, use_distillation_token=False,
+                                                  distillation_type=distillation_type, distillation_tau=2.0)).train()
+    labels, teacher_logits = torch.tensor([0, 1, 2, 0, 1]), torch.randn(5, 3)
+    out = model(pixel_values, labels=labels, teacher_logits=teacher_logits)
+    expected = model.loss_fct(out.logits, labels, teacher_logits=teacher_logits)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert out.distillation_loss is not None
+    with torch.no_grad():  # the teacher changes the loss: it is read, not ignored
+        assert model(pixel_values, labels=labels).loss != out.loss
+
+
+@pytest.mark.parametrize("model_class", [DeiTForImageClassificationWithTeacher, DeiTForImageClassification, DeiTModel])
+@pytest.mark.parametrize("case", ["no labels", "distillation_type none"])
+def test_no_model_ignores_teacher_logits(model_class, case, pixel_values):
+    model = model_class(DeiTConfig(**TINY, distillation_type="none" if case != "no labels" else "hard"))
+    labels = torch.tensor([0, 1, 2, 0, 1]) if case != "no labels" else None
+    arguments = {"labels": labels} if model_class is not DeiTModel else {}
+    with pytest.raises(ValueError, match="teacher_logits"):
+        model(pixel_values, teacher_logits=torch.randn(5, 3), **arguments)

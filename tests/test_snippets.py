@@ -129,7 +129,10 @@ def check_command(words: list[str], folder: Path) -> None:
     if words[0] == "make":
         subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, check=True, capture_output=True)
     elif words[:3] == ["python", "-m", "training.train"]:
-        parse_args(words[3:])
+        arguments = words[3:]
+        if arguments[0].endswith((".yaml", ".json")):  # a config file of the repository
+            arguments[0] = str(ROOT / arguments[0])
+        parse_args(arguments)
     elif words[:2] == ["accelerate", "launch"]:
         launch = launch_command_parser().parse_args(words[2:])
         assert launch.module and launch.training_script == "training.train", words

@@ -230,6 +230,12 @@ class ModelArguments:
         default=None,
         metadata={"help": "Preset fields to change, e.g. `hidden_size=64,num_hidden_layers=4,patch_size=4`."},
     )
+    distillation_token: bool | None = field(
+        default=None,
+        metadata={"help": "Whether the student has a distillation token (DeiT⚗; default for a preset). false: the "
+                  "paper's DeiT without one, its class head distilled by the teacher (classical distillation, with "
+                  "--distillation_type hard or soft) or trained on the labels (none). A checkpoint keeps its own."},
+    )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth rate of the last block."})
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention kernel: `eager`, `sdpa`, `flash_attention_2`, `flex_attention`."}
@@ -317,9 +323,10 @@ class DistillationArguments:
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.distillation_type != "none" and not (self.teacher_model or "").strip():
+        if self.distillation_type != "none" and (self.teacher_model or "").strip().lower() in _OFF_VALUES:
             raise ValueError(
-                "--teacher_model is empty: name a timm model or a local Hugging Face classifier, or pass "
+                f"--distillation_type {self.distillation_type} needs a teacher but --teacher_model is "
+                f"{self.teacher_model!r}: name a timm model or a local Hugging Face classifier, or pass "
                 "--distillation_type none."
             )
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from deit_hf import DeiTConfig
 from deit_hf.modelcard import CardFacts, write_model_card
 
 from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
@@ -25,17 +26,20 @@ def run_card_facts(
     args, state = trainer.args, trainer.state
     dataset = data_args.dataset_name or data_args.train_dir
     start = (
-        f"fine-tuned from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+        _fine_tuned(model_args.model_name_or_path, aug_args.input_size) if model_args.model_name_or_path
         else f"trained from scratch (random init) as `{model_args.model_preset}`"
         + (f" with `{model_args.config_overrides}`" if model_args.config_overrides else "")
+        + (" without distillation token" if not trainer.model.config.use_distillation_token else "")
     )
+    two_heads = trainer.model.config.use_distillation_token
     teacher = None
     if distill_args.distillation_type != "none":
         checkpoint = distill_args.teacher_checkpoint
         weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
         softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
+        kind = "" if two_heads else " (classical distillation of the class head: no distillation token)"
         teacher = (
-            f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation, "
+            f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation{kind}, "
             f"α = {distill_args.distillation_alpha}{softness}"
         )
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
@@ -62,9 +66,16 @@ def run_card_facts(
         dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
         evaluation=last_evaluation(state.log_history),
         evaluated_on=f"`{data_args.validation_dir}`" if data_args.validation_dir else None,
-        teacher=teacher or "none (distillation_type none: both heads learn the labels)",
+        teacher=teacher or "none (distillation_type none: "
+        + ("both heads learn the labels)" if two_heads else "the class head learns the labels)"),
         recipe=recipe,
     )
+
+
+def _fine_tuned(checkpoint: str, input_size: int) -> str:
+    trained_at = DeiTConfig.from_pretrained(checkpoint).image_size
+    trained_at = trained_at if isinstance(trained_at, int) else "x".join(map(str, trained_at))
+    return f"fine-tuned at {input_size} px from `{checkpoint}`, trained at {trained_at} px"
 
 
 def _name(choice) -> str:

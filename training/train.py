@@ -20,9 +20,9 @@ import torch
 import transformers
 import yaml
 from accelerate.utils import get_int_from_env
-from transformers import HfArgumentParser, PreTrainedConfig, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
-from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
+from deit_hf import DeiTHfImageProcessorPil, DeiTPreTrainedModel
 
 from .args import (
     AugmentationArguments,
@@ -39,6 +39,7 @@ from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
+from .student import build_student, check_checkpoint_arguments
 from .teacher import check_class_names, load_teacher
 from .teacher_check import check_teacher
 from .trainer import DistillationTrainer
@@ -102,9 +103,10 @@ def parse_args(argv: list[str] | None = None):
 
     An explicit `--learning_rate` or `--warmup_steps` replaces the recipe's rule that would derive it (`--blr`,
     `--warmup_epochs`); giving both of a pair is refused. `--save_steps` or `--eval_steps` without its strategy
-    means `steps`, as in transformers. A checkpoint to fine-tune (`--model_name_or_path`) gives
-    the architecture and input size. A value that an argument dataclass, a conflict between arguments or
-    `training.args.check_arguments` refuses exits as argparse does (status 2), with one line naming the option.
+    means `steps`, as in transformers. A checkpoint to fine-tune (`--model_name_or_path`) gives the architecture
+    and, unless `--input_size` says another, the input size. A value that an argument dataclass, a conflict
+    between arguments or `training.args.check_arguments` refuses exits as argparse does (status 2), with one
+    line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
     # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
@@ -167,17 +169,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
         raise ValueError("--model_preset and --model_name_or_path both describe the student: the checkpoint's "
                          "architecture is used, drop one of them.")
-    try:
-        config = DeiTConfig.from_pretrained(model_args.model_name_or_path)
-    except OSError as error:
-        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
-    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-    if height != width:
-        raise ValueError(f"The checkpoint takes {height}x{width} images; training supports square inputs only.")
-    if "input_size" in given and aug_args.input_size != height:
-        raise ValueError(f"--input_size {aug_args.input_size} but the checkpoint {model_args.model_name_or_path} "
-                         f"takes {height}x{width} images: drop --input_size.")
-    aug_args.input_size = height
+    check_checkpoint_arguments(model_args, aug_args, "input_size" in given)
 
 
 def _check_stream_dispatch(data_args: DataArguments, training_args: TrainingArguments) -> None:
@@ -204,63 +196,6 @@ def splits_train_stream(training_args: TrainingArguments) -> bool:
                     "%d processes.", training_args.world_size)
         return False
     return True
-
-
-def build_student(
-    model_args: ModelArguments, distill_args: DistillationArguments, aug_args: AugmentationArguments, id2label: dict
-) -> DeiTForImageClassificationWithTeacher:
-    """A DeiT⚗ from a preset (random init) or a checkpoint to fine-tune, with the dataset's labels."""
-    settings = dict(
-        label_smoothing=aug_args.smoothing,  # reaches the loss on hard labels; Mixup's soft targets carry their own
-        distillation_type=distill_args.distillation_type,
-        distillation_alpha=distill_args.distillation_alpha,
-        distillation_tau=distill_args.distillation_tau,
-        drop_path_rate=model_args.drop_path_rate,
-        id2label=id2label,
-        label2id={name: index for index, name in id2label.items()},
-    )
-    if model_args.model_name_or_path:
-        return load_checkpoint_to_fine_tune(model_args.model_name_or_path, model_args.attn_implementation, settings)
-    config = DeiTConfig.from_preset(
-        model_args.model_preset, image_size=aug_args.input_size, **model_args.config_overrides_dict(), **settings
-    )
-    return DeiTForImageClassificationWithTeacher._from_config(config, attn_implementation=model_args.attn_implementation)
-
-
-HEADS = ("cls_classifier.", "distillation_classifier.")
-
-
-def load_checkpoint_to_fine_tune(path: str, attn_implementation: str, settings: dict) -> DeiTForImageClassificationWithTeacher:
-    """The checkpoint with every weight but the heads loaded (or a ValueError summarising what did not load); heads
-    for another label set are new, and say so in one line."""
-    old = DeiTConfig.from_pretrained(path)
-    source_type = PreTrainedConfig.get_config_dict(path)[0].get("model_type")
-    try:
-        model, report = DeiTForImageClassificationWithTeacher.from_pretrained(
-            path, attn_implementation=attn_implementation, ignore_mismatched_sizes=True, output_loading_info=True,
-            **settings,
-        )
-    except OSError as error:  # no such Hub model, or no weights in the directory
-        raise ValueError(f"--model_name_or_path {path!r}: {error}") from error
-    problems = {
-        "missing": [key for key in report["missing_keys"] if not key.startswith(HEADS)],
-        "unexpected": list(report["unexpected_keys"]),
-        "of another shape": [entry[0] for entry in report["mismatched_keys"] if not entry[0].startswith(HEADS)],
-    }
-    if any(problems.values()):
-        summary = "; ".join(
-            f"{len(keys)} {kind} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
-            for kind, keys in problems.items() if keys
-        )
-        raise ValueError(
-            f"{path} (model_type {source_type!r}) is not a DeiT⚗ checkpoint deit_hf can fine-tune: weights {summary}."
-        )
-    new_names = settings["id2label"]
-    if old.num_labels != len(new_names) or [old.id2label[i] for i in range(old.num_labels)] != list(new_names.values()):
-        few = lambda names: ", ".join(map(str, list(names)[:3])) + (", ..." if len(names) > 3 else "")  # noqa: E731
-        logger.info("New heads: %d classes (%s) -> %d classes from the dataset (%s).", old.num_labels,
-                    few(old.id2label.values()), len(new_names), few(new_names.values()))
-    return model
 
 
 def apply_recipe_schedule(training_args: TrainingArguments, distill_args: DistillationArguments, train_size: int | None):
@@ -320,7 +255,7 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
 def main(
     argv: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
-    prepare_model: Callable[[DeiTForImageClassificationWithTeacher], torch.nn.Module] | None = None,
+    prepare_model: Callable[[DeiTPreTrainedModel], torch.nn.Module] | None = None,
 ) -> DistillationTrainer:
     """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
 
@@ -403,11 +338,11 @@ def main(
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if training_args.do_train and isinstance(model, DeiTForImageClassificationWithTeacher):
+    if training_args.do_train and isinstance(model, DeiTPreTrainedModel):
         # the saved model's README.md: this run's metrics per head, teacher and recipe
         write_run_card(trainer, model_args, distill_args, data_args, aug_args)
     elif training_args.do_train:
-        logger.info("No run card: the trained model is a %s, not a DeiT⚗ (an adapter's save describes it).",
+        logger.info("No run card: the trained model is a %s, not a DeiT (an adapter's save describes it).",
                     type(model).__name__)
     # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
     # ("terminate called without an active exception"), failing a finished run.

@@ -33,7 +33,8 @@ NO_DECAY_PARAMETERS = ("position_embeddings", "cls_token", "distillation_token")
 
 class DistillationTrainer(Trainer):
     """
-    Trains a `DeiTForImageClassificationWithTeacher` with the loss its config names (hard distillation by default).
+    Trains a `DeiTForImageClassificationWithTeacher` with the loss its config names (hard distillation by default), or
+    a `DeiTForImageClassification` without distillation token (classical distillation of its one head).
 
     Each batch first goes through `batch_transform` on the device: uint8 pixels are normalized, and training batches
     are randomly erased and mixed (timm Mixup/CutMix). The frozen `teacher` then runs on that same mixed batch, then
@@ -106,6 +107,9 @@ class DistillationTrainer(Trainer):
                     f"The teacher predicts {teacher.num_labels} classes but the student {config.num_labels}; "
                     "they must predict the same classes in the same order."
                 )
+        elif teacher is not None:
+            raise ValueError("A teacher was given but distillation_type='none' would not use it: set distillation_type "
+                             "to 'hard' or 'soft', or train without the teacher.")
         self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
         if self.teacher is not None and self.args.torch_compile:
             # `--torch_compile` compiles the teacher too: its forward costs more than the student's whole step.
@@ -236,7 +240,8 @@ class DistillationTrainer(Trainer):
             config = self.model.config
             blank = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=self.args.device)
             labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
-            teacher_logits = torch.zeros(1, config.num_labels, device=self.args.device)
+            no_teacher = self.teacher is None  # a model without teacher refuses teacher logits
+            teacher_logits = None if no_teacher else torch.zeros(1, config.num_labels, device=self.args.device)
             return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
         teacher_logits = None
         if self.teacher is not None:
@@ -255,13 +260,15 @@ class DistillationTrainer(Trainer):
 
     def _record_batch_means(self, outputs, labels: torch.Tensor) -> None:
         targets = labels.argmax(dim=-1) if labels.ndim > 1 else labels  # Mixup/CutMix: the dominant class
-        values = {
+        top1 = lambda logits: None if logits is None else (logits.argmax(dim=-1) == targets).float().mean()  # noqa: E731
+        cosine = outputs.get("token_cosine_similarity")
+        values = {  # a model without distillation token has one head, the class head (`logits`), and no cosine
             "loss": outputs.get("loss"),
             "base_loss": outputs.get("base_loss"),
             "distillation_loss": outputs.get("distillation_loss"),
-            "cls_top1": (outputs.cls_logits.argmax(dim=-1) == targets).float().mean(),
-            "dist_top1": (outputs.distillation_logits.argmax(dim=-1) == targets).float().mean(),
-            "token_cosine": outputs.token_cosine_similarity.mean(),
+            "cls_top1": top1(outputs.get("cls_logits", outputs.logits)),
+            "dist_top1": top1(outputs.get("distillation_logits")),
+            "token_cosine": None if cosine is None else cosine.mean(),
         }
         for name, value in values.items():
             if value is not None:

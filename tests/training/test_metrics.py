@@ -93,7 +93,26 @@ def test_preprocess_then_compute_with_fewer_classes_than_five():
 def test_preprocess_rejects_other_outputs():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match=r"Expected the model outputs \(logits, cls_logits, distillation_logits, "
-                                         r"token_cosine_similarity\[, teacher_logits\]\), got a tuple of 2"):
-        preprocess_logits_for_metrics((logits, logits), None)
-    with pytest.raises(ValueError, match=r"got Tensor"):
-        preprocess_logits_for_metrics(logits, None)
+                                         r"token_cosine_similarity\[, teacher_logits\]\), or .*got a tuple of 3"):
+        preprocess_logits_for_metrics((logits, logits, logits), None)
+    with pytest.raises(ValueError, match=r"got dict"):
+        preprocess_logits_for_metrics({"logits": logits}, None)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_one_head_model_gets_its_accuracy_and_no_distillation_head_metrics(with_teacher):
+    generator = torch.Generator().manual_seed(2)
+    logits, teacher_logits = torch.randn(2, 8, 10, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    # transformers hands a lone output tensor over unwrapped
+    outputs = (logits, teacher_logits) if with_teacher else logits
+    reduced = preprocess_logits_for_metrics(outputs, labels)
+    predictions = tuple(t.numpy() for t in reduced) if with_teacher else reduced[0].numpy()
+    metrics = compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels.numpy()))
+    top1 = (logits.argmax(-1) == labels).float().mean().item()
+    assert metrics["top1"] == pytest.approx(top1) and metrics["cls_top1"] == pytest.approx(top1)
+    assert not [name for name in metrics if name.startswith("dist_") or name == "token_cosine"]
+    if with_teacher:
+        agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+        assert metrics["teacher_agreement"] == pytest.approx(agreement) and "teacher_top1" in metrics
+    assert len(metrics) == (6 if with_teacher else 4)

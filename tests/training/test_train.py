@@ -313,7 +313,9 @@ def test_fine_tuning_takes_size_and_architecture_from_the_checkpoint_and_swaps_h
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--input_size", "64"], "--input_size 64 but the checkpoint .* takes 32x32 images"),
+    (["--input_size", "60"], r"--input_size 60 is not a multiple of the checkpoint's patch size 8 \(.* takes 32x32"),
+    (["--distillation_token", "false"], r"--distillation_token false but .*ckpt has a distillation token "
+     r"\(deit\.embeddings\.distillation_token, distillation_classifier\.weight and \.bias\)"),
     (["--config_overrides", "hidden_dropout_prob=0.1"], "checkpoint keeps its own configuration"),
     (["--model_preset", "deit-small-distilled-patch16-224"], "--model_preset and --model_name_or_path"),
 ])
@@ -330,7 +332,7 @@ def test_fine_tuning_refuses_a_checkpoint_whose_weights_do_not_load(small_digits
     ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=4, intermediate_size=64, num_labels=10)).save_pretrained(
         tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"model_type 'vit'\) is not a DeiT⚗ checkpoint .*: weights \d+ missing"):
+    with pytest.raises(ValueError, match=r"model_type 'vit'\) is not a DeiT checkpoint .*: weights \d+ missing"):
         main(_fine_tune_args(small_digits_dir, tmp_path / "vit", tmp_path / "out"))
 
 
