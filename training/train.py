@@ -38,6 +38,7 @@ from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .teacher import check_class_names, check_teacher_accuracy, load_teacher
+from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -142,6 +143,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
     _check_stream_dispatch(data_args, training_args)
+    check_cache_flags(given, distill_args, data_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
@@ -321,8 +323,9 @@ def resume_argument(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
-    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
+def build_trainer(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None):
+    """The run's `DistillationTrainer`, ready to train, and its five argument dataclasses: data, student, teacher
+    (or its recorded targets, `--teacher_cache`) and the schedule, as `argv` says; the teacher checked."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -350,14 +353,22 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     eval_dataset = attach_transform(
         eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
-    teacher = None
-    if distill_args.distillation_type != "none":
+
+    def load_checked_teacher():
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
             student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
             teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
         )
         check_class_names(teacher, data.label_names)
+        return teacher
+
+    teacher_targets = None
+    if distill_args.distillation_type != "none":  # the teacher, or its recorded targets (then it is not loaded)
+        teacher_targets = open_teacher_targets(
+            distill_args, aug_args, training_args, data.dataset_dict, (mean, std), len(data.label_names),
+            load_checked_teacher,
+        )
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
     trainer = DistillationTrainer(
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         processing_class=processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        teacher=teacher,
+        teacher_targets=teacher_targets,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
@@ -377,8 +388,18 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         own_stream_part=own_stream_part,
         callbacks=callbacks,
     )
-    if teacher is not None and distill_args.teacher_check_batches > 0:
-        check_teacher_accuracy(*trainer.count_teacher_correct(distill_args.teacher_check_batches), len(data.label_names))
+    if trainer.teacher is not None and distill_args.teacher_check_batches > 0:
+        # RNG untouched (the evaluation DataLoader draws a seed): a run that replays the teacher's targets, and so
+        # skips this check, draws the same augmentations and drop paths as the run that recorded them.
+        with torch.random.fork_rng(device_type=trainer.accelerator.device.type):
+            correct, total = trainer.count_teacher_correct(distill_args.teacher_check_batches)
+        check_teacher_accuracy(correct, total, len(data.label_names))
+    return trainer, (model_args, distill_args, data_args, aug_args, training_args)
+
+
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> DistillationTrainer:
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own."""
+    trainer, (model_args, distill_args, data_args, aug_args, training_args) = build_trainer(argv, callbacks)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args))
         trainer.save_model()  # model + image processor: `pipeline("image-classification", output_dir)` loads it
