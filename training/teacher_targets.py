@@ -157,6 +157,10 @@ class RecordedTeacher(TeacherTargets):
         self._unsaved.add(name)
         return stored
 
+    def has(self, name: str, key: tuple[int, int]) -> bool:
+        """Whether batch `key` of part `name` is recorded."""
+        return key in self._part(name)
+
     def _part(self, name: str) -> dict:
         if name not in self._parts:
             if name.startswith("epoch-"):  # one training epoch at a time in memory
