@@ -22,6 +22,9 @@ from .conftest import tiny_run_args
 TWO_EPOCHS = ["--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
 
 
+ONE_EPOCH = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
+
+
 def losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -288,12 +291,12 @@ def test_hard_targets_keep_non_finite_teacher_outputs():
 def test_a_pass_without_student_records_what_the_students_replay(small_digits_dir, random_teacher_dir, tmp_path,
                                                                  caplog):
     cache = str(tmp_path / "cache")
-    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *TWO_EPOCHS,
+    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *ONE_EPOCH,
                                    "--teacher_cache", str(tmp_path / "online_cache")))
-    record_teacher.main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "r", *TWO_EPOCHS,
+    record_teacher.main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "r", *ONE_EPOCH,
                                       "--teacher_cache", cache))
     caplog.set_level(logging.INFO, logger="training.teacher_targets")
-    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS,
+    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *ONE_EPOCH,
                                    "--teacher_cache", cache, "--teacher_cache_check", "2"))
     assert any("teacher loaded to check steps" in message for message in caplog.messages)
     assert sum("match the record's" in message for message in caplog.messages) >= 2
@@ -311,3 +314,28 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
     record.save(part_name(0, 0), entries)
     with pytest.raises(TeacherRecordError, match=r"--teacher_cache_check: the teacher's targets for step \d+"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--teacher_cache_check", "6"])
+
+
+def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
+    """Each process records and replays its own part; the replaying run's losses are the recording run's."""
+    from .test_distributed import PROBE, half_batches, launch, two_processes
+    from .test_distributed import losses as logged_losses
+
+    cache = str(tmp_path / "cache")
+    common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
+              "--repeated_aug", "true", "--teacher_cache", cache]
+    logs = {}
+    for name in ("a", "b"):
+        args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / name, *common))
+        result = launch(two_processes(), PROBE, args, SAVE_PROBE_FILE=str(tmp_path / f"{name}.saves"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = result.stderr
+    assert f"recording teacher targets to {cache}" in logs["a"]
+    assert f"replaying teacher targets from {cache}; teacher not loaded" in logs["b"]
+    parts = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert parts == sorted([part_name(0, 0), part_name(0, 1), part_name(None, 0), part_name(None, 1)])
+    assert len(logged_losses(tmp_path / "b")) == 6
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
+    evaluation = [entry for entry in json.loads((tmp_path / "b" / "trainer_state.json").read_text())["log_history"]
+                  if "eval_loss" in entry]
+    assert "eval_teacher_top1" in evaluation[-1]
