@@ -184,3 +184,16 @@ def test_foreign_cpu_with_children_counts_the_live_workers_cpu_as_its_own():
         release.set()
         worker.join()
     assert after[0] - before[0] >= 0.5 > 0.2 > after[1] - before[1]
+
+
+def test_the_replay_row_times_the_trainer_without_its_teacher():
+    from benchmarks.training_step import REPLAY, TRAINER, TrainSettings, run
+
+    settings = TrainSettings(image_size=32, batch_size=4, steps_per_round=3, warmup_steps=1, rounds=2, busy_retries=0,
+                             replay=True)
+    rows = {row.contender: row for row in run(settings, measure_memory=False)}
+    assert set(rows) >= {TRAINER, REPLAY}
+    replay = rows[REPLAY]
+    assert replay.extra.keys() >= {"ratio_vs_online", "ratio_vs_timm_task", "mfu"}
+    assert replay.extra["gflop_per_image"] < rows[TRAINER].extra["gflop_per_image"]  # no teacher forward
+    assert "teacher/student step FLOP ratio" in replay.case
