@@ -295,7 +295,9 @@ class TrainerLoop:
             args=args,
             train_dataset=dataset * settings.steps_per_round,
             data_collator=DistillationCollator(),
-            teacher_targets=self._replayed_targets(settings, output_dir) if replay else OnlineTeacher(_teacher(settings)),
+            teacher_targets=(
+                self._replayed_targets(settings, output_dir) if replay else OnlineTeacher(_teacher(settings))
+            ),
             batch_transform=BatchTransform(mixup=build_mixup(settings.aug_args(), settings.num_labels)),
             callbacks=[self.timer],
         )

@@ -46,7 +46,7 @@ class TeacherPass:
             return
         logits = self.targets.run_teacher(torch.cat([batch[2] for batch in self.waiting]))
         for (name, key, pixel_values), batch_logits in zip(
-            self.waiting, logits.split([len(batch[2]) for batch in self.waiting])
+            self.waiting, logits.split([len(batch[2]) for batch in self.waiting]), strict=True
         ):
             self.targets.targets(name, key, pixel_values, logits=batch_logits)
         self.waiting = []

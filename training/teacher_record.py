@@ -211,7 +211,7 @@ class TeacherRecord:
                                      "remove it to record that part again.")
         index, digests = tensors.pop("index"), tensors.pop("digests")
         entries = {}
-        for (step, micro, start, count), batch_digest in zip(index.tolist(), digests):
+        for (step, micro, start, count), batch_digest in zip(index.tolist(), digests, strict=True):
             entries[step, micro] = batch_digest, {key: value[start:start + count] for key, value in tensors.items()}
         return entries
 

@@ -191,7 +191,7 @@ class RecordedTeacher(TeacherTargets):
         recorded = torch.stack([entry[2].to(current.device) for entry in self._pending])
         recorded, current = recorded.cpu(), current.cpu()
         pending, self._pending = self._pending, []
-        for (name, key, _, _), recorded_digest, current_digest in zip(pending, recorded, current):
+        for (name, key, _, _), recorded_digest, current_digest in zip(pending, recorded, current, strict=True):
             if not digests_match(recorded_digest, current_digest):
                 raise TeacherRecordError(
                     f"The views of {_describe(name, key)} differ from those recorded in {self.record.path(name)}: "

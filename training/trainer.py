@@ -36,8 +36,8 @@ class DistillationTrainer(Trainer):
 
     Each batch first goes through `batch_transform` on the device: uint8 pixels are normalized, and training batches
     are randomly erased and mixed (timm Mixup/CutMix). The teacher's targets for that same mixed batch come next (the
-    frozen `teacher`, or a record of its targets: `teacher_targets`), then the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
-    `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
+    frozen `teacher`, or a record of its targets: `teacher_targets`), then the student, whose forward computes
+    `deit_hf.losses.DistillationLoss`. The teacher is kept out of `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
     distillation parts of the loss are logged beside `loss` (the mean over the batches that had an image), with each
     head's top-1 on the training batches (against the dominant class of Mixup's soft targets) and the cosine of the

@@ -1,4 +1,4 @@
-"""`--teacher_cache`: the teacher's targets recorded once, replayed exactly without the teacher; refusals and integrity."""
+"""`--teacher_cache`: the teacher's targets recorded once, replayed exactly without the teacher; refusals, integrity."""
 
 import json
 import logging
@@ -128,7 +128,8 @@ def test_a_record_of_another_run_is_refused_naming_what_differs(flags, item, sma
     (tmp_path / "cache").mkdir()
     record.write_fingerprint()
     changed = TeacherRecord(tmp_path / "cache", _fingerprint([*base, *flags]))
-    with pytest.raises(TeacherRecordError, match=rf"holds the teacher's targets of another run \({item}: recorded") as error:
+    refusal = rf"holds the teacher's targets of another run \({item}: recorded"
+    with pytest.raises(TeacherRecordError, match=refusal) as error:
         changed.check_fingerprint()
     # one line; soft distillation also brings its top k
     assert "\n" not in str(error.value) and str(error.value).count(": recorded") == 1 + (item == "distillation_type")
@@ -253,7 +254,8 @@ def test_soft_top_k_replay_is_the_online_soft_loss_within_the_truncation_error()
     online = float(loss(cls_logits, labels, student_logits, teacher_logits).distillation_loss)
     # every logit kept: fp16 rounding only
     replayed_all = decode(encode(teacher_logits, "soft", 100), 100, torch.device("cpu"))
-    assert float(loss(cls_logits, labels, student_logits, replayed_all).distillation_loss) == pytest.approx(online, rel=1e-3)
+    replayed_loss = float(loss(cls_logits, labels, student_logits, replayed_all).distillation_loss)
+    assert replayed_loss == pytest.approx(online, rel=1e-3)
     for k in (5, 20):
         replayed = decode(encode(teacher_logits, "soft", k), 100, torch.device("cpu"))
         # the teacher's distribution renormalised over its top k (fp16 logits)
@@ -308,7 +310,8 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
     args = tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", "--num_train_epochs", "1",
                          "--eval_strategy", "no", "--save_strategy", "no", "--teacher_cache", str(tmp_path / "cache"))
     main(args)
-    record = TeacherRecord(tmp_path / "cache", json.loads((tmp_path / "cache" / "fingerprint.json").read_text())["items"])
+    fingerprint = json.loads((tmp_path / "cache" / "fingerprint.json").read_text())["items"]
+    record = TeacherRecord(tmp_path / "cache", fingerprint)
     entries = record.load(part_name(0, 0))
     entries = {key: (digest, {"classes": (stored["classes"] + 1) % 10}) for key, (digest, stored) in entries.items()}
     record.save(part_name(0, 0), entries)
