@@ -391,7 +391,8 @@ def build_trainer(argv: list[str] | None = None, callbacks: list[TrainerCallback
     if trainer.teacher is not None and distill_args.teacher_check_batches > 0:
         # RNG untouched (the evaluation DataLoader draws a seed): a run that replays the teacher's targets, and so
         # skips this check, draws the same augmentations and drop paths as the run that recorded them.
-        with torch.random.fork_rng(device_type=trainer.accelerator.device.type):
+        device = trainer.accelerator.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
             correct, total = trainer.count_teacher_correct(distill_args.teacher_check_batches)
         check_teacher_accuracy(correct, total, len(data.label_names))
     return trainer, (model_args, distill_args, data_args, aug_args, training_args)
