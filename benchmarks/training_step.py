@@ -54,13 +54,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.task import TokenDistillationTask
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from deit_hf import DeiTForImageClassificationWithTeacher
 from deit_hf.convert import convert_timm_model
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.teacher import load_teacher
+from training.teacher_record import TeacherRecord
+from training.teacher_targets import OnlineTeacher, RecordedTeacher
 from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
@@ -71,6 +73,7 @@ from . import (
 from .reference import facebookresearch_hard_distillation_loss
 
 TRAINER, HAND_WRITTEN, TIMM_TASK = "DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"
+REPLAY = "DistillationTrainer, replayed teacher targets"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class TrainSettings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # bf16 = autocast
     torch_compile: bool = False  # compile student and teacher (the Trainer's and timm's); the loop is then left out
+    replay: bool = False  # add the Trainer replaying a record of the teacher's targets (`--teacher_cache`)
 
     @property
     def learning_rate(self) -> float:
@@ -108,7 +112,8 @@ class TrainSettings:
 
     @property
     def contenders(self) -> tuple[str, ...]:
-        return (TRAINER, TIMM_TASK) if self.torch_compile else (TRAINER, HAND_WRITTEN, TIMM_TASK)
+        contenders = (TRAINER, TIMM_TASK) if self.torch_compile else (TRAINER, HAND_WRITTEN, TIMM_TASK)
+        return (*contenders, REPLAY) if self.replay else contenders
 
 
 def timm_mixup_args(aug: AugmentationArguments, num_classes: int) -> dict:
@@ -260,8 +265,8 @@ class _StepTimer(TrainerCallback):
 class TrainerLoop:
     """`DistillationTrainer.train()` over an in-memory dataset of the same batch, timed step by step."""
 
-    def __init__(self, settings: TrainSettings, output_dir: str):
-        self.settings = settings
+    def __init__(self, settings: TrainSettings, output_dir: str, replay: bool = False):
+        self.settings, self.replay = settings, replay
         pixel_values, labels = settings.batch()
         dataset = [{"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels)]
         self.timer = _StepTimer(settings.device)
@@ -290,21 +295,33 @@ class TrainerLoop:
             args=args,
             train_dataset=dataset * settings.steps_per_round,
             data_collator=DistillationCollator(),
-            teacher=_teacher(settings),
+            teacher_targets=(
+                self._replayed_targets(settings, output_dir) if replay else OnlineTeacher(_teacher(settings))
+            ),
             batch_transform=BatchTransform(mixup=build_mixup(settings.aug_args(), settings.num_labels)),
             callbacks=[self.timer],
         )
         self.trainer.remove_callback(PrinterCallback)  # it prints each round's metrics amid the JSON lines
+        if replay:  # one untimed round records the teacher's targets; the timed ones replay them without it
+            self.run_round()
+            self.trainer.teacher_targets.teacher = None
+
+    @staticmethod
+    def _replayed_targets(settings: TrainSettings, output_dir: str) -> RecordedTeacher:
+        record = TeacherRecord(tempfile.mkdtemp(dir=output_dir), {"benchmark": repr(settings)})
+        return RecordedTeacher(record, settings.num_labels, "hard", 0, settings.steps_per_round, _teacher(settings))
 
     def run_round(self) -> list[float]:
         self.timer.seconds = []
+        if self.replay:
+            set_seed(0)  # every round draws the recorded round's Mixup/CutMix and drop paths: the same views
         self.trainer.train()
         return self.timer.seconds
 
 
 def _build(contender: str, settings: TrainSettings, output_dir: str):
-    if contender == TRAINER:
-        return TrainerLoop(settings, output_dir)
+    if contender in (TRAINER, REPLAY):
+        return TrainerLoop(settings, output_dir, replay=contender == REPLAY)
     return {HAND_WRITTEN: HandWrittenLoop, TIMM_TASK: TimmTaskLoop}[contender](settings)
 
 
@@ -329,16 +346,18 @@ def peak_memory_in_fresh_process(contender: str, settings: TrainSettings) -> dic
         return pool.apply(_peak_memory_of_one_round, (contender, settings, torch.get_num_threads()))
 
 
-def step_flops(settings: TrainSettings) -> int:
-    """FLOPs of one step: teacher forward, student forward and backward (eager attention, so its matmuls count)."""
+def step_flops(settings: TrainSettings) -> tuple[int, int]:
+    """FLOPs of one step: the teacher's forward, and the student's forward and backward (eager attention, so its
+    matmuls count)."""
     student = _deit_hf_student(settings).to(settings.device)
     student.set_attn_implementation("eager")  # the CPU sdpa kernel has no FLOP formula in FlopCounterMode
     teacher = _teacher(settings).to(settings.device)
     pixel_values, labels = (tensor.to(settings.device) for tensor in settings.batch())
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as teacher_counter:
         teacher_logits = teacher(pixel_values)
+    with FlopCounterMode(display=False) as student_counter:
         student(pixel_values, labels=labels, teacher_logits=teacher_logits).loss.backward()
-    return counter.get_total_flops()
+    return teacher_counter.get_total_flops(), student_counter.get_total_flops()
 
 
 def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) -> Iterator[Measurement]:
@@ -347,7 +366,8 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
         raise ValueError(
             f"steps_per_round ({settings.steps_per_round}) must exceed warmup_steps ({settings.warmup_steps})."
         )
-    flops = step_flops(settings)
+    teacher_flops, student_flops = step_flops(settings)
+    flops = teacher_flops + student_flops
     peak_flops = matmul_peak_flops(settings.device, settings.dtype)
     with tempfile.TemporaryDirectory() as output_dir:
         loops = {name: _build(name, settings, output_dir) for name in settings.contenders}
@@ -360,18 +380,23 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
     case = (
         f"{settings.student} student {settings.image_size}px/patch{settings.patch_size} + {settings.teacher} teacher,"
         f" hard, bs{settings.batch_size} {DTYPE_NAMES[settings.dtype]}{' compiled' if settings.torch_compile else ''}"
-        f" on {settings.device} (matmul peak {peak_flops / 1e9:,.0f} GFLOP/s)"
+        f" on {settings.device} (matmul peak {peak_flops / 1e9:,.0f} GFLOP/s; teacher/student step FLOP ratio "
+        f"{teacher_flops / student_flops:.2f})"
     )
     peers = {HAND_WRITTEN: "ratio_vs_loop", TIMM_TASK: "ratio_vs_timm_task"}
     for name in settings.contenders:
         seconds = timing.seconds[name]
+        computed = student_flops if name == REPLAY else flops  # replay runs no teacher
         extra = {
-            "gflop_per_image": flops / settings.batch_size / 1e9,
-            "achieved_gflop_per_s": flops / seconds / 1e9,
-            "mfu": flops / seconds / peak_flops,
+            "gflop_per_image": computed / settings.batch_size / 1e9,
+            "achieved_gflop_per_s": computed / seconds / 1e9,
+            "mfu": computed / seconds / peak_flops,
         }
         if measure_memory:
             extra.update(peak_memory_in_fresh_process(name, settings))
         if name == TRAINER:
             extra.update({column: timing.seconds[peer] / seconds for peer, column in peers.items() if peer in loops})
+        if name == REPLAY:  # the speed-up of replaying over the online teacher and over timm's task
+            extra.update({"ratio_vs_online": timing.seconds[TRAINER] / seconds,
+                          "ratio_vs_timm_task": timing.seconds[TIMM_TASK] / seconds})
         yield timing.measurement("train", case, name, settings.batch_size, **extra)

@@ -10,7 +10,8 @@ from benchmarks.run import END_MARKER, START_MARKER, main
 COMMON_KEYS = {"benchmark", "case", "contender", "images_per_second", "seconds_per_call", "repeats"}
 CONTENDERS = {
     "inference": {"deit_hf sdpa", "deit_hf eager", "timm", "transformers eager", "transformers sdpa"},
-    "train": {"DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"},
+    "train": {"DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask",
+              "DistillationTrainer, replayed teacher targets"},
     "input": {
         "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder", "timm ImageFolder prefetcher"
     },
@@ -136,7 +137,9 @@ def test_accelerator_settings_run_eager_and_compiled_training_and_carry_the_h100
     measurements = list(run_module.run_benchmarks(benchmarks, device="cuda", dtype=torch.bfloat16))
 
     train_settings = [settings for benchmark, settings, _ in built if benchmark == "train"]
-    assert [settings.torch_compile for settings in train_settings] == [False, True]
+    # eager, compiled, then the replay of the teacher's targets beside the eager contenders
+    assert [(settings.torch_compile, settings.replay) for settings in train_settings] == [
+        (False, False), (True, False), (False, True)]
     assert all(
         (s.student, s.teacher, s.batch_size, s.dtype, s.device)
         == ("deit_small_distilled_patch16_224", "regnety_160", 128, torch.bfloat16, "cuda")
@@ -146,14 +149,16 @@ def test_accelerator_settings_run_eager_and_compiled_training_and_carry_the_h100
     assert [settings.torch_compile for settings in e2e_settings] == [False, True]
     assert built[0][2]["compile"] and built[0][2]["batch_size"] == 256
     anchors = [(m.benchmark, m.extra["h100_anchor_img_per_s"]) for m in measurements]
-    assert anchors == [("inference", 18_006), ("train", 1_898), ("train", 2_731), ("end_to_end", 1_898),
-                       ("end_to_end", 2_731)]
+    assert anchors == [("inference", 18_006), ("train", 1_898), ("train", 2_731), ("train", 1_898),
+                       ("end_to_end", 1_898), ("end_to_end", 2_731)]
     assert measurements[2].extra["ratio_vs_h100_anchor"] == pytest.approx(2_000 / 2_731)
     assert "| 2,731 | 0.73× |" in run_module.markdown_tables(measurements)
 
     built.clear()
     cpu = list(run_module.run_benchmarks(["train", "end_to_end"]))  # CPU: eager only, no anchors
-    assert [settings.torch_compile for _, settings, _ in built] == [False, False]
+    assert [settings.torch_compile for _, settings, _ in built] == [False, False, False]
+    assert [settings.teacher for benchmark, settings, _ in built if benchmark == "train"] == [
+        training_step.TrainSettings().teacher, run_module.REPLAY_CPU_TEACHER]
     assert all("h100_anchor_img_per_s" not in m.extra for m in cpu)
 
 
@@ -184,3 +189,16 @@ def test_foreign_cpu_with_children_counts_the_live_workers_cpu_as_its_own():
         release.set()
         worker.join()
     assert after[0] - before[0] >= 0.5 > 0.2 > after[1] - before[1]
+
+
+def test_the_replay_row_times_the_trainer_without_its_teacher():
+    from benchmarks.training_step import REPLAY, TRAINER, TrainSettings, run
+
+    settings = TrainSettings(image_size=32, batch_size=4, steps_per_round=3, warmup_steps=1, rounds=2, busy_retries=0,
+                             replay=True)
+    rows = {row.contender: row for row in run(settings, measure_memory=False)}
+    assert set(rows) >= {TRAINER, REPLAY}
+    replay = rows[REPLAY]
+    assert replay.extra.keys() >= {"ratio_vs_online", "ratio_vs_timm_task", "mfu"}
+    assert replay.extra["gflop_per_image"] < rows[TRAINER].extra["gflop_per_image"]  # no teacher forward
+    assert "teacher/student step FLOP ratio" in replay.case

@@ -306,6 +306,21 @@ class DistillationArguments:
         metadata={"help": "Validation batches the teacher's top-1 is measured on before training; a teacher near "
                   "chance stops the run. 0 skips the check."},
     )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "A directory recording the teacher's target for every augmented view (hard: its class; "
+                  "soft: its top-k logits): recorded when it lacks this run's epochs, replayed without loading the "
+                  "teacher when it holds them all. A record of another run (data, seed, augmentation, batch layout, "
+                  "teacher, distillation type) is refused."},
+    )
+    teacher_cache_top_k: int = field(
+        default=10, metadata={"help": "With --teacher_cache and soft distillation: the logits kept per view."}
+    )
+    teacher_cache_check: int = field(
+        default=0,
+        metadata={"help": "With a complete --teacher_cache: load the teacher and compare its targets with the "
+                  "record's on this many random steps."},
+    )
     distillation_type: Literal["hard", "soft", "none"] = field(
         default="hard", metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher."}
     )
@@ -320,6 +335,11 @@ class DistillationArguments:
     )
 
     def __post_init__(self):
+        if self.teacher_cache is not None and self.distillation_type == "none":
+            raise ValueError("--teacher_cache with --distillation_type none: there is no teacher to record.")
+        if not 1 <= self.teacher_cache_top_k <= 32767 or self.teacher_cache_check < 0:
+            raise ValueError(f"--teacher_cache_top_k must be in [1, 32767] and --teacher_cache_check >= 0, got "
+                             f"{self.teacher_cache_top_k} and {self.teacher_cache_check}.")
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")

@@ -42,6 +42,7 @@ from .skipped_images import SkippedImageCounter
 from .student import build_student, check_checkpoint_arguments
 from .teacher import check_class_names, load_teacher
 from .teacher_check import check_teacher
+from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
@@ -164,6 +165,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
     _check_stream_dispatch(data_args, training_args)
+    check_cache_flags(given, distill_args, data_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
@@ -252,20 +254,13 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     return threads
 
 
-def main(
+def build_trainer(
     argv: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
     prepare_model: Callable[[DeiTPreTrainedModel], torch.nn.Module] | None = None,
-) -> DistillationTrainer:
-    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
-
-    `prepare_model` is given the student built from the flags (with the dataset's labels) and returns the model to
-    train, e.g. a LoRA adapter around it: `lambda student: peft.get_peft_model(student, LoraConfig(...))`. The
-    Trainer saves what that model saves (a PEFT model: its adapter); the run card is written for a whole DeiT⚗ only.
-
-    On SIGTERM (`training.preemption`) training stops after the current step with a checkpoint there, and this exits
-    with status 143 without saving a final model or evaluating.
-    """
+):
+    """The run's `DistillationTrainer`, ready to train, and its five argument dataclasses: data, student, teacher
+    (or its recorded targets, `--teacher_cache`) and the schedule, as `argv` says; the teacher checked."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
     log_level = training_args.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
@@ -295,17 +290,24 @@ def main(
     eval_dataset = attach_transform(
         eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
     )
-    teacher = None
-    if distill_args.distillation_type != "none":
+
+    def load_checked_teacher():
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
             student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
             teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
         )
         check_class_names(teacher, data.label_names)
+        return teacher
+
+    teacher_targets = None
+    if distill_args.distillation_type != "none":  # the teacher, or its recorded targets (then it is not loaded)
+        teacher_targets = open_teacher_targets(
+            distill_args, aug_args, training_args, data.dataset_dict, (mean, std), len(data.label_names),
+            load_checked_teacher,
+        )
     apply_recipe_schedule(training_args, distill_args, getattr(train_dataset, "num_rows", None))
 
-    preemption = Preemption()
     trainer = DistillationTrainer(
         model=model,
         args=training_args,
@@ -315,16 +317,43 @@ def main(
         processing_class=processor,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        teacher=teacher,
+        teacher_targets=teacher_targets,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,
-        callbacks=[*(callbacks or []), preemption],
+        callbacks=callbacks,
     )
-    if teacher is not None and distill_args.teacher_check_batches > 0:
-        check_teacher(trainer.teacher_confusions(distill_args.teacher_check_batches), data.label_names)
+    if trainer.teacher is not None and distill_args.teacher_check_batches > 0:
+        # RNG untouched (the evaluation DataLoader draws a seed): a run that replays the teacher's targets, and so
+        # skips this check, draws the same augmentations and drop paths as the run that recorded them.
+        device = trainer.accelerator.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            confusions = trainer.teacher_confusions(distill_args.teacher_check_batches)
+        check_teacher(confusions, data.label_names)
+    return trainer, (model_args, distill_args, data_args, aug_args, training_args)
+
+
+def main(
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    prepare_model: Callable[[DeiTPreTrainedModel], torch.nn.Module] | None = None,
+) -> DistillationTrainer:
+    """Train as the command line `argv` says (default `sys.argv[1:]`); `callbacks` join the Trainer's own.
+
+    `prepare_model` is given the student built from the flags (with the dataset's labels) and returns the model to
+    train, e.g. a LoRA adapter around it: `lambda student: peft.get_peft_model(student, LoraConfig(...))`. The
+    Trainer saves what that model saves (a PEFT model: its adapter); the run card is written for a whole DeiT only.
+
+    On SIGTERM (`training.preemption`) training stops after the current step with a checkpoint there, and this exits
+    with status 143 without saving a final model or evaluating.
+    """
+    preemption = Preemption()
+    trainer, (model_args, distill_args, data_args, aug_args, training_args) = build_trainer(
+        argv, [*(callbacks or []), preemption], prepare_model
+    )
+    model = trainer.model
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
         if preemption.signal_number is not None:  # a checkpoint was saved at the last step: no final model

@@ -25,6 +25,7 @@ from .step_guard import (
 )
 from .teacher import Teacher
 from .teacher_check import normalisations, normalised_as
+from .teacher_targets import OnlineTeacher, TeacherTargets
 from .transforms import BatchTransform
 
 # DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
@@ -37,9 +38,10 @@ class DistillationTrainer(Trainer):
     a `DeiTForImageClassification` without distillation token (classical distillation of its one head).
 
     Each batch first goes through `batch_transform` on the device: uint8 pixels are normalized, and training batches
-    are randomly erased and mixed (timm Mixup/CutMix). The frozen `teacher` then runs on that same mixed batch, then
-    the student, whose forward computes `deit_hf.losses.DistillationLoss`. The teacher is kept out of
-    `accelerator.prepare` (no DDP wrapper, no optimizer state, not saved) and runs under the accelerator's autocast,
+    are randomly erased and mixed (timm Mixup/CutMix). The teacher's targets for that same mixed batch come next (the
+    frozen `teacher`, or a record of its targets: `teacher_targets`), then the student, whose forward computes
+    `deit_hf.losses.DistillationLoss`. The teacher is kept out of `accelerator.prepare` (no DDP wrapper, no optimizer
+    state, not saved) and runs under the accelerator's autocast,
     so in bf16 when mixed precision is on; `torch_compile` compiles it as well as the student. The class and
     distillation parts of the loss are logged beside `loss` (the mean over the batches that had an image), with each
     head's top-1 on the training batches (against the dominant class of Mixup's soft targets) and the cosine of the
@@ -52,8 +54,10 @@ class DistillationTrainer(Trainer):
     appears complete or not at all.
 
     Args:
-        teacher: the frozen teacher (`training.teacher.load_teacher`); required unless the model's
-            `config.distillation_type` is `"none"`.
+        teacher: the frozen teacher (`training.teacher.load_teacher`), run on every batch; it or `teacher_targets`
+            is required unless the model's `config.distillation_type` is `"none"`.
+        teacher_targets: where the teacher's targets come from, called once per batch
+            (`training.teacher_targets`: the teacher online, or a record of its targets, `--teacher_cache`).
         batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
             normalization of uint8 batches only.
         num_repeats: repeated augmentation (`training.randomness.RepeatedViewSampler`): an epoch is as many views
@@ -82,6 +86,7 @@ class DistillationTrainer(Trainer):
         self,
         *args,
         teacher: Teacher | None = None,
+        teacher_targets: TeacherTargets | None = None,
         batch_transform: BatchTransform | None = None,
         num_repeats: int = 0,
         skipped_images: SkippedImageCounter | None = None,
@@ -96,24 +101,27 @@ class DistillationTrainer(Trainer):
         self.own_stream_part = own_stream_part
         self._host_group = None  # a gloo group for the stream parts' batch counts (`get_batch_samples`)
         config = self.model.config
+        if teacher is not None and teacher_targets is not None:
+            raise ValueError("Give the teacher or the teacher_targets that run it, not both.")
+        teacher_targets = OnlineTeacher(teacher) if teacher is not None else teacher_targets
         if config.distillation_type != "none":
-            if teacher is None:
+            if teacher_targets is None:
                 raise ValueError(
                     f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
                     "distillation_type='none' to train without."
                 )
-            if teacher.num_labels != config.num_labels:
+            if teacher_targets.num_labels != config.num_labels:
                 raise ValueError(
-                    f"The teacher predicts {teacher.num_labels} classes but the student {config.num_labels}; "
+                    f"The teacher predicts {teacher_targets.num_labels} classes but the student {config.num_labels}; "
                     "they must predict the same classes in the same order."
                 )
-        elif teacher is not None:
+        elif teacher_targets is not None:
             raise ValueError("A teacher was given but distillation_type='none' would not use it: set distillation_type "
                              "to 'hard' or 'soft', or train without the teacher.")
-        self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
-        if self.teacher is not None and self.args.torch_compile:
-            # `--torch_compile` compiles the teacher too: its forward costs more than the student's whole step.
-            self.teacher.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+        self.teacher_targets = teacher_targets
+        if teacher_targets is not None:
+            teacher_targets.attach(self)
+        self.teacher = teacher_targets.teacher if teacher_targets is not None else None  # None when replaying
         # The model returns a per-batch mean, not a sum over `num_items_in_batch`: the Trainer must divide it by the
         # gradient accumulation steps (it skips that for models taking **kwargs unless told).
         self.model_accepts_loss_kwargs = False
@@ -244,9 +252,8 @@ class DistillationTrainer(Trainer):
             teacher_logits = None if no_teacher else torch.zeros(1, config.num_labels, device=self.args.device)
             return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
         teacher_logits = None
-        if self.teacher is not None:
-            with self.accelerator.autocast():
-                teacher_logits = self.teacher(inputs["pixel_values"])
+        if self.teacher_targets is not None:
+            teacher_logits = self.teacher_targets(inputs["pixel_values"], training=model.training)
         outputs = model(**inputs, teacher_logits=teacher_logits)
         loss = outputs.loss
         if model.training:

@@ -1,0 +1,264 @@
+"""The teacher's targets for every augmented view, on disk: recorded once, replayed by any number of students.
+
+A record directory holds `fingerprint.json` (what decides the views and the targets: the dataset, the seed, the
+augmentation, the batch layout, the teacher, the distillation type) and one file per epoch and process,
+`epoch-00003.process-1.safetensors`, plus `eval.process-1.safetensors` for the evaluation batches. Each file holds
+the targets of that process's batches, keyed by (global step, micro-batch) (the evaluation's by batch number):
+
+- hard distillation: the teacher's class per view, int16 (-1 for a view whose logits were not finite);
+- soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
+  indices in int16.
+
+Beside each batch's targets, a digest of its pixels (a fixed random projection and the norm) is kept: a batch whose
+views differ from the recorded ones is refused instead of getting another view's targets. Files are written whole
+under `.staging/` and renamed into place (complete or invisible); each carries the SHA-256 of its tensors, so a
+truncated or corrupt file is an error naming it.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FINGERPRINT_FILE = "fingerprint.json"
+STAGING_DIR = ".staging"
+RECORD_FORMAT = 1
+# Decoded soft targets outside the top k: far enough below the top k's fp16 range (>= -65504) that their softmax
+# is exactly 0, and finite, so that KL's `exp(t) * (t - s)` gives 0 rather than 0 * inf.
+TAIL_LOGIT = -2.0**17
+DIGEST_TOLERANCE = 1e-4  # relative to the batch's norm: float rounding passes, a changed view does not
+PART_PATTERN = re.compile(r"^epoch-(\d+)\.process-(\d+)\.safetensors$")
+
+
+class TeacherRecordError(ValueError):
+    """A record that cannot be used as asked: another run's, incomplete, corrupt, or not matching the batches."""
+
+
+def part_name(epoch: int | None, process_index: int) -> str:
+    """The file of one process's targets for `epoch` (None: the evaluation batches)."""
+    stem = "eval" if epoch is None else f"epoch-{epoch:05d}"
+    return f"{stem}.process-{process_index}.safetensors"
+
+
+def steps_per_epoch(num_examples: int, per_device_batch: int, num_processes: int, accumulation: int,
+                    drop_last: bool = False) -> int:
+    """Optimizer steps per epoch as transformers counts them (each process's batches, grouped by accumulation)."""
+    batches = (num_examples // (per_device_batch * num_processes) if drop_last
+               else math.ceil(num_examples / (per_device_batch * num_processes)))
+    return math.ceil(batches / accumulation)
+
+
+def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str, torch.Tensor]:
+    """A batch's teacher logits as stored (on their device)."""
+    logits = logits.detach().float()
+    finite = logits.isfinite().all(dim=1)
+    if distillation_type == "hard":
+        classes = torch.where(finite, logits.argmax(dim=1), -1)
+        return {"classes": classes.to(torch.int16)}
+    values, indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
+    # Shifted so that the largest is 0 (softmax does not change): fp16 cannot hold large logits, only differences.
+    values = torch.where(finite[:, None], values - values[:, :1], math.nan).clamp(min=-65504.0)
+    return {"values": values.to(torch.float16), "indices": indices.to(torch.int16)}
+
+
+def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.device) -> torch.Tensor:
+    """Logits the loss reads as it reads the teacher's: hard, a row whose argmax is the recorded class (NaN where
+    the teacher's were not finite); soft, the top-k logits in place and `TAIL_LOGIT` elsewhere."""
+    if "classes" in stored:
+        classes = stored["classes"].to(device=device, dtype=torch.int64)
+        logits = torch.zeros(len(classes), num_labels, device=device)
+        logits.scatter_(1, classes.clamp(min=0)[:, None], 1.0)
+        return logits.masked_fill_((classes < 0)[:, None], math.nan)
+    values = stored["values"].to(device=device, dtype=torch.float32)
+    indices = stored["indices"].to(device=device, dtype=torch.int64)
+    return torch.full((len(values), num_labels), TAIL_LOGIT, device=device).scatter_(1, indices, values)
+
+
+_probes: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def digest(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(projection, norm) of a batch: the sum of its views projected on a fixed random vector, and its norm."""
+    flat = pixel_values.detach().float().flatten(1)
+    key = (flat.shape[1], flat.device)
+    if key not in _probes:
+        _probes[key] = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0)).to(flat.device)
+    return torch.stack([(flat @ _probes[key]).sum(), flat.norm()])
+
+
+def digests_match(recorded: torch.Tensor, current: torch.Tensor) -> bool:
+    scale = DIGEST_TOLERANCE * float(max(recorded[1], current[1])) + 1e-6
+    return bool(((recorded - current).abs() <= scale).all())
+
+
+def _sha256(tensors: dict[str, torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        hasher.update(name.encode())
+        hasher.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _ranges(steps: Iterable[int]) -> str:
+    """Sorted steps as `0-5,9,12-13`."""
+    spans: list[list[int]] = []
+    for step in sorted(set(steps)):
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _parse_ranges(text: str) -> set[int]:
+    steps = set()
+    for span in filter(None, text.split(",")):
+        first, _, last = span.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+Entries = dict[tuple[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class TeacherRecord:
+    """One record directory: its fingerprint, and the parts of each process (see the module docstring)."""
+
+    def __init__(self, directory: str, fingerprint: dict):
+        self.directory = str(directory)
+        self.fingerprint = {name: fingerprint[name] for name in sorted(fingerprint)}
+        self.fingerprint_hash = hashlib.sha256(json.dumps(self.fingerprint).encode()).hexdigest()[:16]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def check_fingerprint(self) -> bool:
+        """Whether the directory holds a record (False: none yet); one whose fingerprint differs is refused."""
+        path = self.path(FINGERPRINT_FILE)
+        if not os.path.exists(path):
+            return False
+        try:
+            with open(path) as file:
+                recorded = json.load(file)["items"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise TeacherRecordError(f"Teacher record {path} is unreadable ({type(error).__name__}: {error}); "
+                                     "remove it to record again.") from None
+        differing = [name for name in sorted(set(recorded) | set(self.fingerprint))
+                     if recorded.get(name) != self.fingerprint.get(name)]
+        if differing:
+            details = "; ".join(f"{name}: recorded {recorded.get(name)!r}, now {self.fingerprint.get(name)!r}"
+                                for name in differing)
+            raise TeacherRecordError(
+                f"--teacher_cache {self.directory} holds the teacher's targets of another run ({details}): use "
+                "another directory, or remove it to record again."
+            )
+        return True
+
+    def write_fingerprint(self) -> None:
+        """Create the record (any process may: the contents are the same)."""
+        if not self.check_fingerprint():
+            self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint}, indent=1)
+                        .encode())
+
+    def missing(self, needed_steps: dict[int, range], num_processes: int, evaluation: bool) -> list[str]:
+        """The parts (file names) that are absent or lack some of `needed_steps` (epoch -> steps of it to train)."""
+        wanted = [(part_name(epoch, rank), set(steps)) for epoch, steps in needed_steps.items()
+                  for rank in range(num_processes)]
+        if evaluation:
+            wanted += [(part_name(None, rank), None) for rank in range(num_processes)]
+        return [name for name, steps in wanted if not self._covers(name, steps)]
+
+    def _covers(self, name: str, steps: set[int] | None) -> bool:
+        metadata = self._metadata(name)
+        if metadata is None:
+            return False
+        return steps is None or steps <= _parse_ranges(metadata["steps"])
+
+    def _metadata(self, name: str) -> dict | None:
+        path = self.path(name)
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata() or {}
+        except (SafetensorError, OSError) as error:
+            raise TeacherRecordError(f"Teacher record {path} is truncated or corrupt ({error}); remove it to record "
+                                     "that part again.") from None
+        if metadata.get("fingerprint") != self.fingerprint_hash:
+            raise TeacherRecordError(f"Teacher record {path} belongs to another record (fingerprint "
+                                     f"{metadata.get('fingerprint')!r}, this one {self.fingerprint_hash!r}).")
+        return metadata
+
+    def load(self, name: str) -> Entries:
+        """A part's targets by (step, micro-batch); empty when there is no such part."""
+        if self._metadata(name) is None:
+            return {}
+        path = self.path(name)
+        try:
+            with safe_open(path, "pt") as file:
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+                metadata = file.metadata()
+        except (SafetensorError, OSError) as error:
+            raise TeacherRecordError(f"Teacher record {path} is truncated or corrupt ({error}).") from None
+        if _sha256(tensors) != metadata.get("sha256"):
+            raise TeacherRecordError(f"Teacher record {path} is corrupt (its contents do not match their checksum); "
+                                     "remove it to record that part again.")
+        index, digests = tensors.pop("index"), tensors.pop("digests")
+        entries = {}
+        for (step, micro, start, count), batch_digest in zip(index.tolist(), digests, strict=True):
+            entries[step, micro] = batch_digest, {key: value[start:start + count] for key, value in tensors.items()}
+        return entries
+
+    def save(self, name: str, entries: Entries) -> None:
+        """Write a part whole, then publish it by a rename (replacing any older version of it)."""
+        if not entries:
+            return
+        entries = {key: (batch_digest.cpu(), {field: value.cpu() for field, value in stored.items()})
+                   for key, (batch_digest, stored) in entries.items()}
+        keys = sorted(entries)
+        index, start = [], 0
+        for key in keys:
+            count = len(next(iter(entries[key][1].values())))
+            index.append([*key, start, count])
+            start += count
+        tensors = {
+            "index": torch.tensor(index, dtype=torch.int64).reshape(-1, 4),
+            "digests": torch.stack([entries[key][0] for key in keys]).float(),
+        }
+        for tensor_name in entries[keys[0]][1]:
+            tensors[tensor_name] = torch.cat([entries[key][1][tensor_name] for key in keys]).contiguous()
+        metadata = {"fingerprint": self.fingerprint_hash, "steps": _ranges(step for step, _ in keys),
+                    "sha256": _sha256(tensors)}
+        staged = self._staged(name)
+        save_file(tensors, staged, metadata=metadata)
+        os.replace(staged, self.path(name))
+
+    def _staged(self, name: str) -> str:
+        os.makedirs(self.path(STAGING_DIR), exist_ok=True)
+        return os.path.join(self.path(STAGING_DIR), f"{name}.{os.getpid()}")
+
+    def _write(self, name: str, data: bytes) -> None:
+        staged = self._staged(name)
+        with open(staged, "wb") as file:
+            file.write(data)
+        os.replace(staged, self.path(name))
+
+    def recorded_epochs(self) -> list[int]:
+        return sorted({int(match.group(1)) for name in os.listdir(self.directory)
+                       if (match := PART_PATTERN.match(name))}) if os.path.isdir(self.directory) else []
+
+    def size_per_view(self) -> float:
+        """Bytes on disk per recorded training view (all parts), headers included."""
+        total_bytes = total_views = 0
+        for name in os.listdir(self.directory):
+            if PART_PATTERN.match(name):
+                total_bytes += os.path.getsize(self.path(name))
+                with safe_open(self.path(name), "pt") as file:
+                    total_views += int(file.get_tensor("index")[:, 3].sum())
+        return total_bytes / max(total_views, 1)

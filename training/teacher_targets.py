@@ -1,0 +1,341 @@
+"""Where the distillation token's targets come from: the teacher online, or a record of its targets (`--teacher_cache`).
+
+`DistillationTrainer` calls its `TeacherTargets` once per batch, `targets(pixel_values, training)`, and reads the
+result as the teacher's logits; it does not know which source it has:
+
+- `OnlineTeacher`: the frozen teacher runs on the batch (under the accelerator's autocast);
+- `RecordedTeacher`: targets from a `training.teacher_record.TeacherRecord`, keyed by (global step, micro-batch,
+  process) for training batches and by batch number for evaluation batches. With a teacher, the batches the record
+  lacks are run through it and recorded (a recording run, or one that extends a record to more epochs); without one,
+  every batch must be in the record (a replaying run: the teacher is not even loaded).
+
+Replayed targets are what the loss reads: hard, logits whose argmax is the recorded class; soft, the top-k logits in
+place and a logit far below them elsewhere. A recording run trains on these same decoded targets, so a replaying
+run with the same seed computes the same losses.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+
+import torch
+from transformers import TrainerCallback
+
+from .teacher import Teacher
+from .teacher_record import (
+    TeacherRecord,
+    TeacherRecordError,
+    decode,
+    digest,
+    digests_match,
+    encode,
+    part_name,
+    steps_per_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+# What the views depend on: every augmentation setting but the label smoothing (it changes the class targets only).
+VIEW_SETTINGS = ("input_size", "auto_augment", "color_jitter", "train_interpolation", "reprob", "remode", "recount",
+                 "hflip", "scale", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "repeated_aug",
+                 "num_repeats", "eval_crop_pct")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+class TeacherTargets(TrainerCallback):
+    """The source of the teacher's targets; a Trainer callback, so that it can follow the steps and save its state.
+
+    Attributes:
+        num_labels: the classes the targets are over.
+        teacher: the `Teacher` model when this source runs one (None when it only replays).
+    """
+
+    teacher: Teacher | None = None
+    num_labels: int
+
+    def attach(self, trainer) -> None:
+        """Called by the trainer once: move to its device, follow its steps."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        if self.teacher is not None:
+            self.teacher.to(trainer.accelerator.device)
+            if trainer.args.torch_compile:
+                # `--torch_compile` compiles the teacher too: its forward costs more than the student's whole step.
+                self.teacher.compile(backend=trainer.args.torch_compile_backend, mode=trainer.args.torch_compile_mode)
+
+    def run_teacher(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with self.trainer.accelerator.autocast():
+            return self.teacher(pixel_values)
+
+    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
+        """The teacher's logits (or targets read as such) for a batch normalised with the student's statistics."""
+        raise NotImplementedError
+
+
+class OnlineTeacher(TeacherTargets):
+    """The frozen teacher, run on every batch."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        self.num_labels = teacher.num_labels
+
+    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
+        return self.run_teacher(pixel_values)
+
+
+class RecordedTeacher(TeacherTargets):
+    """
+    Targets from `record`: each process reads (and, with a `teacher`, writes) its own parts.
+
+    Args:
+        record: the record directory.
+        num_labels: the classes of the targets.
+        distillation_type: `hard` (the class) or `soft` (the top-k logits) is what is recorded.
+        top_k: the logits kept per view with soft distillation.
+        steps_per_epoch: optimizer steps per epoch (which epoch's part a step belongs to).
+        teacher: runs on the batches the record lacks, which are then recorded; None: replay only.
+        check_steps: steps on which the teacher (then required) is also run on recorded batches and its targets
+            compared with the record (`--teacher_cache_check`).
+    """
+
+    def __init__(self, record: TeacherRecord, num_labels: int, distillation_type: str, top_k: int,
+                 steps_per_epoch: int, teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset()):
+        if check_steps and teacher is None:
+            raise ValueError("Checking recorded steps needs the teacher.")
+        self.record, self.num_labels, self.teacher = record, num_labels, teacher
+        self.distillation_type, self.top_k, self.steps_per_epoch = distillation_type, top_k, steps_per_epoch
+        self.check_steps = check_steps
+        self.process_index = 0
+        self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
+        self._unsaved: set[str] = set()
+        self._pending: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # digests to compare
+        self._last_key: tuple[int, int] | None = None
+        self._eval_batches = 0
+
+    def attach(self, trainer) -> None:
+        super().attach(trainer)
+        self.process_index = trainer.args.process_index
+
+    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
+        name, key = self._next_key(training)
+        stored = self.targets(name, key, pixel_values)
+        return decode(stored, self.num_labels, pixel_values.device)
+
+    def _next_key(self, training: bool) -> tuple[str, tuple[int, int]]:
+        if not training:
+            self._eval_batches += 1
+            return part_name(None, self.process_index), (self._eval_batches - 1, 0)
+        step = self.trainer.state.global_step
+        micro = self._last_key[1] + 1 if self._last_key is not None and self._last_key[0] == step else 0
+        self._last_key = step, micro
+        return part_name(step // self.steps_per_epoch, self.process_index), (step, micro)
+
+    def targets(self, name: str, key: tuple[int, int], pixel_values: torch.Tensor,
+                logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The stored targets of batch `key` of part `name`: the record's, or the teacher's (given as `logits`, or
+        run now) recorded."""
+        part = self._part(name)
+        batch_digest = digest(pixel_values)
+        if key in part:
+            recorded_digest, stored = part[key]
+            self._pending.append((name, key, recorded_digest, batch_digest))
+            if self.teacher is not None and key[0] in self.check_steps and name.startswith("epoch-"):
+                self._check(name, key, stored, self.run_teacher(pixel_values))
+            return stored
+        if self.teacher is None and logits is None:
+            raise TeacherRecordError(
+                f"Teacher record {self.record.path(name)} has no targets for {_describe(name, key)}: it was recorded "
+                "with fewer batches (another evaluation set or run length?). Record it again."
+            )
+        stored = encode(self.run_teacher(pixel_values) if logits is None else logits, self.distillation_type,
+                        self.top_k)
+        part[key] = batch_digest, stored  # on the device until saved: no host sync per step
+        self._unsaved.add(name)
+        return stored
+
+    def has(self, name: str, key: tuple[int, int]) -> bool:
+        """Whether batch `key` of part `name` is recorded."""
+        return key in self._part(name)
+
+    def _part(self, name: str) -> dict:
+        if name not in self._parts:
+            if name.startswith("epoch-"):  # one training epoch at a time in memory
+                for old in [old for old in self._parts if old.startswith("epoch-")]:
+                    self.save(old)
+                    del self._parts[old]
+            self._parts[name] = self.record.load(name)
+        return self._parts[name]
+
+    def _check(self, name: str, key: tuple[int, int], stored: dict, logits: torch.Tensor) -> None:
+        recomputed = encode(logits, self.distillation_type, self.top_k)
+        same = all(torch.equal(recomputed[field], stored[field]) for field in stored if field != "values") and (
+            "values" not in stored or torch.allclose(recomputed["values"].float(), stored["values"].float(),
+                                                     atol=1e-2, rtol=1e-2, equal_nan=True))
+        logger.info("--teacher_cache_check: %s: the teacher's targets %s the record's.", _describe(name, key),
+                    "match" if same else "DIFFER FROM")
+        if not same:
+            raise TeacherRecordError(
+                f"--teacher_cache_check: the teacher's targets for {_describe(name, key)} differ from those in "
+                f"{self.record.path(name)}: the record was made with other weights or settings; record it again."
+            )
+
+    def verify(self) -> None:
+        """Compare the digests of the batches replayed since the last call with the record's (one host sync)."""
+        if not self._pending:
+            return
+        current = torch.stack([entry[3] for entry in self._pending])
+        recorded = torch.stack([entry[2].to(current.device) for entry in self._pending])
+        recorded, current = recorded.cpu(), current.cpu()
+        pending, self._pending = self._pending, []
+        for (name, key, _, _), recorded_digest, current_digest in zip(pending, recorded, current, strict=True):
+            if not digests_match(recorded_digest, current_digest):
+                raise TeacherRecordError(
+                    f"The views of {_describe(name, key)} differ from those recorded in {self.record.path(name)}: "
+                    "this run's input pipeline does not reproduce the recording run's (its randomness, or the data "
+                    "changed). Its targets would belong to other images; record again."
+                )
+
+    def save(self, name: str | None = None) -> None:
+        """Write the parts holding newly recorded batches (or only `name`)."""
+        for unsaved in sorted(self._unsaved if name is None else self._unsaved & {name}):
+            self.record.save(unsaved, self._parts[unsaved])
+            self._unsaved.discard(unsaved)
+
+    # Callbacks: digests compared at each log, save and epoch end; parts saved before each checkpoint (so that a run
+    # resumed from it finds every batch before it) and at the end of each epoch and evaluation.
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate:
+            self.verify()
+        if control.should_save:
+            self.save()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.verify()
+        self.save()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.verify()
+        self.save()
+        self._eval_batches = 0
+
+    def on_predict(self, args, state, control, **kwargs):
+        self._eval_batches = 0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.verify()
+        self.save()
+
+
+def _describe(name: str, key: tuple[int, int]) -> str:
+    process = name.rsplit(".", 2)[1]
+    if name.startswith("eval"):
+        return f"evaluation batch {key[0]} of {process}"
+    return f"step {key[0]} (micro-batch {key[1]}) of {process}"
+
+
+def _file_hash(paths: list[str]) -> str:
+    hasher = hashlib.sha256()
+    for path in paths:
+        hasher.update(os.path.basename(path).encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 24), b""):
+                hasher.update(block)
+    return hasher.hexdigest()[:16]
+
+
+def teacher_identity(teacher_model: str, teacher_checkpoint: str | None) -> str:
+    """The teacher's name and a hash of its weights' files (a directory's, or the checkpoint's), without loading it;
+    a timm teacher without checkpoint is named with its pretrained tag."""
+    if os.path.isdir(teacher_model):
+        files = sorted(os.path.join(teacher_model, name) for name in os.listdir(teacher_model)
+                       if name.endswith(WEIGHT_FILE_SUFFIXES))
+        return f"{os.path.basename(os.path.normpath(teacher_model))} (files {_file_hash(files)})"
+    if teacher_checkpoint is not None:
+        return f"{teacher_model} (checkpoint {_file_hash([teacher_checkpoint])})"
+    return f"{teacher_model} (timm's pretrained weights)"
+
+
+def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std) -> dict:
+    """What decides the views and the teacher's targets; a record made under other values is refused."""
+    items = {
+        "dataset": {split: getattr(dataset, "_fingerprint", None) for split, dataset in datasets.items()},
+        "seed": training_args.seed,
+        **{name: getattr(aug_args, name) for name in VIEW_SETTINGS},
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "processes": training_args.world_size,
+        "dataloader_drop_last": training_args.dataloader_drop_last,
+        "teacher": teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
+        "teacher normalisation": {"teacher": [distill_args.teacher_mean, distill_args.teacher_std],
+                                  "student": [list(student_mean), list(student_std)]},
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "distillation_type": distill_args.distillation_type,
+        "teacher_cache_top_k": distill_args.teacher_cache_top_k if distill_args.distillation_type == "soft" else None,
+    }
+    return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
+
+
+def needed_steps(num_examples: int, training_args) -> tuple[int, dict[int, range]]:
+    """(steps per epoch, {epoch: the steps of it}) for a run's whole length."""
+    per_epoch = steps_per_epoch(num_examples, training_args.per_device_train_batch_size, training_args.world_size,
+                                training_args.gradient_accumulation_steps, training_args.dataloader_drop_last)
+    total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+        training_args.num_train_epochs * per_epoch)
+    epochs = {}
+    for epoch in range(math.ceil(total / per_epoch)):
+        epochs[epoch] = range(epoch * per_epoch, min((epoch + 1) * per_epoch, total))
+    return per_epoch, epochs
+
+
+def check_cache_flags(given: set[str], distill_args, data_args) -> None:
+    """Refuse `--teacher_cache*` flags that would not be read."""
+    if distill_args.teacher_cache is None:
+        if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
+            raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")
+        return
+    if "teacher_cache_top_k" in given and distill_args.distillation_type != "soft":
+        raise ValueError("--teacher_cache_top_k is for soft distillation; hard records the teacher's class only.")
+    if data_args.streaming:
+        raise ValueError("--teacher_cache needs a dataset of known length and order: it cannot record a --streaming "
+                         "one.")
+
+
+def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, student_statistics: tuple,
+                         num_labels: int, load_teacher: Callable[[], Teacher]) -> TeacherTargets:
+    """The run's source of targets: online without `--teacher_cache`; else replay when the record holds every batch
+    of this run (the teacher is not loaded), or record what it lacks (`load_teacher` is called only then)."""
+    if distill_args.teacher_cache is None:
+        return OnlineTeacher(load_teacher())
+    fingerprint = record_fingerprint(datasets, distill_args, aug_args, training_args, *student_statistics)
+    record = TeacherRecord(distill_args.teacher_cache, fingerprint)
+    per_epoch, epochs = needed_steps(len(datasets["train"]), training_args)
+    evaluates = training_args.do_eval or training_args.eval_strategy != "no"
+    missing = record.missing(epochs, training_args.world_size, evaluates) if record.check_fingerprint() else ["all"]
+    settings = dict(num_labels=num_labels, distillation_type=distill_args.distillation_type,
+                    top_k=distill_args.teacher_cache_top_k, steps_per_epoch=per_epoch)
+    check = distill_args.teacher_cache_check
+    if not missing:
+        if check == 0:
+            logger.info("replaying teacher targets from %s; teacher not loaded", record.directory)
+            return RecordedTeacher(record, **settings)
+        total = sum(len(steps) for steps in epochs.values())
+        check_steps = frozenset(random.Random(training_args.seed).sample(range(total), min(check, total)))
+        logger.info("replaying teacher targets from %s; teacher loaded to check steps %s (--teacher_cache_check)",
+                    record.directory, sorted(check_steps))
+        return RecordedTeacher(record, **settings, teacher=load_teacher(), check_steps=check_steps)
+    if check:
+        raise TeacherRecordError(f"--teacher_cache_check {check}: {record.directory} is not a complete record of this "
+                                 f"run yet ({len(missing)} parts missing); record it first.")
+    teacher = load_teacher()
+    os.makedirs(record.directory, exist_ok=True)
+    record.write_fingerprint()
+    logger.info("recording teacher targets to %s", record.directory)
+    if missing != ["all"]:
+        logger.info("The record lacks %d of this run's parts (%s, ...): they are recorded, the others replayed.",
+                    len(missing), missing[0])
+    return RecordedTeacher(record, **settings, teacher=teacher)
