@@ -13,6 +13,7 @@ demo: $(VENV)/.installed
 	$(PY) -m training.demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
