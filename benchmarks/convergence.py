@@ -35,7 +35,6 @@ from timm.scheduler import CosineLRScheduler
 
 from .reference import facebookresearch_hard_distillation_loss
 
-
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
 HEADS = ("top1", "cls_top1", "dist_top1")
 
@@ -149,7 +148,7 @@ def _evaluate_logits(heads, model, loader) -> dict[str, float]:
         for index, logits in enumerate(heads(images)):
             correct[index] += (logits.argmax(1) == labels).sum().item()
         total += len(labels)
-    return {name: count / total for name, count in zip(HEADS, correct)}
+    return {name: count / total for name, count in zip(HEADS, correct, strict=True)}
 
 
 def _timm_heads(model: VisionTransformerDistilled):

@@ -75,7 +75,8 @@ def test_an_absent_accelerator_is_refused_before_anything_runs(capsys):
 
 
 def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, capsys):
-    from benchmarks.convergence import END_MARKER as CONVERGENCE_END, START_MARKER as CONVERGENCE_START
+    from benchmarks.convergence import END_MARKER as CONVERGENCE_END
+    from benchmarks.convergence import START_MARKER as CONVERGENCE_START
     from benchmarks.convergence import main as convergence_main
 
     output = tmp_path / "BENCHMARKS.md"
@@ -116,8 +117,8 @@ def test_compiled_training_rows_compile_student_and_teacher_on_both_sides(monkey
 
 
 def test_accelerator_settings_run_eager_and_compiled_training_and_carry_the_h100_anchors(monkeypatch):
-    from benchmarks import end_to_end, inference, run as run_module, training_step
-    from benchmarks import Measurement
+    from benchmarks import Measurement, end_to_end, inference, training_step
+    from benchmarks import run as run_module
 
     built = []
 

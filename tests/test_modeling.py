@@ -163,7 +163,7 @@ def test_plain_transformers_trainer_fine_tunes_it(tmp_path, tiny_config):
                                             learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no"),
     )
     assert trainer.train().training_loss > 0
-    for before, after in zip(heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight]):
+    for before, after in zip(heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight], strict=True):
         assert not torch.equal(before, after.detach())
 
 
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, pixel_valu
     labels, teacher = torch.tensor([0, 1, 2, 0, 1]), torch.randn(5, 3)
     for model in (plain, checkpointed):
         model(pixel_values, labels=labels, teacher_logits=teacher).loss.backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 

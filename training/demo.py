@@ -81,7 +81,7 @@ def classify_held_out_digits(checkpoint: Path, count: int = 8) -> None:
     held_out = load_digits_dataset(IMAGE_SIZE)["validation"].select(range(count))
     predictions = classifier(list(held_out["image"]), top_k=1)
     print("\nHeld-out digits through pipeline('image-classification'):")
-    for truth, (best,) in zip(held_out["label"], predictions):
+    for truth, (best,) in zip(held_out["label"], predictions, strict=True):
         print(f"  digit {truth}: predicted {best['label']} ({best['score']:.2f})")
 
 

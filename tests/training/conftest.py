@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from datasets import DatasetDict
 import torch
 import torch.nn.functional as F
+from datasets import DatasetDict
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification

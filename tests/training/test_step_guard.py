@@ -8,17 +8,18 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from hypothesis import given, strategies as st
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
+from training.skipped_images import SkippedImageCounter
 from training.step_guard import NonFiniteStepGuard, NonFiniteTrainingError, largest_magnitude
 from training.teacher import Teacher
-from training.skipped_images import SkippedImageCounter
 from training.trainer import DistillationTrainer
 from training.transforms import ImageTransform, build_train_transform
 

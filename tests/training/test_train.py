@@ -196,7 +196,7 @@ def test_a_learning_rate_below_the_cosine_floor_never_rises(caplog):
     rates = _learning_rates(training_args, 100)
     assert max(rates) == pytest.approx(2e-6)
     after_warmup = rates[10:]
-    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:]))
+    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:], strict=False))
 
 
 def test_warmup_longer_than_the_run_warns(caplog):
