@@ -1,4 +1,5 @@
-"""Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and seeds.
+"""Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and
+seeds.
 
     python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--output BENCHMARKS.md]
 

@@ -274,7 +274,9 @@ class TrainerLoop:
     def __init__(self, settings: TrainSettings, output_dir: str, replay: bool = False):
         self.settings, self.replay = settings, replay
         pixel_values, labels = settings.batch()
-        dataset = [{"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels, strict=True)]
+        dataset = [
+            {"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels, strict=True)
+        ]
         self.timer = _StepTimer(settings.device)
         args = TrainingArguments(
             output_dir=output_dir,

@@ -13,7 +13,8 @@ CONTENDERS = {
     "train": {"DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask",
               "DistillationTrainer, replayed teacher targets"},
     "input": {
-        "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder", "timm ImageFolder prefetcher"
+        "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder",
+        "timm ImageFolder prefetcher",
     },
     # on 2 processes
     "stream": {"map-style", "streamed", "streamed, dispatched from process 0"},
@@ -82,7 +83,8 @@ def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_p
     output = tmp_path / "BENCHMARKS.md"
     output.write_text(f"# Benchmarks\n\n{CONVERGENCE_START}\nstale results\n{CONVERGENCE_END}\n\nafter\n")
     summary = convergence_main(["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-samples", "64",
-                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"), "--output", str(output)])
+                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"),
+                                "--output", str(output)])
     for side in ("deit_hf", "reference"):
         for head in ("top1", "cls_top1", "dist_top1"):
             mean, std = summary[side][head]

@@ -284,7 +284,8 @@ class DistillationArguments:
 
     teacher_model: str | None = field(
         default="regnety_160.deit_in1k",
-        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
+        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, "
+                  "82.9 %% top-1) "
                   "or a local directory of any Hugging Face image classifier. Evaluation only (--do_train false): no "
                   "teacher, and no teacher metrics, unless one is given."},
     )
@@ -328,7 +329,10 @@ class DistillationArguments:
     distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
     blr: float = field(
         default=5e-4,
-        metadata={"help": "Learning rate per 512 images: lr = blr x global batch / 512. An explicit --learning_rate replaces it."},
+        metadata={
+            "help": "Learning rate per 512 images: lr = blr x global batch / 512. An explicit --learning_rate "
+            "replaces it."
+        },
     )
     warmup_epochs: float = field(
         default=5, metadata={"help": "Linear warm-up length in epochs. An explicit --warmup_steps replaces it."}
