@@ -118,7 +118,7 @@ class ForeignCpu:
 
     def stop(self) -> None:
         now = (time.perf_counter(), _busy_cpu_seconds(), self._own_cpu_seconds())
-        wall, busy, own = (end - start for end, start in zip(now, self._start))
+        wall, busy, own = (end - start for end, start in zip(now, self._start, strict=True))
         self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
 
     def __enter__(self) -> "ForeignCpu":

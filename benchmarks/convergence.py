@@ -1,4 +1,5 @@
-"""Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and seeds.
+"""Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and
+seeds.
 
     python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--output BENCHMARKS.md]
 
@@ -34,7 +35,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from .reference import facebookresearch_hard_distillation_loss
-
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
 HEADS = ("top1", "cls_top1", "dist_top1")
@@ -149,7 +149,7 @@ def _evaluate_logits(heads, model, loader) -> dict[str, float]:
         for index, logits in enumerate(heads(images)):
             correct[index] += (logits.argmax(1) == labels).sum().item()
         total += len(labels)
-    return {name: count / total for name, count in zip(HEADS, correct)}
+    return {name: count / total for name, count in zip(HEADS, correct, strict=True)}
 
 
 def _timm_heads(model: VisionTransformerDistilled):

@@ -88,7 +88,7 @@ def run(
             models["deit_hf sdpa compiled"] = torch.compile(models["deit_hf sdpa"])
             models["timm compiled"] = torch.compile(models["timm"])
 
-        def forward(model):
+        def forward(model, pixel_values=pixel_values):  # bound now: the loop rebinds `pixel_values`
             def call():
                 with torch.inference_mode(), autocast(pixel_values.device, dtype):
                     model(pixel_values)

@@ -26,7 +26,14 @@ import torch
 import transformers
 
 from . import (
-    DTYPE_NAMES, Measurement, end_to_end, hold_freed_memory, inference, input_pipeline, streaming, training_step
+    DTYPE_NAMES,
+    Measurement,
+    end_to_end,
+    hold_freed_memory,
+    inference,
+    input_pipeline,
+    streaming,
+    training_step,
 )
 
 BENCHMARKS = ("inference", "train", "input", "stream", "end_to_end")
@@ -106,7 +113,7 @@ def machine_description(device: str = "cpu", default_malloc: bool = False) -> di
             f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
             f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
         ),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

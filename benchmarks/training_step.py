@@ -67,7 +67,13 @@ from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
 from . import (
-    DTYPE_NAMES, Measurement, autocast, keep_quiet_rounds, matmul_peak_flops, peak_rss_mib, rotating_orders,
+    DTYPE_NAMES,
+    Measurement,
+    autocast,
+    keep_quiet_rounds,
+    matmul_peak_flops,
+    peak_rss_mib,
+    rotating_orders,
     synchronize,
 )
 from .reference import facebookresearch_hard_distillation_loss
@@ -268,7 +274,9 @@ class TrainerLoop:
     def __init__(self, settings: TrainSettings, output_dir: str, replay: bool = False):
         self.settings, self.replay = settings, replay
         pixel_values, labels = settings.batch()
-        dataset = [{"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels)]
+        dataset = [
+            {"pixel_values": pixel, "labels": label.item()} for pixel, label in zip(pixel_values, labels, strict=True)
+        ]
         self.timer = _StepTimer(settings.device)
         args = TrainingArguments(
             output_dir=output_dir,

@@ -97,7 +97,7 @@ class DeiTConfig(PreTrainedConfig):
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
-        for side, image, patch in zip(("height", "width"), _pair(self.image_size), _pair(self.patch_size)):
+        for side, image, patch in zip(("height", "width"), _pair(self.image_size), _pair(self.patch_size), strict=True):
             if patch <= 0 or image % patch:
                 raise ValueError(
                     f"`image_size` {side} ({image}) must be a positive multiple of `patch_size` ({patch})."

@@ -198,7 +198,7 @@ def convert_state_dict(timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     for key, tensor in timm_state_dict.items():
         if fused := _FUSED_QKV.match(key):
             layer, kind = fused.groups()
-            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0)):
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3, dim=0), strict=True):
                 converted[f"deit.encoder.layer.{layer}.attention.attention.{name}.{kind}"] = part
             continue
         for pattern, replacement in _RENAMES:

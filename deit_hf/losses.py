@@ -37,7 +37,9 @@ class DistillationLoss(nn.Module):
       with one head), the base loss alone. `teacher_logits` with "none" are refused: they would go unread.
     """
 
-    def __init__(self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(
+        self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0
+    ):
         super().__init__()
         if distillation_type not in ("hard", "soft", "none"):
             raise ValueError(f"distillation_type must be 'hard', 'soft' or 'none', got {distillation_type!r}.")

@@ -53,12 +53,15 @@ PAPER_RECIPE = {
     "batch": "1024 images on 8 GPUs",
 }
 TAGS = ["image-classification", "vision", "deit", "knowledge-distillation", "deit-hf", "custom_code"]
-CITATION = r"""@inproceedings{touvron2021training,
+CITATION = (
+    r"""@inproceedings{touvron2021training,
   title     = {Training data-efficient image transformers \& distillation through attention},
-  author    = {Touvron, Hugo and Cord, Matthieu and Douze, Matthijs and Massa, Francisco and Sablayrolles, Alexandre and J{\'e}gou, Herv{\'e}},
+  author    = {Touvron, Hugo and Cord, Matthieu and Douze, Matthijs and Massa, Francisco and """
+    r"""Sablayrolles, Alexandre and J{\'e}gou, Herv{\'e}},
   booktitle = {International Conference on Machine Learning},
   year      = {2021}
 }"""
+)
 
 
 @dataclass

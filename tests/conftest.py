@@ -1,8 +1,12 @@
 """Shared fixtures: tiny DeiT configs (as transformers' own DeiT tester: image 32, patch 4, hidden 32, 2 layers)."""
 
+import functools
 import os
 
+import PIL.Image
 import pytest
+import timm
+import timm.data
 import torch
 
 # No hub here; any accidental download must fail fast instead of hanging.
@@ -33,3 +37,25 @@ def tiny_config():
 @pytest.fixture
 def pixel_values():
     return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def timm_eval_transform():
+    """The DeiT recipe's eval transform as timm builds it (crop_pct 0.875; timm's own DeiT default is 0.9)."""
+
+    @functools.cache  # building the model is the slow part
+    def build(resolution: int):
+        model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+        overrides = {"crop_pct": 0.875, "input_size": (3, resolution, resolution)}
+        return timm.data.create_transform(**timm.data.resolve_data_config(overrides, model=model))
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def gray():
+    """An 8-bit grey photo and the RGB image that replicates it."""
+    from tests.test_image_processing import photo
+
+    gray = photo("astronaut").convert("L")
+    return gray, PIL.Image.merge("RGB", [gray] * 3)

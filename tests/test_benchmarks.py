@@ -13,7 +13,8 @@ CONTENDERS = {
     "train": {"DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask",
               "DistillationTrainer, replayed teacher targets"},
     "input": {
-        "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder", "timm ImageFolder prefetcher"
+        "deit_hf parquet", "deit_hf parquet + batch steps on this CPU", "timm ImageFolder",
+        "timm ImageFolder prefetcher",
     },
     # on 2 processes
     "stream": {"map-style", "streamed", "streamed, dispatched from process 0"},
@@ -75,13 +76,15 @@ def test_an_absent_accelerator_is_refused_before_anything_runs(capsys):
 
 
 def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, capsys):
-    from benchmarks.convergence import END_MARKER as CONVERGENCE_END, START_MARKER as CONVERGENCE_START
+    from benchmarks.convergence import END_MARKER as CONVERGENCE_END
+    from benchmarks.convergence import START_MARKER as CONVERGENCE_START
     from benchmarks.convergence import main as convergence_main
 
     output = tmp_path / "BENCHMARKS.md"
     output.write_text(f"# Benchmarks\n\n{CONVERGENCE_START}\nstale results\n{CONVERGENCE_END}\n\nafter\n")
     summary = convergence_main(["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-samples", "64",
-                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"), "--output", str(output)])
+                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"),
+                                "--output", str(output)])
     for side in ("deit_hf", "reference"):
         for head in ("top1", "cls_top1", "dist_top1"):
             mean, std = summary[side][head]
@@ -116,8 +119,8 @@ def test_compiled_training_rows_compile_student_and_teacher_on_both_sides(monkey
 
 
 def test_accelerator_settings_run_eager_and_compiled_training_and_carry_the_h100_anchors(monkeypatch):
-    from benchmarks import end_to_end, inference, run as run_module, training_step
-    from benchmarks import Measurement
+    from benchmarks import Measurement, end_to_end, inference, training_step
+    from benchmarks import run as run_module
 
     built = []
 

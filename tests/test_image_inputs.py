@@ -12,14 +12,12 @@ from hypothesis import strategies as st
 from deit_hf.image_processing_deit import MAX_ASPECT_RATIO, DeiTHfImageProcessorPil, convert_to_rgb
 from deit_hf.image_processing_deit_fast import DeiTHfImageProcessor
 
-from .test_image_processing import (  # noqa: F401 -- gray and timm_eval_transform are fixtures
+from .test_image_processing import (
     FAST_MAX_DIFF,
     PIL_TIMM_ATOL,
     PROCESSORS,
     SMALL,
-    gray,
     pixels,
-    timm_eval_transform,
 )
 
 DTYPES = ["uint8", "bool", "uint16", "int8", "int16", "int32", "int64", "uint32", "float16", "float32", "float64"]

@@ -1,13 +1,10 @@
 """DeiT image processors: parity with timm's eval transform, slow/fast agreement, odd inputs, save/load (the input
 rules by property: test_image_inputs.py)."""
 
-import functools
 
 import numpy as np
 import PIL.Image
 import pytest
-import timm
-import timm.data
 import torch
 from skimage import data
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
@@ -40,19 +37,6 @@ def assert_close_to_one_level(actual: torch.Tensor, expected: torch.Tensor) -> N
     difference = (actual - expected).abs()
     assert difference.max().item() <= FAST_MAX_DIFF, difference.max().item()
     assert difference.mean().item() <= FAST_MEAN_DIFF, difference.mean().item()
-
-
-@pytest.fixture(scope="module")
-def timm_eval_transform():
-    """The DeiT recipe's eval transform as timm builds it (crop_pct 0.875; timm's own DeiT default is 0.9)."""
-
-    @functools.cache  # building the model is the slow part
-    def build(resolution: int):
-        model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
-        overrides = {"crop_pct": 0.875, "input_size": (3, resolution, resolution)}
-        return timm.data.create_transform(**timm.data.resolve_data_config(overrides, model=model))
-
-    return build
 
 
 @pytest.mark.parametrize("resolution", [224, 32])
@@ -118,13 +102,6 @@ def test_rgba_is_composited_onto_white(processor_class):
 
     torch.testing.assert_close(pixels(processor, rgba), pixels(processor, on_white), atol=0, rtol=0)
     assert not torch.equal(pixels(processor, rgba), pixels(processor, rgba.convert("RGB")))
-
-
-@pytest.fixture(scope="module")
-def gray():
-    """An 8-bit grey photo and the RGB image that replicates it."""
-    gray = photo("astronaut").convert("L")
-    return gray, PIL.Image.merge("RGB", [gray] * 3)
 
 
 @pytest.mark.parametrize("processor_class", PROCESSORS)

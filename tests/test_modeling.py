@@ -57,7 +57,9 @@ def test_interpolated_position_encoding_matches_transformers_at_non_square_size(
 def test_interpolation_at_the_trained_size_changes_nothing(tiny_config, pixel_values):
     model = DeiTForImageClassificationWithTeacher(tiny_config).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values, interpolate_pos_encoding=True).logits, model(pixel_values).logits)
+        torch.testing.assert_close(
+            model(pixel_values, interpolate_pos_encoding=True).logits, model(pixel_values).logits
+        )
 
 
 def test_wrong_image_size_says_how_to_fix_it(tiny_config):
@@ -66,7 +68,9 @@ def test_wrong_image_size_says_how_to_fix_it(tiny_config):
 
 
 def test_wrong_channels_are_a_clear_error(tiny_config):
-    with pytest.raises(ValueError, match=r"Expected pixel_values of shape \(batch, 3, height, width\), got \(1, 1, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"Expected pixel_values of shape \(batch, 3, height, width\), got \(1, 1, 32, 32\)"
+    ):
         DeiTModel(tiny_config)(torch.randn(1, 1, 32, 32))
 
 
@@ -163,7 +167,9 @@ def test_plain_transformers_trainer_fine_tunes_it(tmp_path, tiny_config):
                                             learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no"),
     )
     assert trainer.train().training_loss > 0
-    for before, after in zip(heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight]):
+    for before, after in zip(
+        heads_before, [model.cls_classifier.weight, model.distillation_classifier.weight], strict=True
+    ):
         assert not torch.equal(before, after.detach())
 
 
@@ -186,13 +192,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, pixel_valu
     labels, teacher = torch.tensor([0, 1, 2, 0, 1]), torch.randn(5, 3)
     for model in (plain, checkpointed):
         model(pixel_values, labels=labels, teacher_logits=teacher).loss.backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_drop_path_grows_linearly_and_is_off_in_eval(pixel_values):
     model = DeiTForImageClassificationWithTeacher(DeiTConfig(**{**TINY, "num_hidden_layers": 3}, drop_path_rate=0.4))
-    rates = [layer.drop_path.drop_prob if hasattr(layer.drop_path, "drop_prob") else 0.0 for layer in model.deit.encoder.layer]
+    rates = [
+        layer.drop_path.drop_prob if hasattr(layer.drop_path, "drop_prob") else 0.0
+        for layer in model.deit.encoder.layer
+    ]
     assert rates == pytest.approx([0.0, 0.2, 0.4])
     model.train()
     torch.manual_seed(0)

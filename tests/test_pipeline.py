@@ -27,7 +27,9 @@ PROCESSOR_FILES = {"image_processing_deit.py", "image_processing_deit_fast.py"}
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}))
+    model = DeiTForImageClassificationWithTeacher(
+        DeiTConfig(**TINY, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    )
     processor = DeiTHfImageProcessorPil(**SMALL)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)

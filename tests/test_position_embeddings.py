@@ -54,8 +54,8 @@ def test_loading_at_another_size_resamples_as_timm(checkpoint, model_class, imag
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(loaded[:, :2], stored[:, :2], atol=0, rtol=0)  # cls and dist rows kept as stored
     lines = [record.getMessage() for record in caplog.records if "position embeddings resampled" in record.getMessage()]
-    assert lines == [f"deit.embeddings.position_embeddings: position embeddings resampled from a 8x8 to a {grid}x{grid} "
-                     "patch grid (bicubic)."] or model_class is DeiTModel
+    assert lines == [f"deit.embeddings.position_embeddings: position embeddings resampled from a 8x8 to a {grid}x"
+                     f"{grid} patch grid (bicubic)."] or model_class is DeiTModel
     pixel_values = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
         assert model(pixel_values)[0].isfinite().all()  # runs at the new size without interpolate_pos_encoding

@@ -28,8 +28,13 @@ from deit_hf.convert import main as convert_main
 from deit_hf.modelcard import HUB_ORGANISATION
 from training.train import parse_args
 
-from .training.conftest import STILL_AUGMENTATION, TINY_STUDENT  # the fixtures below are used by name
-from .training.conftest import digits, random_teacher_dir, small_digits_dir  # noqa: F401
+from .training.conftest import (  # the fixtures below are used by name  # noqa: F401
+    STILL_AUGMENTATION,
+    TINY_STUDENT,
+    digits,
+    random_teacher_dir,
+    small_digits_dir,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "model_cards").glob("*/README.md"))]

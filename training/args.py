@@ -4,11 +4,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, Optional
+from typing import Literal
 
+import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from timm.data import create_transform
-import torch
 from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
@@ -26,20 +26,20 @@ MIN_EVAL_CROP_PCT = 0.5
 class DataArguments:
     """Where the images come from and which columns hold them; one of `dataset_name` or `train_dir` is required."""
 
-    dataset_name: Optional[str] = field(
+    dataset_name: str | None = field(
         default=None,
         metadata={
             "help": "A dataset on the Hub (e.g. `ILSVRC/imagenet-1k`), a local parquet/arrow file or directory of "
             "such files, or a directory written by `Dataset(Dict).save_to_disk`."
         },
     )
-    dataset_config_name: Optional[str] = field(
+    dataset_config_name: str | None = field(
         default=None, metadata={"help": "The configuration of the Hub dataset, if it has several."}
     )
-    train_dir: Optional[str] = field(
+    train_dir: str | None = field(
         default=None, metadata={"help": "An imagefolder directory (one sub-directory per class) to train on."}
     )
-    validation_dir: Optional[str] = field(
+    validation_dir: str | None = field(
         default=None, metadata={"help": "An imagefolder directory (one sub-directory per class) to evaluate on."}
     )
     train_split: str = field(default="train", metadata={"help": "The split to train on."})
@@ -51,12 +51,12 @@ class DataArguments:
         default=5.0,
         metadata={"help": "Percentage of the train split held out for evaluation when there is no validation split."},
     )
-    image_column: Optional[str] = field(
+    image_column: str | None = field(
         default=None,
         metadata={"help": "The column holding the images; default: the column with an `Image` feature or named "
                   "image/img/jpg/png/pixel_values."},
     )
-    label_column: Optional[str] = field(
+    label_column: str | None = field(
         default=None,
         metadata={"help": "The column holding the integer class labels; default: the `ClassLabel` column or the "
                   "column named label/labels/cls."},
@@ -69,16 +69,16 @@ class DataArguments:
         metadata={"help": "With --streaming: the train stream's shuffle buffer (examples per DataLoader worker), and "
                   "its shards' order reshuffled each epoch from --seed; 0 trains in the files' order."},
     )
-    max_train_samples: Optional[int] = field(
+    max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N examples only (debugging, quick runs)."}
     )
-    max_eval_samples: Optional[int] = field(
+    max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on the first N examples only (debugging, quick runs)."}
     )
-    cache_dir: Optional[str] = field(
+    cache_dir: str | None = field(
         default=None, metadata={"help": "Where downloaded and prepared datasets are cached."}
     )
-    num_labels: Optional[int] = field(
+    num_labels: int | None = field(
         default=None,
         metadata={"help": "The number of classes of an integer label column without a ClassLabel feature; default: "
                   "the largest train label + 1 when the labels are dense (at least half the ids occur)."},
@@ -132,7 +132,7 @@ class AugmentationArguments:
     """
 
     input_size: int = field(default=224, metadata={"help": "Side of the square images fed to the model."})
-    auto_augment: Optional[str] = field(
+    auto_augment: str | None = field(
         default="rand-m9-mstd0.5-inc1",
         metadata={"help": "timm auto-augment policy (RandAugment `rand-...`, `augmix-...`, AutoAugment "
                   "`original`/`v0`); `none` to disable."},
@@ -223,10 +223,10 @@ class ModelArguments:
         default="deit-small-distilled-patch16-224",
         metadata={"help": f"A DeiT⚗ configuration from the paper: one of {sorted(PRESETS)}."},
     )
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "A deit_hf or transformers DeiT checkpoint to start from instead of a preset."}
     )
-    config_overrides: Optional[str] = field(
+    config_overrides: str | None = field(
         default=None,
         metadata={"help": "Preset fields to change, e.g. `hidden_size=64,num_hidden_layers=4,patch_size=4`."},
     )
@@ -282,23 +282,24 @@ class ModelArguments:
 class DistillationArguments:
     """The teacher, the distillation loss and the recipe's learning-rate rule."""
 
-    teacher_model: Optional[str] = field(
+    teacher_model: str | None = field(
         default="regnety_160.deit_in1k",
-        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, 82.9 %% top-1) "
+        metadata={"help": "A timm model name (the paper's teacher: `regnety_160.deit_in1k`, RegNetY-16GF, "
+                  "82.9 %% top-1) "
                   "or a local directory of any Hugging Face image classifier. Evaluation only (--do_train false): no "
                   "teacher, and no teacher metrics, unless one is given."},
     )
-    teacher_checkpoint: Optional[str] = field(
+    teacher_checkpoint: str | None = field(
         default=None,
         metadata={"help": "Weights for a timm teacher: a `.pth`/`.safetensors` state dict. Without it timm fetches "
                   "the model's pretrained weights."},
     )
-    teacher_mean: Optional[list[float]] = field(
+    teacher_mean: list[float] | None = field(
         default=None,
         metadata={"help": "Per-channel mean the teacher was trained with (default: its image processor's, or timm's "
                   "pretrained_cfg for its architecture). Give with --teacher_std."},
     )
-    teacher_std: Optional[list[float]] = field(
+    teacher_std: list[float] | None = field(
         default=None, metadata={"help": "Per-channel std the teacher was trained with. Give with --teacher_mean."}
     )
     teacher_check_batches: int = field(
@@ -306,7 +307,7 @@ class DistillationArguments:
         metadata={"help": "Validation batches the teacher's top-1 is measured on before training; a teacher near "
                   "chance stops the run. 0 skips the check."},
     )
-    teacher_cache: Optional[str] = field(
+    teacher_cache: str | None = field(
         default=None,
         metadata={"help": "A directory recording the teacher's target for every augmented view (hard: its class; "
                   "soft: its top-k logits): recorded when it lacks this run's epochs, replayed without loading the "
@@ -328,7 +329,10 @@ class DistillationArguments:
     distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
     blr: float = field(
         default=5e-4,
-        metadata={"help": "Learning rate per 512 images: lr = blr x global batch / 512. An explicit --learning_rate replaces it."},
+        metadata={
+            "help": "Learning rate per 512 images: lr = blr x global batch / 512. An explicit --learning_rate "
+            "replaces it."
+        },
     )
     warmup_epochs: float = field(
         default=5, metadata={"help": "Linear warm-up length in epochs. An explicit --warmup_steps replaces it."}

@@ -8,7 +8,7 @@ Images stay undecoded (`datasets.Image(decode=False)`) so that decoding happens 
 import logging
 import os
 from functools import partial
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import datasets
 import pyarrow as pa
@@ -19,7 +19,6 @@ from datasets.distributed import split_dataset_by_node
 
 from .args import DataArguments
 
-
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "png", "pixel_values")
@@ -29,8 +28,8 @@ VALIDATION_SPLIT_SEED = 42
 _LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 _UNLABELED_HINT = " (-1 marks unlabeled examples, such as those of ImageNet's test split.)"
 
-AnyDatasetDict = Union[datasets.DatasetDict, datasets.IterableDatasetDict]
-AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+AnyDatasetDict = datasets.DatasetDict | datasets.IterableDatasetDict
+AnyDataset = datasets.Dataset | datasets.IterableDataset
 
 
 class ImageDatasets(NamedTuple):
@@ -261,7 +260,7 @@ def _prepare_split(
 
 def _find_column(
     features: datasets.Features,
-    requested: Optional[str],
+    requested: str | None,
     feature_type: type,
     known_names: tuple[str, ...],
     role: str,
@@ -420,7 +419,7 @@ def _check_streamed_labels(batch: dict, split: str, column: str, num_classes: in
     return batch
 
 
-def _first(dataset: AnyDataset, count: Optional[int]) -> AnyDataset:
+def _first(dataset: AnyDataset, count: int | None) -> AnyDataset:
     if count is None:
         return dataset
     if isinstance(dataset, datasets.IterableDataset):

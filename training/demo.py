@@ -1,6 +1,7 @@
 """The README's main job: the whole mission on real, bundled data, in a few minutes on a CPU.
 
-1. scikit-learn's 1,797 handwritten digits become an ImageNet-style `datasets` dataset (`image`, `label`), saved to disk.
+1. scikit-learn's 1,797 handwritten digits become an ImageNet-style `datasets` dataset (`image`, `label`), saved to
+   disk.
 2. A small convnet teacher (a transformers ResNet) is trained on them with the plain `Trainer`.
 3. A tiny DeiT⚗ student is trained from scratch with hard distillation from that teacher, through the same entry
    point as ImageNet runs (`training.train.main`), loading the dataset and the teacher from disk.
@@ -56,8 +57,9 @@ def train_teacher(dataset_dir: Path, output_dir: Path, epochs: int) -> None:
     id2label = dict(enumerate(DIGIT_NAMES))
     model = ResNetForImageClassification(
         ResNetConfig(
-            embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic", downsample_in_first_stage=False,
-            num_labels=10, id2label=id2label, label2id={name: i for i, name in id2label.items()},
+            embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
+            downsample_in_first_stage=False, num_labels=10, id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
         )
     )
     trainer = Trainer(
@@ -81,7 +83,7 @@ def classify_held_out_digits(checkpoint: Path, count: int = 8) -> None:
     held_out = load_digits_dataset(IMAGE_SIZE)["validation"].select(range(count))
     predictions = classifier(list(held_out["image"]), top_k=1)
     print("\nHeld-out digits through pipeline('image-classification'):")
-    for truth, (best,) in zip(held_out["label"], predictions):
+    for truth, (best,) in zip(held_out["label"], predictions, strict=True):
         print(f"  digit {truth}: predicted {best['label']} ({best['score']:.2f})")
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 # Bicubic upscaling turns the 8x8 blocks into smooth strokes, closer to the photos the DeiT augmentations (crops,
 # rotations, shears) are designed for; nearest would make every image a grid of flat squares whose edges dominate.

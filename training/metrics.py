@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-
 # A local module: `evaluate.load("accuracy")` needs the Hub, this path does not.
 DEIT_ACCURACY_PATH = Path(__file__).parent / "metrics" / "deit_accuracy"
 TOP_K = 5

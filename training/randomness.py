@@ -73,13 +73,13 @@ class RepeatedViewSampler(Sampler[SampleKey]):
     The epoch's order is drawn from `(seed, epoch)`: a permutation of the images, each repeated `num_repeats` times
     side by side (1: no repetition), cut to `num_images` views (so an epoch holds `num_images / num_repeats` distinct
     images, `num_repeats` views of each), then extended to a whole number of global batches
-    (`num_processes * batch_size` views) with the views that follow, or with `drop_last` cut to one. `RASampler` gives process `r` the views
-    `r, r + num_processes, ...` of that order; so does this sampler once accelerate has dealt its batches to the
-    processes (batch `b` to process `b % num_processes`): the views of each global batch are reordered so that
-    process `r`'s batch holds views `r, r + num_processes, ...` of it. The copies of an image thus go to different
-    processes, and a global batch holds the same views on 1 or N processes (for the same global batch size). No
-    process ever gets a partial batch, so accelerate pads nothing. The Trainer skips the batches of a resumed epoch,
-    after `set_epoch`, so it sees the same order.
+    (`num_processes * batch_size` views) with the views that follow, or with `drop_last` cut to one. `RASampler`
+    gives process `r` the views `r, r + num_processes, ...` of that order; so does this sampler once accelerate has
+    dealt its batches to the processes (batch `b` to process `b % num_processes`): the views of each global batch are
+    reordered so that process `r`'s batch holds views `r, r + num_processes, ...` of it. The copies of an image thus go
+    to different processes, and a global batch holds the same views on 1 or N processes (for the same global batch
+    size). No process ever gets a partial batch, so accelerate pads nothing. The Trainer skips the batches of a resumed
+    epoch, after `set_epoch`, so it sees the same order.
     """
 
     def __init__(

@@ -294,7 +294,7 @@ def check_class_names(teacher: Teacher, dataset_names: Sequence[str], show: int 
     if not set(ours) & set(theirs):
         logger.info("The teacher's and the dataset's class names have nothing in common: not compared.")
         return
-    mismatches = [(index, a, b) for index, (a, b) in enumerate(zip(teacher.label_names, dataset_names)) if
+    mismatches = [(index, a, b) for index, (a, b) in enumerate(zip(teacher.label_names, dataset_names, strict=False)) if
                   normalise([a]) != normalise([b])]
     if mismatches:
         listed = "; ".join(f"class {index}: teacher {a!r}, dataset {b!r}" for index, a, b in mismatches[:show])

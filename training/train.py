@@ -200,7 +200,9 @@ def splits_train_stream(training_args: TrainingArguments) -> bool:
     return True
 
 
-def apply_recipe_schedule(training_args: TrainingArguments, distill_args: DistillationArguments, train_size: int | None):
+def apply_recipe_schedule(
+    training_args: TrainingArguments, distill_args: DistillationArguments, train_size: int | None
+):
     """DeiT's linear scaling rule (lr = blr x global batch / 512) and warm-up counted in epochs, then checks of the
     schedule that results; the values used are logged."""
     global_batch = (

@@ -317,7 +317,7 @@ class DistillationTrainer(Trainer):
         ])
         totals = nested_gather(totals, self.args.parallel_mode).view(-1, *totals.shape).sum(0).tolist()
         means = {}
-        for (name, parts), (value_sum, count) in zip(self._batch_means.items(), totals):
+        for (name, parts), (value_sum, count) in zip(self._batch_means.items(), totals, strict=True):
             parts.clear()
             if name == "loss":
                 self._run_loss_totals = [self._run_loss_totals[0] + value_sum, self._run_loss_totals[1] + count]

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Optional
 
 import PIL.Image
 import PIL.ImageOps
@@ -25,7 +24,6 @@ from timm.data.random_erasing import RandomErasing
 from deit_hf.image_processing_deit import convert_to_rgb
 
 from .args import AugmentationArguments, DataArguments
-
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +102,13 @@ class ImageTransform:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         pixel_values, labels = [], []
-        for image, label in zip(batch[self.image_column], batch[self.label_column]):
+        for image, label in zip(batch[self.image_column], batch[self.label_column], strict=True):
             decoded = self._decode(image)
             pixel_values.append(None if decoded is None else self.transform(decoded))
             labels.append(None if decoded is None else label)
         return {"pixel_values": pixel_values, "labels": labels}
 
-    def _decode(self, image) -> Optional[PIL.Image.Image]:
+    def _decode(self, image) -> PIL.Image.Image | None:
         try:
             return convert_to_rgb(self._load_within_bounds(_open_lazily(image)))
         except Exception as error:  # Pillow raises many types on bad files; none of them must stop a long run.
@@ -187,7 +185,7 @@ class AnyBatchMixup(Mixup):
         return pixel_values, targets
 
 
-def build_mixup(aug_args: AugmentationArguments, num_classes: int) -> Optional[AnyBatchMixup]:
+def build_mixup(aug_args: AugmentationArguments, num_classes: int) -> AnyBatchMixup | None:
     """The recipe's mixup/cutmix as a `(pixel_values, labels) -> (pixel_values, soft_targets)` callable.
 
     `None` when both alphas are 0: the model then trains on hard labels.
@@ -220,7 +218,7 @@ class BatchTransform:
     erasing_probability: float = 0.0
     erasing_mode: str = "pixel"
     erasing_count: int = 1
-    mixup: Optional[AnyBatchMixup] = None
+    mixup: AnyBatchMixup | None = None
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
 
     def __call__(

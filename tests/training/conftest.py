@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from datasets import DatasetDict
 import torch
 import torch.nn.functional as F
+from datasets import DatasetDict
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -44,7 +44,9 @@ def digits():
 def small_digits_dir(digits, tmp_path_factory):
     """48 training and 32 validation digits, saved as `save_to_disk` would leave ImageNet."""
     path = tmp_path_factory.mktemp("small_digits")
-    small = DatasetDict({"train": digits["train"].select(range(48)), "validation": digits["validation"].select(range(32))})
+    small = DatasetDict(
+        {"train": digits["train"].select(range(48)), "validation": digits["validation"].select(range(32))}
+    )
     small.save_to_disk(str(path))
     return path
 

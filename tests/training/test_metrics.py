@@ -70,7 +70,7 @@ def test_preprocess_keeps_ranked_top5_ids_and_the_cosine():
     reduced = preprocess_logits_for_metrics((logits, cls_logits, dist_logits, cosine, teacher_logits), None)
 
     assert len(reduced) == 5 and reduced[3] is cosine
-    for ids, full in zip(reduced[:3] + reduced[4:], (logits, cls_logits, dist_logits, teacher_logits)):
+    for ids, full in zip(reduced[:3] + reduced[4:], (logits, cls_logits, dist_logits, teacher_logits), strict=True):
         assert ids.dtype == torch.int64 and ids.shape == (6, 5)
         assert torch.equal(ids, full.argsort(dim=-1, descending=True)[:, :5])
 

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from hypothesis import given, strategies as st
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
+from training.skipped_images import SkippedImageCounter
 from training.step_guard import NonFiniteStepGuard, NonFiniteTrainingError, largest_magnitude
 from training.teacher import Teacher
-from training.skipped_images import SkippedImageCounter
 from training.trainer import DistillationTrainer
 from training.transforms import ImageTransform, build_train_transform
 
@@ -118,7 +119,9 @@ def test_an_all_corrupt_batch_changes_nothing_and_leaves_the_logged_loss_alone(t
     assert "loss" not in taken[4]["logs"]  # no batch, no loss: not a zero averaged into the mean
     assert all(snapshot["logs"]["loss"] > 0.5 for step, snapshot in taken.items() if step != 4)
     # the run's mean loss is that of the five batches that had images
-    assert result.metrics["train_loss"] == pytest.approx(np.mean([taken[step]["logs"]["loss"] for step in (1, 2, 3, 5, 6)]))
+    assert result.metrics["train_loss"] == pytest.approx(
+        np.mean([taken[step]["logs"]["loss"] for step in (1, 2, 3, 5, 6)])
+    )
     assert trainer.lr_scheduler.last_epoch == STEPS - 1
 
 

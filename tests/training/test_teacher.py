@@ -111,7 +111,9 @@ def test_renormalisation_matches_the_teachers_own_normalisation():
 
 
 def test_same_normalisation_passes_input_unchanged():
-    teacher = load_teacher("resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD, pretrained=False)
+    teacher = load_teacher(
+        "resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD, pretrained=False
+    )
     assert not teacher.renormalizes
     pixel_values = normalize(raw_images(), IMAGENET_MEAN, IMAGENET_STD)
     torch.testing.assert_close(teacher(pixel_values), teacher.model(pixel_values), rtol=0, atol=0)
@@ -206,7 +208,9 @@ def test_inconsistent_statistics_are_refused():
 
 def test_timm_teacher_fetches_pretrained_weights_and_says_what_to_do_offline(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="Could not fetch the pretrained weights of timm teacher 'resnet10t'.*--teacher_checkpoint"):
+    with pytest.raises(
+        RuntimeError, match="Could not fetch the pretrained weights of timm teacher 'resnet10t'.*--teacher_checkpoint"
+    ):
         load_teacher("resnet10t", num_labels=1000)
 
 
@@ -274,7 +278,9 @@ def test_class_names_must_agree_in_order():
     check_class_names(_named_teacher(digits), digits)
     swapped = digits[:]
     swapped[3], swapped[7] = swapped[7], swapped[3]
-    with pytest.raises(ValueError, match=r"\(2 of 10 differ\): class 3: teacher '7', dataset '3'; class 7: teacher '3'"):
+    with pytest.raises(
+        ValueError, match=r"\(2 of 10 differ\): class 3: teacher '7', dataset '3'; class 7: teacher '3'"
+    ):
         check_class_names(_named_teacher(swapped), digits)
 
 

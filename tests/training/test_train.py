@@ -114,22 +114,27 @@ def test_labels_outside_the_classes_fail_before_training(digits, random_teacher_
 
 
 def test_missing_columns_are_listed(small_digits_dir, random_teacher_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"No column 'photo' \(--image_column\); the dataset has columns \['image', 'label'\]"):
+    with pytest.raises(
+        ValueError, match=r"No column 'photo' \(--image_column\); the dataset has columns \['image', 'label'\]"
+    ):
         main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--image_column", "photo"))
 
 
 def test_teacher_with_other_classes_fails_before_training(small_digits_dir, tmp_path):
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=7)).save_pretrained(
-        tmp_path / "teacher7")
+    ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=7)
+    ).save_pretrained(tmp_path / "teacher7")
     with pytest.raises(ValueError, match="predicts 7 classes"):
         main(tiny_run_args(small_digits_dir, tmp_path / "teacher7", tmp_path / "out", "--max_steps", "1"))
 
 
 def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--config_overrides", "patch_size=5"))
+        main(
+            tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--config_overrides", "patch_size=5")
+        )
     assert "`image_size` height (32) must be a positive multiple of `patch_size` (5)" in capsys.readouterr().err
 
 
@@ -196,7 +201,7 @@ def test_a_learning_rate_below_the_cosine_floor_never_rises(caplog):
     rates = _learning_rates(training_args, 100)
     assert max(rates) == pytest.approx(2e-6)
     after_warmup = rates[10:]
-    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:]))
+    assert all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:], strict=False))
 
 
 def test_warmup_longer_than_the_run_warns(caplog):
@@ -230,7 +235,9 @@ def test_a_teacher_with_other_class_names_is_refused(small_digits_dir, tmp_path)
 
 
 @pytest.mark.parametrize("local_size_variable", ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"])
-@pytest.mark.parametrize("cores, local_processes, workers, expected", [(2, 1, 1, 1), (16, 1, 8, 8), (16, 8, 8, 1), (8, 2, 0, 4)])
+@pytest.mark.parametrize(
+    "cores, local_processes, workers, expected", [(2, 1, 1, 1), (16, 1, 8, 8), (16, 8, 8, 1), (8, 2, 0, 4)]
+)
 def test_cpu_threads_are_shared_with_the_workers_and_other_processes(monkeypatch, cores, local_processes, workers,
                                                                      expected, local_size_variable):
     """Local processes counted as torchrun (`accelerate launch --multi_gpu`), MPICH or Open MPI (`MULTI_CPU`) tell."""

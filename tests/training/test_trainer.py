@@ -168,7 +168,9 @@ def test_no_weight_decay_on_tokens_norms_and_biases(tmp_path, fitted_teacher):
     model = student()
     decayed = set(make_trainer(tmp_path, model, None, None, fitted_teacher).get_decay_parameter_names(model))
     for name, _ in model.named_parameters():
-        exempt = name.endswith(("bias", "position_embeddings", "cls_token", "distillation_token")) or "layernorm" in name
+        exempt = (
+            name.endswith(("bias", "position_embeddings", "cls_token", "distillation_token")) or "layernorm" in name
+        )
         assert (name in decayed) != exempt, name
 
 

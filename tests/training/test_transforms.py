@@ -11,7 +11,12 @@ import pytest
 import timm
 import torch
 from skimage import data as skimage_data
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandomResizedCropAndInterpolation, resolve_data_config
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    RandomResizedCropAndInterpolation,
+    resolve_data_config,
+)
 from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 
@@ -270,7 +275,7 @@ def test_batch_transform_erases_and_mixes_training_batches_only():
     assert eval_labels is labels
 
     erased, _ = seeded(0, erasing, pixels, labels, True)
-    for image, reference in zip(erased, normalized):
+    for image, reference in zip(erased, normalized, strict=True):
         changed = (image != reference).any(dim=0)
         rows, columns = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
         box = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)

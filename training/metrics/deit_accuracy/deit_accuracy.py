@@ -4,7 +4,6 @@ import datasets
 import evaluate
 import numpy as np
 
-
 _DESCRIPTION = """
 Top-1 and top-5 accuracy of image classification, the numbers DeiT reports on ImageNet. Predictions are the top-k
 class ids of each example, best first (k >= 1); a reference counts for top-5 when it is among the first five.
