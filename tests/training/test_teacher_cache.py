@@ -22,6 +22,14 @@ from .conftest import tiny_run_args
 TWO_EPOCHS = ["--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
 
 
+# The whole recipe's randomness on (after the tests' still augmentation): crops, flips, RandAugment, erasing,
+# Mixup/CutMix, drop path and repeated augmentation, each drawn from (seed, epoch, position / step, process).
+FULL_RECIPE = [
+    "--auto_augment", "rand-m9-mstd0.5-inc1", "--hflip", "0.5", "--scale", "0.08", "1", "--reprob", "0.25",
+    "--mixup", "0.8", "--cutmix", "1.0", "--drop_path_rate", "0.1", "--repeated_aug", "true",
+]
+
+
 ONE_EPOCH = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
 
 
@@ -32,6 +40,19 @@ def losses(trainer) -> list[float]:
 def evaluations(trainer) -> list[dict]:
     return [{name: value for name, value in entry.items() if "runtime" not in name and "per_second" not in name}
             for entry in trainer.state.log_history if "eval_loss" in entry]
+
+
+def test_with_the_whole_recipe_a_replayed_run_equals_the_recording_run(small_digits_dir, random_teacher_dir,
+                                                                        tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *TWO_EPOCHS, *FULL_RECIPE,
+                                   "--teacher_cache", cache))
+    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS, *FULL_RECIPE,
+                                   "--teacher_cache", cache))
+    assert replaying.teacher is None and len(losses(replaying)) == 12
+    assert losses(replaying) == losses(recording)
+    assert evaluations(replaying) == evaluations(recording)
 
 
 def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
@@ -320,13 +341,14 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
 
 
 def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
-    """Each process records and replays its own part; the replaying run's losses are the recording run's."""
+    """Each process records and replays its own part; with the whole recipe on, the replaying run's losses are the
+    recording run's."""
     from .test_distributed import PROBE, half_batches, launch, two_processes
     from .test_distributed import losses as logged_losses
 
     cache = str(tmp_path / "cache")
     common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
-              "--repeated_aug", "true", "--teacher_cache", cache]
+              *FULL_RECIPE, "--teacher_cache", cache]
     logs = {}
     for name in ("a", "b"):
         args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / name, *common))
