@@ -11,6 +11,7 @@ kept rounds. Linux only (`/proc`, glibc).
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import os
 import statistics
@@ -45,6 +46,7 @@ def synchronize(device: torch.device | str) -> None:
         torch.accelerator.synchronize(device)
 
 
+@functools.cache  # one measurement per process: the training step benchmark's rows (online, replay) share it
 def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype, repeats: int = 10) -> float:
     """FLOP/s of a large dense matmul in `dtype`: the peak that MFU is measured against, as achieved, not quoted.
 
