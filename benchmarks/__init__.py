@@ -52,7 +52,8 @@ def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype, repeats: i
 
     (A datasheet's peak is not reached by any kernel; e.g. ~790 TFLOP/s measured for bf16 on an H100/H200.)
     """
-    size = 2048 if torch.device(device).type == "cpu" else 8192  # long enough to time, short enough to repeat
+    # long enough to time, short enough to repeat (a CPU without bf16 units takes ~2 s per bf16 product at 1024)
+    size = 1024 if torch.device(device).type == "cpu" else 8192
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
