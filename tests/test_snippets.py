@@ -140,7 +140,8 @@ def check_command(words: list[str], folder: Path) -> None:
         parse_args(arguments)
     elif words[:2] == ["accelerate", "launch"]:
         launch = launch_command_parser().parse_args(words[2:])
-        assert launch.module and launch.training_script == "training.train", words
+        # the recording pass takes the training run's arguments (training.record_teacher)
+        assert launch.module and launch.training_script in ("training.train", "training.record_teacher"), words
         parse_args(launch.training_script_args)
     elif words[:3] == ["python", "-m", "deit_hf.convert"]:
         arguments = words[3:]
