@@ -248,8 +248,9 @@ class DistillationTrainer(Trainer):
             config = self.model.config
             blank = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=self.args.device)
             labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
-            no_teacher = self.teacher is None  # a model without teacher refuses teacher logits
-            teacher_logits = None if no_teacher else torch.zeros(1, config.num_labels, device=self.args.device)
+            # distillation_type none refuses teacher logits; a replayed run has targets but no teacher
+            no_targets = self.teacher_targets is None
+            teacher_logits = None if no_targets else torch.zeros(1, config.num_labels, device=self.args.device)
             return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
         teacher_logits = None
         if self.teacher_targets is not None:
