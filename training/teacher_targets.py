@@ -113,7 +113,6 @@ class RecordedTeacher(TeacherTargets):
         self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
         self._unsaved: set[str] = set()
         self._pending: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # digests to compare
-        self._last_key: tuple[int, int] | None = None
         self._eval_batches = 0
 
     def attach(self, trainer) -> None:
@@ -129,9 +128,8 @@ class RecordedTeacher(TeacherTargets):
         if not training:
             self._eval_batches += 1
             return part_name(None, self.process_index), (self._eval_batches - 1, 0)
-        step = self.trainer.state.global_step
-        micro = self._last_key[1] + 1 if self._last_key is not None and self._last_key[0] == step else 0
-        self._last_key = step, micro
+        # the micro-batch's identity, as the trainer seeded its random draws (`training.randomness.StepKey`)
+        step, micro = self.trainer.step_seeder.key.step, self.trainer.step_seeder.key.micro_batch
         return part_name(step // self.steps_per_epoch, self.process_index), (step, micro)
 
     def targets(self, name: str, key: tuple[int, int], pixel_values: torch.Tensor,
