@@ -1,7 +1,7 @@
 """Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and
 seeds.
 
-    python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--output BENCHMARKS.md]
+    python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--no-replay] [--output BENCHMARKS.md]
 
 The data are scikit-learn's handwritten digits upscaled to 32 px RGB (a stratified 80/20 split), the teacher a timm
 `resnet18` trained on them once (cached in `--workdir`), the student a tiny DeiT⚗ (64 dims, 4 layers, 4 heads,
@@ -11,7 +11,8 @@ tokens, norms, biases), 5 warm-up epochs then cosine to 1e-5, drop path 0.1, no 
 process). The reference is written from facebookresearch/deit (`main.py`, `engine.py`, `losses.py`): timm's
 `VisionTransformerDistilled` with timm's init, timm's transforms and `Mixup`, and timm's `CosineLRScheduler`
 stepped once per epoch. Each side reports fused, class-head and distillation-head top-1 on the held-out digits; the
-table goes between the convergence markers of the output file.
+table goes between the convergence markers of the output file. A third side, `deit_hf replay`, trains deit_hf again
+from the teacher targets its first run recorded (`--teacher_cache`): it must reach the recording run's accuracy.
 """
 
 import argparse
@@ -210,13 +211,16 @@ def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path:
     return _evaluate_logits(_timm_heads(model), model, _eval_loader(data_dir, settings))
 
 
-def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: Path) -> dict[str, float]:
-    """`training.train.main` with the recipe's defaults, given only what differs at this scale."""
+def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: Path,
+                  teacher_cache: Path | None = None) -> dict[str, float]:
+    """`training.train.main` with the recipe's defaults, given only what differs at this scale; with `teacher_cache`,
+    the teacher's targets are recorded there, or replayed from there when it holds this run's record."""
     from training.train import main
 
     with tempfile.TemporaryDirectory() as output_dir:
         flags = [
             "--dataset_name", str(data_dir), "--output_dir", output_dir, "--seed", str(seed),
+            *(["--teacher_cache", str(teacher_cache)] if teacher_cache else []),
             "--teacher_model", settings.teacher_model, "--teacher_checkpoint", str(teacher_path),
             "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides",
             f"patch_size={settings.patch_size},hidden_size={settings.hidden_size},"
@@ -236,24 +240,43 @@ def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: P
 
 
 SIDES = {"deit_hf": train_deit_hf, "reference": train_reference}
+REPLAY = "deit_hf replay"  # deit_hf again, its teacher's targets replayed from the deit_hf run's record
 
 
-def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, teacher_path: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def _timed(side: str, seed: int, train) -> dict:
     start = time.perf_counter()
-    result = SIDES[side](seed, settings, data_dir, teacher_path)
+    result = train()
     return {"side": side, "seed": seed, **result, "seconds": time.perf_counter() - start}
 
 
+def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, teacher_path: Path, threads: int,
+             replay: bool) -> list[dict]:
+    """One side's run; deit_hf's records its teacher's targets when `replay`, then a second run replays them."""
+    torch.set_num_threads(threads)
+    if side != "deit_hf" or not replay:
+        return [_timed(side, seed, lambda: SIDES[side](seed, settings, data_dir, teacher_path))]
+    with tempfile.TemporaryDirectory() as cache:
+        return [
+            _timed(name, seed, lambda: train_deit_hf(seed, settings, data_dir, teacher_path, Path(cache)))
+            for name in ("deit_hf", REPLAY)
+        ]
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Mean and standard deviation of each head's top-1 per side, and deit_hf's mean minus the reference's."""
+    """Mean and standard deviation of each head's top-1 per side, deit_hf's mean minus the reference's and, with a
+    replay side, the largest per-seed difference between the replayed and the recording run (0 when exact)."""
     summary = {}
-    for side in SIDES:
+    for side in [side for side in (*SIDES, REPLAY) if any(run["side"] == side for run in runs)]:
         values = {name: [run[name] for run in runs if run["side"] == side] for name in HEADS}
         summary[side] = {
             name: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for name, v in values.items()
         }
     summary["difference"] = {name: summary["deit_hf"][name][0] - summary["reference"][name][0] for name in HEADS}
+    if REPLAY in summary:
+        recording = {run["seed"]: run for run in runs if run["side"] == "deit_hf"}
+        summary["replay difference"] = max(
+            abs(run[name] - recording[run["seed"]][name]) for run in runs if run["side"] == REPLAY for name in HEADS
+        )
     return summary
 
 
@@ -266,13 +289,17 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: 
         "| side | fused top-1 % | cls top-1 % | dist top-1 % | seeds | minutes per run |",
         "|---|---|---|---|---|---|",
     ]
-    for side in SIDES:
+    for side in [side for side in summary if side in (*SIDES, REPLAY)]:
         side_runs = [run for run in runs if run["side"] == side]
         cells = [f"{percent(mean)} ± {percent(std)}" for mean, std in (summary[side][name] for name in HEADS)]
         minutes = statistics.mean(run["seconds"] for run in side_runs) / 60
         lines.append(f"| {side} | {' | '.join(cells)} | {len(side_runs)} | {minutes:.1f} |")
     differences = " | ".join(f"{100 * summary['difference'][name]:+.1f}" for name in HEADS)
     lines.append(f"| difference (deit_hf − reference) | {differences} | | |")
+    if REPLAY in summary:
+        lines += ["", f"{REPLAY}: deit_hf again with the teacher's targets replayed from the deit_hf run's "
+                  f"`--teacher_cache` record, the teacher not loaded; largest per-seed difference from the recording "
+                  f"run over the three heads: {100 * summary['replay difference']:.2f} points."]
     lines += ["", "Per seed (fused / cls / dist top-1 %):", ""]
     for run in sorted(runs, key=lambda run: (run["side"], run["seed"])):
         lines.append(f"- {run['side']} seed {run['seed']}: " + " / ".join(percent(run[name]) for name in HEADS))
@@ -302,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/convergence"), help="Data and teacher cache.")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--no-replay", dest="replay", action="store_false",
+                        help="Skip the deit_hf run that replays the recorded teacher targets.")
     parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
     args = parser.parse_args(argv)
     settings = Settings(epochs=args.epochs, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples,
@@ -314,12 +343,14 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(side, seed) for seed in args.seeds for side in SIDES]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(_run_job, side, seed, settings, data_dir, teacher_path, args.threads) for side, seed in jobs
+            pool.submit(_run_job, side, seed, settings, data_dir, teacher_path, args.threads, args.replay)
+            for side, seed in jobs
         ]
         runs = []
         for future in futures:
-            runs.append(future.result())
-            print(json.dumps(runs[-1]), flush=True)
+            for run in future.result():
+                runs.append(run)
+                print(json.dumps(run), flush=True)
     summary = summarize(runs)
     print(json.dumps({"summary": summary}), flush=True)
     if args.record:

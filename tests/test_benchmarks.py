@@ -85,14 +85,16 @@ def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_p
     summary = convergence_main(["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-samples", "64",
                                 "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"),
                                 "--output", str(output)])
-    for side in ("deit_hf", "reference"):
+    for side in ("deit_hf", "reference", "deit_hf replay"):
         for head in ("top1", "cls_top1", "dist_top1"):
             mean, std = summary[side][head]
             assert 0 <= mean <= 1 and std == 0  # one seed
     assert summary["difference"]["top1"] == summary["deit_hf"]["top1"][0] - summary["reference"]["top1"][0]
+    assert summary["replay difference"] == 0  # the replayed run trains on the recorded targets: the same model
     text = output.read_text()
     assert "stale results" not in text and text.endswith("\n\nafter\n")
-    assert "| deit_hf |" in text and "| reference |" in text and "deit_hf seed 0:" in text
+    assert "| deit_hf |" in text and "| reference |" in text and "| deit_hf replay |" in text
+    assert "deit_hf seed 0:" in text and "deit_hf replay seed 0:" in text
 
 
 def test_compiled_training_rows_compile_student_and_teacher_on_both_sides(monkeypatch):
