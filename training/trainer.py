@@ -301,21 +301,25 @@ class DistillationTrainer(Trainer):
                 self._batch_means[name].append(value.detach())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # The model sees the rows that decoded and are not repeats; their outputs go back to their rows, and the loss
-        # to `eval_tally`, for batches of the same size on every process (`training.evaluation`). A batch without
-        # such a row runs its first one: every process gathers outputs of the same structure.
+        # The outputs of the rows the model saw go back to their rows, and the loss to `eval_tally`, for batches of
+        # the same size on every process (`training.evaluation`).
         labels = inputs["labels"]
-        decoded = labels != IGNORE_INDEX
-        counted = decoded & rows_kept_by_gather(self.accelerator, len(labels), labels.device)
-        rows = counted if counted.any() else torch.arange(len(labels), device=labels.device) == 0
-        inputs = {"pixel_values": inputs["pixel_values"][rows], "labels": labels[rows].clamp(min=0)}  # blank: 0
-        loss, logits, _ = super().prediction_step(
-            model, self._transform_batch(inputs, training=False), prediction_loss_only, ignore_keys
-        )
+        inputs, rows, counted = self.evaluated_rows(inputs)
+        loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         self.eval_tally.add(self.accelerator, loss, counted)
         if logits is None:
             return None, None, None
         return None, fill_rows(logits, rows), labels
+
+    def evaluated_rows(self, inputs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The rows of an evaluation batch that the model sees, transformed: those that decoded and that the gather
+        keeps (`counted`), or, in a batch without such a row, its first one (every process gathers outputs of the
+        same structure); `rows` says which they are."""
+        labels = inputs["labels"]
+        counted = (labels != IGNORE_INDEX) & rows_kept_by_gather(self.accelerator, len(labels), labels.device)
+        rows = counted if counted.any() else torch.arange(len(labels), device=labels.device) == 0
+        inputs = {"pixel_values": inputs["pixel_values"][rows], "labels": labels[rows].clamp(min=0)}  # blank: 0
+        return self._transform_batch(inputs, training=False), rows, counted
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
