@@ -119,6 +119,17 @@ def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, ra
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_an_evaluation_where_nothing_decodes_stops_the_run(digits, random_teacher_dir, tmp_path):
+    datasets.DatasetDict({
+        "train": digits["train"].select(range(16)),
+        "validation": with_garbage(digits["validation"].select(range(12)), set(range(12))),
+    }).save_to_disk(str(tmp_path / "data"))
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--max_steps", "1",
+                         "--eval_strategy", "no", "--do_eval", "true", "--per_device_eval_batch_size", "8")
+    with pytest.raises(TooFewDecodableImagesError, match="Only 0 of the 12 images read in the evaluation"):
+        main(args)
+
+
 def test_two_processes_sum_their_skips_and_evaluate_as_one(digits, random_teacher_dir, tmp_path):
     datasets.DatasetDict({
         "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
