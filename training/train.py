@@ -30,8 +30,8 @@ from .args import (
     DeiTTrainingArguments,
     DistillationArguments,
     ModelArguments,
-    check_arguments,
 )
+from .argument_checks import check_arguments
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None):
     `--warmup_epochs`); giving both of a pair is refused. `--save_steps` or `--eval_steps` without its strategy
     means `steps`, as in transformers. A checkpoint to fine-tune (`--model_name_or_path`) gives the architecture
     and, unless `--input_size` says another, the input size. A value that an argument dataclass, a conflict
-    between arguments or `training.args.check_arguments` refuses exits as argparse does (status 2), with one
+    between arguments or `training.argument_checks.check_arguments` refuses exits as argparse does (status 2), with one
     line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
