@@ -317,7 +317,7 @@ class TrainerLoop:
     @staticmethod
     def _replayed_targets(settings: TrainSettings, output_dir: str) -> RecordedTeacher:
         record = TeacherRecord(tempfile.mkdtemp(dir=output_dir), {"benchmark": repr(settings)})
-        return RecordedTeacher(record, settings.num_labels, "hard", 0, settings.steps_per_round, _teacher(settings))
+        return RecordedTeacher(record, settings.num_labels, "hard", 0, _teacher(settings))
 
     def run_round(self) -> list[float]:
         self.timer.seconds = []
