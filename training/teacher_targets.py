@@ -127,7 +127,11 @@ class RecordedTeacher(TeacherTargets):
         if not training:
             self._eval_batches += 1
             return part_name(None, self.process_index), (self._eval_batches - 1, 0)
-        # the micro-batch's identity, as the trainer seeded its random draws (`training.randomness.StepKey`)
+        return self.training_key()
+
+    def training_key(self) -> tuple[str, tuple[int, int]]:
+        """The part and key of the training micro-batch the trainer seeded last: its identity, as it seeded its
+        random draws (`training.randomness.StepKey`)."""
         key = self.trainer.step_seeder.key
         return part_name(key.epoch, self.process_index), (key.step, key.micro_batch)
 
