@@ -1,7 +1,7 @@
 """Run the benchmarks, print one JSON line per measurement and record them in BENCHMARKS.md.
 
-    python -m benchmarks.run [--quick] [--only inference,train,input,stream,end_to_end] [--full] [--no-compile]
-                             [--threads N] [--compile-training]
+    python -m benchmarks.run [--quick] [--only inference,train,input,stream,end_to_end,teacher_sweep] [--full]
+                             [--no-compile] [--threads N] [--compile-training]
     python -m benchmarks.run --device cuda      # bf16 autocast, the issue's GPU settings, eager and compiled
 
 The tables go between the markers below in the output file (created if missing), so the analysis written around
@@ -33,10 +33,11 @@ from . import (
     inference,
     input_pipeline,
     streaming,
+    teacher_sweep,
     training_step,
 )
 
-BENCHMARKS = ("inference", "train", "input", "stream", "end_to_end")
+BENCHMARKS = ("inference", "train", "input", "stream", "end_to_end", "teacher_sweep")
 REPLAY_CPU_TEACHER = "regnety_040"
 START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
 # Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
@@ -46,6 +47,11 @@ QUICK = {
     "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
     "stream": dict(num_images=16, num_shards=3, num_workers=1, input_size=32, batch_size=4, warmup=0, repeats=1),
     "end_to_end": dict(batch_size=8, workers=1, warmup_steps=1, timed_steps=2, rounds=1, busy_retries=0),
+    # 2 steps per student at 32 px, with a teacher as small as the students
+    "teacher_sweep": dict(
+        teacher="regnety_002", input_size=32, patch_size=4, batch_size=16, train_samples=32, epochs=1, rounds=1,
+        busy_retries=0,
+    ),
 }
 FULL = {
     "inference": dict(sizes=("tiny", "small"), batch_size=8, warmup=3, repeats=20),
@@ -53,6 +59,7 @@ FULL = {
     "input": dict(num_images=200, batch_size=32, warmup=1, repeats=5),
     "stream": dict(num_images=256, num_shards=4, num_workers=1, batch_size=32, warmup=1, repeats=3),
     "end_to_end": dict(batch_size=32, workers=2, warmup_steps=3, timed_steps=12, rounds=2),
+    "teacher_sweep": dict(),  # `teacher_sweep.SweepSettings`: 64 px digits, RegNetY-600MF, 2 epochs, 2 rounds
 }
 # On an accelerator, the issue's GPU settings: batch 256 inference; DeiT-S⚗ + RegNetY-16GF (the paper's) at batch 128.
 ACCELERATOR = {
@@ -68,6 +75,7 @@ ACCELERATOR = {
         teacher="regnety_160", input_size=224, batch_size=128, workers=max(1, (os.cpu_count() or 1) - 2),
         warmup_steps=10, timed_steps=30, rounds=1,
     ),
+    "teacher_sweep": dict(batch_size=256, epochs=5),  # the same digits sweep, batches an accelerator can fill
 }
 # timm on an H100, bf16 autocast (/work/shared/README.md): (eager, compiled) img/s of the work the accelerator
 # settings measure. Inference: timm at batch 256; train: timm's hard-distillation step, DeiT-S⚗ + RegNetY-16GF at
@@ -230,6 +238,10 @@ def run_benchmarks(
                         **settings["end_to_end"], device=device, dtype=dtype, torch_compile=torch_compile
                     ),
                 )
+            )
+        elif name == "teacher_sweep":
+            measurements = _in_temporary_directory(
+                teacher_sweep.run, teacher_sweep.SweepSettings(**settings["teacher_sweep"], device=device, dtype=dtype)
             )
         for measurement in measurements:
             yield add_anchor(measurement) if settings is ACCELERATOR else measurement

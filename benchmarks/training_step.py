@@ -30,6 +30,12 @@ span of each of its steps (mixup to zero_grad, plus engine.py's `loss.item()` ch
 between the two; the first steps of each round are warm-up and dropped; the figure is the median step of the rounds
 run while no other process kept the CPU busy (see `benchmarks.keep_quiet_rounds`).
 
+The replay row (`replay`): the Trainer replaying a record of the teacher's targets made in an untimed first round.
+Its `ratio_vs_online` is bounded by the teacher's share of the online step: `ratio_bound_flops` counts it in FLOPs,
+`ratio_bound_time` in time, (teacher forward + replayed step) / replayed step, the teacher's forward alone (the
+Trainer's `Teacher` wrapper, `teacher_forward_ms`) timed in the same rounds; time and FLOP ratios differ where the
+teacher's kernels run at another efficiency than the student's training step.
+
 On an accelerator both run under bf16 autocast (the Trainer through `bf16=True`, its teacher under the
 accelerator's autocast; the loop as engine.py's `torch.autocast`), the batch is on the device before the timer
 starts, and each timed span ends with a device synchronization.
@@ -80,6 +86,7 @@ from .reference import facebookresearch_hard_distillation_loss
 
 TRAINER, HAND_WRITTEN, TIMM_TASK = "DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"
 REPLAY = "DistillationTrainer, replayed teacher targets"
+TEACHER_FORWARD = "the Trainer's teacher alone"  # timed in the same rounds as the replay row, not a row of its own
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,19 @@ class TimmTaskLoop(_PeerLoop):
         self.optimizer.zero_grad()
 
 
+class TeacherForward(_PeerLoop):
+    """The Trainer's teacher (`training.teacher.Teacher`, as `OnlineTeacher` runs it) alone on the batch: the time
+    replaying saves per step, measured beside the FLOPs."""
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        self.teacher = _teacher(settings).to(settings.device)
+
+    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
+        with autocast(self.settings.device, self.settings.dtype):
+            self.teacher(samples)
+
+
 class _StepTimer(TrainerCallback):
     def __init__(self, device: str):
         self.device = device
@@ -317,7 +337,7 @@ class TrainerLoop:
     @staticmethod
     def _replayed_targets(settings: TrainSettings, output_dir: str) -> RecordedTeacher:
         record = TeacherRecord(tempfile.mkdtemp(dir=output_dir), {"benchmark": repr(settings)})
-        return RecordedTeacher(record, settings.num_labels, "hard", 0, settings.steps_per_round, _teacher(settings))
+        return RecordedTeacher(record, settings.num_labels, "hard", 0, _teacher(settings))
 
     def run_round(self) -> list[float]:
         self.timer.seconds = []
@@ -379,6 +399,8 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
     peak_flops = matmul_peak_flops(settings.device, settings.dtype)
     with tempfile.TemporaryDirectory() as output_dir:
         loops = {name: _build(name, settings, output_dir) for name in settings.contenders}
+        if settings.replay:
+            loops[TEACHER_FORWARD] = TeacherForward(settings)
         orders = rotating_orders(loops)
 
         def run_round() -> dict[str, list[float]]:
@@ -405,6 +427,13 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
         if name == TRAINER:
             extra.update({column: timing.seconds[peer] / seconds for peer, column in peers.items() if peer in loops})
         if name == REPLAY:  # the speed-up of replaying over the online teacher and over timm's task
-            extra.update({"ratio_vs_online": timing.seconds[TRAINER] / seconds,
-                          "ratio_vs_timm_task": timing.seconds[TIMM_TASK] / seconds})
+            teacher_seconds = timing.seconds[TEACHER_FORWARD]
+            extra.update({
+                "ratio_vs_online": timing.seconds[TRAINER] / seconds,
+                "ratio_vs_timm_task": timing.seconds[TIMM_TASK] / seconds,
+                # what the speed-up over the online Trainer can reach: by FLOPs, and by the measured times
+                "ratio_bound_flops": flops / student_flops,
+                "ratio_bound_time": (teacher_seconds + seconds) / seconds,
+                "teacher_forward_ms": teacher_seconds * 1e3,
+            })
         yield timing.measurement("train", case, name, settings.batch_size, **extra)

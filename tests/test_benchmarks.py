@@ -19,10 +19,15 @@ CONTENDERS = {
     # on 2 processes
     "stream": {"map-style", "streamed", "streamed, dispatched from process 0"},
     "end_to_end": {"deit_hf training.train", "timm pipeline (create_loader + TokenDistillationTask)"},
+    "teacher_sweep": {"online teacher, each run", "record once + replay"},
 }
 RATIOS = {
     "deit_hf sdpa": {"ratio_vs_timm", "ratio_vs_transformers_eager", "ratio_vs_transformers_sdpa"},
     "DistillationTrainer": {"ratio_vs_loop", "ratio_vs_timm_task"},
+    "DistillationTrainer, replayed teacher targets": {
+        "ratio_vs_online", "ratio_vs_timm_task", "ratio_bound_flops", "ratio_bound_time", "teacher_forward_ms"
+    },
+    "record once + replay": {"ratio_vs_online", "ratio_bound_flops"},
     "deit_hf training.train": {"ratio_vs_timm"},
     "streamed": {"ratio_vs_map-style"},
     "streamed, dispatched from process 0": {"ratio_vs_map-style"},
@@ -51,6 +56,9 @@ def test_quick_run_prints_every_measurement_and_records_them_between_the_markers
         if record["benchmark"] == "train":
             assert all(record[key] > 0 for key in TRAIN_KEYS), record
             assert 0 < record["mfu"] < 2, record  # against a measured matmul peak, so it can pass 1 only by noise
+        if record["contender"] == "record once + replay":  # the sweep compared each student's per-step losses
+            assert record["same_losses_as_online"] is True
+            assert {"teacher pass (training.record_teacher)_s", "Ti_s", "S_s", "B_s"} <= record.keys(), record
 
     text = output.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n")
@@ -207,3 +215,15 @@ def test_the_replay_row_times_the_trainer_without_its_teacher():
     assert replay.extra.keys() >= {"ratio_vs_online", "ratio_vs_timm_task", "mfu"}
     assert replay.extra["gflop_per_image"] < rows[TRAINER].extra["gflop_per_image"]  # no teacher forward
     assert "teacher/student step FLOP ratio" in replay.case
+
+
+def test_the_teacher_sweep_refuses_replayed_losses_that_differ_from_the_online_ones():
+    from benchmarks.teacher_sweep import check_same_losses
+
+    online = {"Ti": [2.3, 2.2], "S": [2.3, 2.1, 2.0]}
+    check_same_losses(online, {"Ti": [2.3, 2.2], "S": [2.3, 2.1, 2.0]})
+    with pytest.raises(RuntimeError, match=r"The S student's replayed losses differ from its online run's \(first at "
+                                           r"step 1: 3 replayed, 3 online\)"):
+        check_same_losses(online, {"Ti": [2.3, 2.2], "S": [2.3, 2.15, 2.0]})
+    with pytest.raises(RuntimeError, match=r"The Ti student's .* \(first at step 2: 3 replayed, 2 online\)"):
+        check_same_losses(online, {"Ti": [2.3, 2.2, 2.1], "S": [2.3, 2.1, 2.0]})

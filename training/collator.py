@@ -4,6 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
+# transformers' ignore index: the label of a row that holds no image (`DistillationCollator.blank_shape`).
+IGNORE_INDEX = -100
+
 
 @dataclass
 class DistillationCollator:
@@ -18,9 +21,18 @@ class DistillationCollator:
     with the batch for `training.skipped_images.SkippedImageCounter` to sum. A batch with no decodable image at all
     comes back empty: `pixel_values` of shape (0,) and `labels` of shape (0,); the trainer skips a batch whose
     `labels` has no element.
+
+    With `blank_shape` (one image's `(channels, height, width)`), as in evaluation, nothing is dropped: a skipped
+    image becomes a row of zeros of that shape labelled `IGNORE_INDEX`, so the batch keeps the DataLoader's size and
+    order, which accelerate's gathering over processes needs (`DistillationTrainer.prediction_step` runs the model on
+    the other rows only), and there is no `skipped_images`: the ignored labels are the count.
     """
 
+    blank_shape: tuple[int, ...] | None = None
+
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.blank_shape is not None:
+            return self._keep_size(samples)
         kept = [sample for sample in samples if sample["pixel_values"] is not None]
         skipped_images = torch.tensor([len(samples) - len(kept)], dtype=torch.int64)
         if not kept:
@@ -29,8 +41,18 @@ class DistillationCollator:
                 "labels": torch.empty(0, dtype=torch.int64),
                 "skipped_images": skipped_images,
             }
-        pixel_values = torch.stack([torch.as_tensor(sample["pixel_values"]) for sample in kept])
-        if pixel_values.is_floating_point():
-            pixel_values = pixel_values.float()
         labels = torch.tensor([sample["labels"] for sample in kept], dtype=torch.int64)
-        return {"pixel_values": pixel_values, "labels": labels, "skipped_images": skipped_images}
+        return {"pixel_values": _stack([sample["pixel_values"] for sample in kept]), "labels": labels,
+                "skipped_images": skipped_images}
+
+    def _keep_size(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        pixel_values = [sample["pixel_values"] for sample in samples]
+        dtype = next((torch.as_tensor(values).dtype for values in pixel_values if values is not None), torch.uint8)
+        blank = torch.zeros(self.blank_shape, dtype=dtype)
+        labels = [IGNORE_INDEX if sample["pixel_values"] is None else sample["labels"] for sample in samples]
+        return {"pixel_values": _stack([blank if values is None else values for values in pixel_values]),
+                "labels": torch.tensor(labels, dtype=torch.int64)}
+
+def _stack(pixel_values: list) -> torch.Tensor:
+    stacked = torch.stack([torch.as_tensor(values) for values in pixel_values])
+    return stacked.float() if stacked.is_floating_point() else stacked

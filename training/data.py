@@ -11,12 +11,9 @@ from functools import partial
 from typing import NamedTuple
 
 import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.distributed import split_dataset_by_node
 
+from . import labels
 from .args import DataArguments
 
 logger = logging.getLogger(__name__)
@@ -26,7 +23,6 @@ LABEL_COLUMN_NAMES = ("label", "labels", "cls")
 # Fixed so that every process and every rerun carves off the same validation examples.
 VALIDATION_SPLIT_SEED = 42
 _LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
-_UNLABELED_HINT = " (-1 marks unlabeled examples, such as those of ImageNet's test split.)"
 
 AnyDatasetDict = datasets.DatasetDict | datasets.IterableDatasetDict
 AnyDataset = datasets.Dataset | datasets.IterableDataset
@@ -72,8 +68,8 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
         features, data_args.label_column, datasets.ClassLabel, LABEL_COLUMN_NAMES, "label", "label_column"
     )
     _check_image_feature(features[image_column], image_column)
-    label_names = _label_names(train, features[label_column], label_column, data_args)
-    _refuse_a_single_class(train, label_names, label_column, data_args)
+    label_names = labels.label_names(train, features[label_column], label_column, data_args)
+    labels.refuse_a_single_class(train, label_names, label_column, data_args)
     prepare = partial(
         _prepare_split, image_column=image_column, label_column=label_column, num_classes=len(label_names),
         streaming=data_args.streaming,
@@ -82,7 +78,7 @@ def load_image_datasets(data_args: DataArguments) -> ImageDatasets:
     train = prepare(train, data_args.train_split)
     if data_args.validation_split in raw:
         validation = raw[data_args.validation_split]
-        _check_same_classes(features, validation.features, label_column, data_args)
+        labels.check_same_classes(features, validation.features, label_column, data_args)
         validation = prepare(validation, data_args.validation_split)
     elif data_args.streaming:
         raise ValueError(
@@ -185,7 +181,7 @@ def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
             # become a class the model never trains on (a validation subset of train's classes is fine)
             train_names, validation_names = map(_class_directories, (data_args.train_dir, data_args.validation_dir))
             if set(validation_names) - set(train_names):
-                _refuse_different_names(train_names, validation_names,
+                labels.refuse_different_names(train_names, validation_names,
                                         "the class directories of --train_dir and --validation_dir", data_args)
             data_files[data_args.validation_split] = os.path.join(data_args.validation_dir, "**")
         return datasets.load_dataset("imagefolder", data_files=data_files, **load_kwargs)
@@ -207,38 +203,12 @@ def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
         )
     # A Hub id, or a local directory of data files whose names tell the splits (`train-00000-of-00004.parquet`).
     if os.path.isdir(name):
-        _check_declared_classes(name, data_args)
+        labels.check_declared_classes(name, data_args)
     return datasets.load_dataset(name, data_args.dataset_config_name, **load_kwargs)
 
 
 def _class_directories(directory: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
-
-
-def _check_declared_classes(directory: str, data_args: DataArguments) -> None:
-    """Refuse a directory of parquet/arrow files whose train and validation files declare different ClassLabels:
-    datasets would cast the validation labels to the train names index by index, silently."""
-    files = DataFilesDict.from_patterns(get_data_patterns(directory), base_path=directory)
-    if data_args.train_split not in files or data_args.validation_split not in files:
-        return
-    train, validation = (_declared_features(files[split][0]) for split in (data_args.train_split,
-                                                                           data_args.validation_split))
-    for column, feature in train.items():
-        other = validation.get(column)
-        if isinstance(feature, datasets.ClassLabel) and isinstance(other, datasets.ClassLabel):
-            _refuse_different_names(feature.names, other.names, f"column '{column}'", data_args)
-
-
-def _declared_features(path: str) -> datasets.Features:
-    """The features a parquet or arrow file declares in its schema's metadata; none for other files."""
-    if path.endswith(".parquet"):
-        schema = pq.read_schema(path)
-    elif path.endswith(".arrow"):
-        with pa.memory_map(path) as file:
-            schema = pa.ipc.open_stream(file).schema
-    else:
-        return datasets.Features()
-    return datasets.Features.from_arrow_schema(schema)
 
 
 def _is_saved_to_disk(directory: str) -> bool:
@@ -252,9 +222,9 @@ def _prepare_split(
     dataset = dataset.select_columns([image_column, label_column])
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if streaming:
-        check = partial(_check_streamed_labels, split=split, column=label_column, num_classes=num_classes)
+        check = partial(labels.check_streamed_labels, split=split, column=label_column, num_classes=num_classes)
         return dataset.map(check, batched=True)
-    _check_label_range(dataset, split, label_column, num_classes)
+    labels.check_label_range(dataset, split, label_column, num_classes)
     return dataset
 
 
@@ -297,126 +267,6 @@ def _check_image_feature(feature, column: str) -> None:
     raise ValueError(
         f"Image column '{column}' holds {feature}; expected an Image feature, encoded image bytes or file paths."
     )
-
-
-def _label_names(train: AnyDataset, feature, column: str, data_args: DataArguments) -> list[str]:
-    num_labels = data_args.num_labels
-    if isinstance(feature, datasets.ClassLabel):
-        if num_labels is not None and num_labels != feature.num_classes:
-            raise ValueError(
-                f"--num_labels {num_labels} contradicts label column '{column}', whose ClassLabel names "
-                f"{feature.num_classes} classes."
-            )
-        return list(feature.names)
-    if not (isinstance(feature, datasets.Value) and pa.types.is_integer(feature.pa_type)):
-        raise ValueError(f"Label column '{column}' holds {feature}; expected integer class ids or a ClassLabel.")
-    if num_labels is None:
-        num_labels = _count_classes(train, column, data_args)
-    logger.warning(
-        "Label column '%s' has no ClassLabel feature: naming its %d classes '0'..'%d' (%s).", column, num_labels,
-        num_labels - 1, "--num_labels" if data_args.num_labels else "the largest train label + 1; --num_labels sets it",
-    )
-    return [str(index) for index in range(num_labels)]
-
-
-def _count_classes(train: AnyDataset, column: str, data_args: DataArguments) -> int:
-    """The largest train label + 1, unless that label is far beyond the others (a typo would size the model)."""
-    if data_args.streaming:
-        raise ValueError(
-            f"Label column '{column}' has no ClassLabel feature, so the number of classes of a streamed dataset is "
-            "unknown; pass --num_labels, cast the column to a ClassLabel, or do not stream."
-        )
-    labels = _label_array(train, column)
-    valid = pc.filter(labels, pc.greater_equal(labels, 0))
-    largest = pc.max(valid).as_py()
-    if largest is None:
-        raise ValueError(
-            f"Label column '{column}' of split '{data_args.train_split}' holds no valid class id (max: "
-            f"{pc.max(labels).as_py()}).{_UNLABELED_HINT}"
-        )
-    present = pc.count_distinct(valid).as_py()
-    if largest + 1 > 2 * present:
-        below = pc.max(pc.filter(valid, pc.less(valid, largest))).as_py()
-        raise ValueError(
-            f"Split '{data_args.train_split}': label {largest} in column '{column}' would make {largest + 1} classes "
-            f"of which only {present} occur (the next largest label is {below}). Pass --num_labels with the real "
-            "number of classes (labels outside are then refused and named), or fix the label."
-        )
-    return largest + 1
-
-
-def _check_same_classes(
-    train_features: datasets.Features, validation_features, column: str, data_args: DataArguments
-) -> None:
-    train_feature = train_features[column]
-    validation_feature = (validation_features or {}).get(column)
-    if validation_features is not None and validation_feature is None:
-        raise ValueError(
-            f"Split '{data_args.validation_split}' has no label column '{column}' (its columns: "
-            f"{list(validation_features)}); evaluation needs the labels. Pass --validation_split with a labelled split."
-        )
-    if isinstance(train_feature, datasets.ClassLabel) and isinstance(validation_feature, datasets.ClassLabel):
-        _refuse_different_names(train_feature.names, validation_feature.names, f"column '{column}'", data_args)
-
-
-def _refuse_different_names(train_names: list[str], validation_names: list[str], where: str, data_args) -> None:
-    if list(train_names) == list(validation_names):
-        return
-    index = next((index for index, (a, b) in enumerate(zip(train_names, validation_names, strict=False)) if a != b),
-                 min(len(train_names), len(validation_names)))
-    name = lambda names: repr(names[index]) if index < len(names) else "absent"  # noqa: E731
-    raise ValueError(
-        f"Splits '{data_args.train_split}' and '{data_args.validation_split}' name their classes differently in "
-        f"{where} ({len(train_names)} and {len(validation_names)} classes; class {index} is {name(train_names)} and "
-        f"{name(validation_names)}): the same label would mean different classes. {data_args.train_split}: "
-        f"{_listed(train_names)}; {data_args.validation_split}: {_listed(validation_names)}."
-    )
-
-
-def _listed(names: list[str], shown: int = 20) -> str:
-    return "[" + ", ".join(map(str, names[:shown])) + (f", ... ({len(names)} in all)]" if len(names) > shown else "]")
-
-
-def _refuse_a_single_class(train: AnyDataset, label_names: list[str], column: str, data_args: DataArguments) -> None:
-    """A model of one class, or trained on one class only, reaches loss 0 at once and learns nothing."""
-    if len(label_names) < 2:
-        found = f"names a single class ({', '.join(map(repr, label_names))})"
-    elif not data_args.streaming and pc.count_distinct(_label_array(train, column)).as_py() < 2:
-        found = f"holds a single one of its {len(label_names)} classes"
-    else:
-        return
-    raise ValueError(
-        f"Label column '{column}' of split '{data_args.train_split}' {found}: a classifier trained on one class "
-        "learns nothing (its loss is 0 from the start). Check --label_column and the dataset."
-    )
-
-
-def _label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:
-    # One columnar read; touching neither the images nor Python objects per row.
-    return dataset.with_format("arrow", columns=[column])[:][column]
-
-
-def _check_label_range(dataset: datasets.Dataset, split: str, column: str, num_classes: int) -> None:
-    labels = _label_array(dataset, column)
-    valid = pc.fill_null(pc.and_(pc.greater_equal(labels, 0), pc.less(labels, num_classes)), False)
-    invalid = pc.invert(valid)
-    num_invalid = pc.sum(invalid).as_py() or 0
-    if num_invalid:
-        example = pc.filter(labels, invalid)[0].as_py()
-        raise ValueError(
-            f"Split '{split}': {num_invalid} of {len(labels)} labels in column '{column}' are outside "
-            f"[0, {num_classes}), e.g. {example!r}.{_UNLABELED_HINT}"
-        )
-
-
-def _check_streamed_labels(batch: dict, split: str, column: str, num_classes: int) -> dict:
-    for label in batch[column]:
-        if label is None or not 0 <= label < num_classes:
-            raise ValueError(
-                f"Split '{split}': label {label!r} in column '{column}' is outside [0, {num_classes})."
-                + _UNLABELED_HINT
-            )
-    return batch
 
 
 def _first(dataset: AnyDataset, count: int | None) -> AnyDataset:

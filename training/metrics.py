@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from .collator import IGNORE_INDEX
+
 # A local module: `evaluate.load("accuracy")` needs the Hub, this path does not.
 DEIT_ACCURACY_PATH = Path(__file__).parent / "metrics" / "deit_accuracy"
 TOP_K = 5
@@ -49,10 +51,16 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     Returns `top1`/`top5` (fused logits), `cls_top1`/`cls_top5`, `dist_top1`/`dist_top5`, `token_cosine` (mean) and,
     when the predictions carry the teacher's ids, `teacher_top1`, `teacher_agreement` (fused vs teacher argmax) and
     `dist_teacher_agreement` (distillation head vs teacher argmax). A model without distillation token has one head:
-    `top1`/`top5` and `cls_top1`/`cls_top5` are its accuracy, and there are no `dist_*` or `token_cosine`.
+    `top1`/`top5` and `cls_top1`/`cls_top5` are its accuracy, and there are no `dist_*` or `token_cosine`. Rows
+    labelled `IGNORE_INDEX` (images that did not decode, kept as blank rows) count in none of them; without any other
+    row there is no metric (`training.skipped_images` stops the run, or reports `eval_images` 0).
     """
     predictions, labels = eval_pred.predictions, eval_pred.label_ids
     predictions = (predictions,) if isinstance(predictions, np.ndarray) else tuple(predictions)
+    decoded = labels != IGNORE_INDEX
+    if not decoded.any():
+        return {}
+    predictions, labels = tuple(values[decoded] for values in predictions), labels[decoded]
     if len(predictions) <= 2:  # one head
         logits_ranked, *teacher = predictions
         metrics = {prefix + name: value for prefix in ("", "cls_")

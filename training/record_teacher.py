@@ -9,9 +9,10 @@ processes, the same per-batch augmentation, keyed as the students' runs will loo
 process runs the teacher alone on its views, several of the students' batches at a time (at least
 `--per_device_eval_batch_size` views per forward), and writes its parts of the record; epochs already recorded are
 skipped, and a run stopped midway resumes at the first epoch it had not finished. The evaluation batches are
-recorded too when the students' runs will evaluate. The views must not depend on the student's own randomness
-(drop path draws from the same generator as the augmentation until that is seeded per batch): the replaying runs
-compare each batch's pixels with the record's and stop at the first difference.
+recorded too when the students' runs will evaluate. Each micro-batch is seeded from its `StepKey` as the trainer
+seeds it (`training.randomness.StepSeeder`), so its random erasing and Mixup/CutMix draw what the students' runs
+draw, and it is recorded under that key; the replaying runs compare each batch's pixels with the record's and stop
+at the first difference.
 """
 
 import logging
@@ -68,16 +69,17 @@ def record(trainer, training_args) -> None:
         for sampler in (dataloader, getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-        micro = {}
+        trainer.step_seeder.start_epoch(epoch)
         for batch_number, inputs in enumerate(dataloader):
             step = epoch * per_epoch + batch_number // accumulation
             if step not in steps:
                 break
+            # seeded as the trainer seeds each micro-batch, an empty one too: the same erasing and Mixup/CutMix draws
+            trainer.step_seeder.seed_micro_batch(step)
             if inputs["labels"].numel() == 0:  # nothing decoded: the trainer asks no target for it
                 continue
-            micro[step] = micro.get(step, -1) + 1
             inputs = trainer._transform_batch(inputs, training=True)
-            teacher_pass.add(name, (step, micro[step]), inputs["pixel_values"])
+            teacher_pass.add(*targets.training_key(), inputs["pixel_values"])
         teacher_pass.flush()
         targets.verify()
         targets.save()
@@ -85,9 +87,7 @@ def record(trainer, training_args) -> None:
     if training_args.do_eval or training_args.eval_strategy != "no":
         name, number = part_name(None, rank), 0
         for inputs in trainer.get_eval_dataloader():
-            if inputs["labels"].numel() == 0:
-                continue
-            inputs = trainer._transform_batch(inputs, training=False)
+            inputs, _, _ = trainer.evaluated_rows(inputs)  # what the trainer's `prediction_step` asks targets for
             teacher_pass.add(name, (number, 0), inputs["pixel_values"])
             number += 1
         teacher_pass.flush()

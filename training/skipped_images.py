@@ -3,6 +3,7 @@
 `ImageTransform` skips images that do not decode or are out of bounds; `DistillationCollator` drops them and puts
 their number in each batch (`skipped_images`), since the workers' own counters never reach the main process.
 `SkippedImageCounter` adds those counts up on the device and reads them on the host only when the trainer logs.
+Evaluation batches keep their skipped images as ignored rows instead, counted by `training.evaluation`.
 """
 
 import logging
@@ -40,61 +41,59 @@ class TooFewDecodableImagesError(RuntimeError):
 
 
 class SkippedImageCounter(TrainerCallback):
-    """Counts the images skipped in training and evaluation, over all DataLoader workers and processes.
+    """Counts the images skipped in training, over all DataLoader workers and processes, and checks evaluations'.
 
-    The trainer passes each batch to `record`, which pops the collator's `skipped_images` and adds it to a total kept
-    on the device (no host synchronisation per step), and each log to `report`, which sums the totals over
-    processes (one all-reduce per log) and adds them to the log:
+    The trainer passes each training batch to `record`, which pops the collator's `skipped_images` and adds it to a
+    total kept on the device (no host synchronisation per step), and each log to `report`, which sums the totals
+    over processes (one all-reduce per log) and adds them to the log:
 
     - training logs get `skipped_images`, the count of the epoch so far; a log is forced at each epoch end, so the
       last value of an epoch is its total, also logged as a line (`Epoch 3: 12 of 5000 images skipped`);
     - `train()`'s closing metrics get `train_skipped_images`, the total of the run;
-    - `evaluate()`'s metrics get `eval_skipped_images` (with its metric prefix).
+    - `evaluate()`'s metrics come with `eval_images` and `eval_skipped_images` (with its metric prefix; counted by
+      `training.evaluation.EvaluationTally`, each validation image once), which `report` checks.
 
     When a smaller fraction of an epoch's images than `min_decodable_fraction` could be used (checked at the epoch
     end, and at each log once `MIN_IMAGES_FOR_EARLY_CHECK` images were read), or of an evaluation's, the run stops
     with `TooFewDecodableImagesError`: a dataset that is mostly corrupt never yields a quietly untrained model.
-    Every process sees the same sums, so all of them stop at the same point. The counts are of images read: in a
-    run over several processes, the images accelerate repeats to even out a last, partial batch (`even_batches`)
-    are read, and counted, twice.
+    Every process sees the same sums, so all of them stop at the same point. The training counts are of images read:
+    in a run over several processes, the images accelerate repeats to even out a last, partial batch
+    (`even_batches`) are read, and counted, twice.
     """
 
     def __init__(self, min_decodable_fraction: float = 0.9):
         self.min_decodable_fraction = min_decodable_fraction
-        self._pending: dict[str, list] = {}  # split -> [skipped (a device tensor, or 0), decoded], this process
+        self._pending = [0, 0]  # skipped (a device tensor, or 0), decoded: this process, since the last log
         self._epoch_counts = [0, 0]  # skipped, decoded: all processes, this epoch
         self._run_skipped = 0
         self._epoch_number = 1
 
-    def record(self, inputs: dict, split: str) -> None:
-        """Take the `skipped_images` count out of a batch (the model does not expect it) and add it to `split`'s."""
+    def record(self, inputs: dict) -> None:
+        """Take the `skipped_images` count out of a training batch (the model does not expect it) and add it up."""
         skipped = inputs.pop("skipped_images", None)
-        pending = self._pending.setdefault(split, [0, 0])
         if skipped is not None:
-            pending[0] = pending[0] + skipped.sum()
-        pending[1] += len(inputs["labels"])  # a shape, known on the host
+            self._pending[0] = self._pending[0] + skipped.sum()
+        self._pending[1] += len(inputs["labels"])  # a shape, known on the host
 
     def report(self, logs: dict) -> None:
         """Add the skipped-image counts to a log of the trainer's, and stop the run if too few images decoded."""
         if "loss" in logs:  # a training log
-            self._add_to_epoch(*self._collect("train"))
+            self._add_to_epoch(*self._collect())
             logs["skipped_images"] = self._epoch_counts[0]
             self._check(*self._epoch_counts, f"epoch {self._epoch_number}", complete=False)
         elif "train_runtime" in logs:  # train()'s closing metrics
             logs["train_skipped_images"] = self._run_skipped
         else:
             prefix = next((key[: -len("_runtime")] for key in logs if key.endswith("_runtime")), None)
-            if prefix is not None:  # evaluate()'s metrics
-                skipped, decoded = self._collect("eval")
-                logs[f"{prefix}_skipped_images"] = skipped
-                self._check(skipped, decoded, "the evaluation", complete=True)
+            if prefix is not None and f"{prefix}_images" in logs:  # evaluate()'s metrics
+                self._check(logs[f"{prefix}_skipped_images"], logs[f"{prefix}_images"], "the evaluation", complete=True)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._epoch_counts = [0, 0]
         self._epoch_number = math.floor(state.epoch or 0) + 1
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._add_to_epoch(*self._collect("train"))
+        self._add_to_epoch(*self._collect())
         skipped, decoded = self._epoch_counts
         if skipped:
             logger.warning(
@@ -104,8 +103,8 @@ class SkippedImageCounter(TrainerCallback):
         self._check(skipped, decoded, f"epoch {self._epoch_number}", complete=True)
         control.should_log = True  # the epoch's total reaches the logged metrics
 
-    def _collect(self, split: str) -> tuple[int, int]:
-        skipped, decoded = self._pending.pop(split, (0, 0))
+    def _collect(self) -> tuple[int, int]:
+        (skipped, decoded), self._pending = self._pending, [0, 0]
         counts = torch.tensor([0, decoded], device=PartialState().device)
         counts[0] += skipped
         skipped, decoded = reduce(counts, reduction="sum").tolist()

@@ -96,18 +96,17 @@ class RecordedTeacher(TeacherTargets):
         num_labels: the classes of the targets.
         distillation_type: `hard` (the class) or `soft` (the top-k logits) is what is recorded.
         top_k: the logits kept per view with soft distillation.
-        steps_per_epoch: optimizer steps per epoch (which epoch's part a step belongs to).
         teacher: runs on the batches the record lacks, which are then recorded; None: replay only.
         check_steps: steps on which the teacher (then required) is also run on recorded batches and its targets
             compared with the record (`--teacher_cache_check`).
     """
 
     def __init__(self, record: TeacherRecord, num_labels: int, distillation_type: str, top_k: int,
-                 steps_per_epoch: int, teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset()):
+                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset()):
         if check_steps and teacher is None:
             raise ValueError("Checking recorded steps needs the teacher.")
         self.record, self.num_labels, self.teacher = record, num_labels, teacher
-        self.distillation_type, self.top_k, self.steps_per_epoch = distillation_type, top_k, steps_per_epoch
+        self.distillation_type, self.top_k = distillation_type, top_k
         self.check_steps = check_steps
         self.process_index = 0
         self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
@@ -128,9 +127,13 @@ class RecordedTeacher(TeacherTargets):
         if not training:
             self._eval_batches += 1
             return part_name(None, self.process_index), (self._eval_batches - 1, 0)
-        # the micro-batch's identity, as the trainer seeded its random draws (`training.randomness.StepKey`)
-        step, micro = self.trainer.step_seeder.key.step, self.trainer.step_seeder.key.micro_batch
-        return part_name(step // self.steps_per_epoch, self.process_index), (step, micro)
+        return self.training_key()
+
+    def training_key(self) -> tuple[str, tuple[int, int]]:
+        """The part and key of the training micro-batch the trainer seeded last: its identity, as it seeded its
+        random draws (`training.randomness.StepKey`)."""
+        key = self.trainer.step_seeder.key
+        return part_name(key.epoch, self.process_index), (key.step, key.micro_batch)
 
     def targets(self, name: str, key: tuple[int, int], pixel_values: torch.Tensor,
                 logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -311,11 +314,11 @@ def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, 
         return OnlineTeacher(load_teacher())
     fingerprint = record_fingerprint(datasets, distill_args, aug_args, training_args, *student_statistics)
     record = TeacherRecord(distill_args.teacher_cache, fingerprint)
-    per_epoch, epochs = needed_steps(len(datasets["train"]), training_args)
+    _, epochs = needed_steps(len(datasets["train"]), training_args)
     evaluates = training_args.do_eval or training_args.eval_strategy != "no"
     missing = record.missing(epochs, training_args.world_size, evaluates) if record.check_fingerprint() else ["all"]
     settings = dict(num_labels=num_labels, distillation_type=distill_args.distillation_type,
-                    top_k=distill_args.teacher_cache_top_k, steps_per_epoch=per_epoch)
+                    top_k=distill_args.teacher_cache_top_k)
     check = distill_args.teacher_cache_check
     if not missing:
         if check == 0:

@@ -30,8 +30,8 @@ from .args import (
     DeiTTrainingArguments,
     DistillationArguments,
     ModelArguments,
-    check_arguments,
 )
+from .argument_checks import check_arguments
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None):
     `--warmup_epochs`); giving both of a pair is refused. `--save_steps` or `--eval_steps` without its strategy
     means `steps`, as in transformers. A checkpoint to fine-tune (`--model_name_or_path`) gives the architecture
     and, unless `--input_size` says another, the input size. A value that an argument dataclass, a conflict
-    between arguments or `training.args.check_arguments` refuses exits as argparse does (status 2), with one
+    between arguments or `training.argument_checks.check_arguments` refuses exits as argparse does (status 2), with one
     line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -164,7 +164,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     if "label_smoothing_factor" in given:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
-    _check_stream_dispatch(data_args, training_args)
+    check_stream_dispatch(data_args, training_args)
     check_cache_flags(given, distill_args, data_args)
     if model_args.model_name_or_path is None:
         return
@@ -174,30 +174,29 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     check_checkpoint_arguments(model_args, aug_args, "input_size" in given)
 
 
-def _check_stream_dispatch(data_args: DataArguments, training_args: TrainingArguments) -> None:
+def check_stream_dispatch(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Refuse accelerate's `dispatch_batches` settings that would lose or repeat streamed examples on N processes."""
+    if not data_args.streaming or training_args.world_size == 1:
+        return
+    dispatch = training_args.accelerator_config.dispatch_batches
     # The evaluation stream stays with accelerate's dispatching (process 0 reads it, and `gather_for_metrics` drops
     # the padding of its last batch); undispatched, accelerate would give the processes unequal or overlapping parts.
     evaluates = training_args.do_eval or training_args.eval_strategy != "no"
-    if data_args.streaming and training_args.world_size > 1 and evaluates and (
-        training_args.accelerator_config.dispatch_batches is False
-    ):
+    if dispatch is False and evaluates:
         raise ValueError(
             "--accelerator_config dispatch_batches=false with --streaming on several processes: the evaluation stream "
             "would count some examples twice or not at all. Leave dispatch_batches unset (the train stream is split "
             "among the processes anyway), or do not evaluate (--eval_strategy no --do_eval false)."
         )
-
-
-def splits_train_stream(training_args: TrainingArguments) -> bool:
-    """Whether each of several processes reads its own part of a streamed train split (`split_stream_by_process`):
-    yes, unless `--accelerator_config` asks for accelerate's dispatching (process 0 reads and decodes for all)."""
-    if training_args.world_size == 1:
-        return False
-    if training_args.accelerator_config.dispatch_batches:
-        logger.info("--accelerator_config dispatch_batches=true: process 0 reads and decodes the train stream for all "
-                    "%d processes.", training_args.world_size)
-        return False
-    return True
+    # A dispatched train batch is split evenly with the remainder dropped (accelerate's `DataLoaderDispatcher`): once
+    # an image fails to decode, the global batch no longer divides among the processes and decoded images are lost.
+    if dispatch:
+        raise ValueError(
+            "--accelerator_config dispatch_batches=true with --streaming on several processes: accelerate splits each "
+            "dispatched train batch evenly and drops the remainder, so every batch with an undecodable image would "
+            "lose decoded ones without a word. Leave dispatch_batches unset: each process reads and decodes its own "
+            "part of the train stream."
+        )
 
 
 def apply_recipe_schedule(
@@ -274,7 +273,7 @@ def build_trainer(
 
     data = load_image_datasets(data_args)
     train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
-    own_stream_part = data_args.streaming and splits_train_stream(training_args)
+    own_stream_part = data_args.streaming and training_args.world_size > 1  # `check_stream_dispatch`
     if data_args.streaming:  # before the transform: each process decodes only its own examples
         train_dataset = prepare_train_stream(
             train_dataset, data_args, training_args.process_index, training_args.world_size,

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -14,6 +15,8 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .collator import IGNORE_INDEX, DistillationCollator
+from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
 from .randomness import RepeatedViewSampler, SeededViews, StepSeeder
 from .skipped_images import SkippedImageCounter, slice_dispatched_batch
 from .step_guard import (
@@ -131,6 +134,7 @@ class DistillationTrainer(Trainer):
         self._view_sampler: RepeatedViewSampler | None = None
         self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
         self.add_callback(self.skipped_images)
+        self.eval_tally = EvaluationTally()
         # Per-batch values kept on the device and averaged at each logging step: no host sync per step.
         self._batch_means: dict[str, list[torch.Tensor]] = {
             name: [] for name in ("loss", "base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
@@ -151,9 +155,12 @@ class DistillationTrainer(Trainer):
         for index, inputs in enumerate(self.get_eval_dataloader()):
             if index == num_batches:
                 break
-            if inputs["labels"].numel() == 0:
+            decoded = inputs["labels"] != IGNORE_INDEX
+            if not decoded.any():
                 continue
-            inputs = self._transform_batch(inputs, training=False)
+            inputs = self._transform_batch(
+                {"pixel_values": inputs["pixel_values"][decoded], "labels": inputs["labels"][decoded]}, training=False
+            )
             for row, normalisation in enumerate(statistics.values()):
                 with normalised_as(self.teacher, normalisation), self.accelerator.autocast():
                     predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
@@ -191,6 +198,17 @@ class DistillationTrainer(Trainer):
             return super().get_train_dataloader()
         finally:
             accelerator.prepare_data_loader = prepare_dispatched
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Evaluation batches keep their size, a skipped image as a blank row (see `training.evaluation`).
+        collator, config = self.data_collator, self.model.config
+        if not isinstance(collator, DistillationCollator):
+            raise TypeError(f"DistillationTrainer evaluates with a DistillationCollator, not {type(collator).__name__}")
+        self.data_collator = replace(collator, blank_shape=(config.num_channels, config.image_size, config.image_size))
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -235,7 +253,7 @@ class DistillationTrainer(Trainer):
         return {**inputs, "pixel_values": pixel_values, "labels": labels}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.skipped_images.record(inputs, "train")
+        self.skipped_images.record(inputs)
         self.step_seeder.seed_micro_batch(self.state.global_step)
         return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
 
@@ -283,11 +301,30 @@ class DistillationTrainer(Trainer):
                 self._batch_means[name].append(value.detach())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self.skipped_images.record(inputs, "eval")
-        if inputs["labels"].numel() == 0:  # nothing decoded in this evaluation batch
+        # The outputs of the rows the model saw go back to their rows, and the loss to `eval_tally`, for batches of
+        # the same size on every process (`training.evaluation`).
+        labels = inputs["labels"]
+        inputs, rows, counted = self.evaluated_rows(inputs)
+        loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        self.eval_tally.add(self.accelerator, loss, counted)
+        if logits is None:
             return None, None, None
-        inputs = self._transform_batch(inputs, training=False)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        return None, fill_rows(logits, rows), labels
+
+    def evaluated_rows(self, inputs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The rows of an evaluation batch that the model sees, transformed: those that decoded and that the gather
+        keeps (`counted`), or, in a batch without such a row, its first one (every process gathers outputs of the
+        same structure); `rows` says which they are."""
+        labels = inputs["labels"]
+        counted = (labels != IGNORE_INDEX) & rows_kept_by_gather(self.accelerator, len(labels), labels.device)
+        rows = counted if counted.any() else torch.arange(len(labels), device=labels.device) == 0
+        inputs = {"pixel_values": inputs["pixel_values"][rows], "labels": labels[rows].clamp(min=0)}  # blank: 0
+        return self._transform_batch(inputs, training=False), rows, counted
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        output.metrics.update(self.eval_tally.take(metric_key_prefix))  # its loss and counts (`prediction_step`)
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" in logs:  # a training log, or the end of training

@@ -97,3 +97,15 @@ def fitted_teacher(digits):
     )
     model = PooledLinearClassifier(regression.coef_.astype(np.float32), regression.intercept_.astype(np.float32))
     return Teacher(model, num_labels=10, teacher_mean=IMAGENET_DEFAULT_MEAN, teacher_std=IMAGENET_DEFAULT_STD)
+
+
+@pytest.fixture(scope="session")
+def few_digits():
+    """Three training and two validation digits per class, 8 px: ImageNet's columns, small enough to write often."""
+    full = load_digits_dataset(image_size=8)
+
+    def per_class(split, count):
+        labels = np.asarray(split["label"][:])
+        return split.select([index for digit in range(10) for index in np.flatnonzero(labels == digit)[:count]])
+
+    return DatasetDict({"train": per_class(full["train"], 3), "validation": per_class(full["validation"], 2)})

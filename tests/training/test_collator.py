@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.args import AugmentationArguments, DataArguments
-from training.collator import DistillationCollator
+from training.collator import IGNORE_INDEX, DistillationCollator
 from training.data import attach_transform, load_image_datasets
 from training.digits import load_digits_dataset
 from training.transforms import ImageTransform, build_eval_transform, build_train_transform
@@ -47,6 +47,19 @@ def test_all_corrupt_batch_is_empty():
     assert batch["labels"].numel() == 0 and batch["labels"].dtype == torch.int64
     assert batch["pixel_values"].numel() == 0
     assert batch["skipped_images"].tolist() == [3]
+
+
+def test_with_a_blank_shape_undecoded_samples_keep_their_rows_labelled_ignore_index():
+    corrupt = {"pixel_values": None, "labels": None}
+    collate = DistillationCollator(blank_shape=(3, 4, 4))  # as in evaluation
+
+    batch = collate([sample(1), corrupt, sample(2), corrupt])
+
+    assert batch.keys() == {"pixel_values", "labels"} and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 0.0, 2.0, 0.0]
+    assert batch["labels"].tolist() == [1, IGNORE_INDEX, 2, IGNORE_INDEX]
+    nothing = collate([corrupt] * 3)
+    assert nothing["pixel_values"].shape == (3, 3, 4, 4) and nothing["labels"].tolist() == [IGNORE_INDEX] * 3
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,26 @@ def test_a_stuck_rank_ends_the_job_within_the_ddp_timeout(small_digits_dir, rand
     assert 5 <= ended - stopped < 5 + 30 + 15, ended - stopped
 
 
+def wait_for_machines(machines: list[subprocess.Popen], stderr_files: list[Path], timeout: float = 900) -> None:
+    """Wait until every machine's launcher has exited with 0, and fail as soon as one exits otherwise.
+
+    A machine whose worker failed exits at once, but torch elastic's agent on the other one, its worker done or
+    broken off, then waits up to 300 s in its exit barrier for the failed agent, which never arrives (a failed agent
+    skips the barrier): waiting on each machine in turn for a fixed time made a busy machine's slow run plus that wait
+    time out, hiding the failing machine's error. `timeout` only bounds a run in which no machine ever exits."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (returncodes := [machine.poll() for machine in machines]) != [0] * len(machines):
+            failed = [rank for rank, code in enumerate(returncodes) if code not in (None, 0)]
+            assert not failed, "".join(f"machine {rank}: {stderr_files[rank].read_text()[-3000:]}" for rank in failed)
+            assert time.monotonic() < deadline, "no machine exited: " + "".join(
+                path.read_text()[-1500:] for path in stderr_files)
+            time.sleep(1)
+    finally:
+        for machine in machines:
+            machine.kill()
+
+
 def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_digits_dir, random_teacher_dir,
                                                                           tmp_path):
     """`accelerate launch --config_file` with a multi-GPU YAML (the script itself runs on the CPU here), and two
@@ -143,13 +163,7 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
                  "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE), *args],
                 stdout=stdout, stderr=stderr, text=True, env=env, cwd=REPO,
             ))
-    try:
-        # past torch elastic's 300 s exit barrier, so that a machine whose worker failed is seen failing
-        returncodes = [machine.wait(timeout=400) for machine in machines]
-    finally:
-        for machine in machines:
-            machine.kill()
-    assert returncodes == [0, 0], "".join(err.read_text()[-2000:] for _, err in logs)
+    wait_for_machines(machines, [err for _, err in logs])
     assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in logs[0][0].read_text()  # printed by the global rank 0
 
     for folder in ("yaml", "nodes"):

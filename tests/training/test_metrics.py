@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
+from training.collator import IGNORE_INDEX
 from training.metrics import DEIT_ACCURACY_PATH, compute_metrics, preprocess_logits_for_metrics
 
 
@@ -60,6 +61,19 @@ def test_compute_metrics_by_hand_with_teacher():
     assert metrics["teacher_agreement"] == pytest.approx(0.25)
     assert metrics["dist_teacher_agreement"] == pytest.approx(0.5)
     assert metrics["top1"] == pytest.approx(0.5) and len(metrics) == 10
+
+
+def test_rows_labelled_ignore_index_count_in_no_metric():
+    def padded(values: np.ndarray) -> np.ndarray:  # a blank row before each row, as undecodable images leave them
+        return np.stack([np.zeros_like(values), values], axis=1).reshape(-1, *values.shape[1:])
+
+    labels = np.stack([np.full_like(LABELS, IGNORE_INDEX), LABELS], axis=1).reshape(-1)
+    predictions = tuple(map(padded, (FUSED, CLS, DIST, COSINE, TEACHER)))
+    metrics = compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+
+    assert metrics == compute_metrics(EvalPrediction(predictions=(FUSED, CLS, DIST, COSINE, TEACHER), label_ids=LABELS))
+    nothing_decoded = EvalPrediction(predictions=predictions, label_ids=np.full_like(labels, IGNORE_INDEX))
+    assert compute_metrics(nothing_decoded) == {}
 
 
 def test_preprocess_keeps_ranked_top5_ids_and_the_cosine():

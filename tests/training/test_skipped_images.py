@@ -34,18 +34,18 @@ def test_counts_reach_training_logs_per_epoch_and_the_closing_metrics():
     control = begin_epoch(counter, 0)
     for decoded, skipped in [(8, 0), (6, 2), (8, 0)]:
         inputs = batch(decoded, skipped)
-        counter.record(inputs, "train")
+        counter.record(inputs)
         assert "skipped_images" not in inputs  # the model is never given it
     first_log, second_log = {"loss": 1.0}, {"loss": 1.0}
     counter.report(first_log)
-    counter.record(batch(5, 3), "train")
+    counter.record(batch(5, 3))
     counter.on_epoch_end(None, None, control)
     counter.report(second_log)
     assert (first_log["skipped_images"], second_log["skipped_images"]) == (2, 5)  # this epoch's, so far
     assert control.should_log  # the epoch's total is logged at its end
 
     begin_epoch(counter, 1)
-    counter.record(batch(7, 1), "train")
+    counter.record(batch(7, 1))
     third_log = {"loss": 1.0}
     counter.report(third_log)
     assert third_log["skipped_images"] == 1  # a new epoch counts from 0
@@ -55,22 +55,17 @@ def test_counts_reach_training_logs_per_epoch_and_the_closing_metrics():
     assert closing["train_skipped_images"] == 6
 
 
-def test_evaluation_counts_go_to_its_metrics_and_can_stop_the_run():
+def test_evaluation_counts_can_stop_the_run():
     counter = SkippedImageCounter(min_decodable_fraction=0.75)
-    counter.record(batch(6, 2), "eval")
-    metrics = {"eval_top1": 0.5, "eval_runtime": 1.0}
-    counter.report(metrics)
-    assert metrics["eval_skipped_images"] == 2
-
-    counter.record(batch(5, 3), "eval")
+    counter.report({"eval_top1": 0.5, "eval_images": 6, "eval_skipped_images": 2, "eval_runtime": 1.0})
     with pytest.raises(TooFewDecodableImagesError, match=r"Only 5 of the 8 images read in the evaluation"):
-        counter.report({"test_top1": 0.5, "test_runtime": 1.0})
+        counter.report({"test_top1": 0.5, "test_images": 5, "test_skipped_images": 3, "test_runtime": 1.0})
 
 
 def test_decodable_fraction_is_checked_at_epoch_end_and_early_once_enough_images_were_read():
     counter = SkippedImageCounter(min_decodable_fraction=0.9)
     control = begin_epoch(counter, 0)
-    counter.record(batch(2, 6), "train")
+    counter.record(batch(2, 6))
     counter.report({"loss": 1.0})  # 8 images: too few to judge yet
     with pytest.raises(TooFewDecodableImagesError, match=r"Only 2 of the 8 images read in epoch 1 .*0\.9"):
         counter.on_epoch_end(None, None, control)
@@ -78,12 +73,12 @@ def test_decodable_fraction_is_checked_at_epoch_end_and_early_once_enough_images
     counter = SkippedImageCounter(min_decodable_fraction=0.9)
     begin_epoch(counter, 2.5)  # resumed in the middle of its third epoch
     half = MIN_IMAGES_FOR_EARLY_CHECK // 2
-    counter.record({"labels": torch.zeros(half), "skipped_images": torch.tensor([half])}, "train")
+    counter.record({"labels": torch.zeros(half), "skipped_images": torch.tensor([half])})
     with pytest.raises(TooFewDecodableImagesError, match=f"Only {half} of the {2 * half} images read in epoch 3"):
         counter.report({"loss": 1.0})
 
     lenient = SkippedImageCounter(min_decodable_fraction=0)
-    lenient.record(batch(0, 8), "train")
+    lenient.record(batch(0, 8))
     lenient.on_epoch_end(None, None, begin_epoch(lenient, 0))  # 0 never stops
 
 
@@ -124,13 +119,26 @@ def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, ra
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_two_processes_sum_their_skips(digits, random_teacher_dir, tmp_path):
+def test_an_evaluation_where_nothing_decodes_stops_the_run(digits, random_teacher_dir, tmp_path):
+    datasets.DatasetDict({
+        "train": digits["train"].select(range(16)),
+        "validation": with_garbage(digits["validation"].select(range(12)), set(range(12))),
+    }).save_to_disk(str(tmp_path / "data"))
+    args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--max_steps", "1",
+                         "--eval_strategy", "no", "--do_eval", "true", "--per_device_eval_batch_size", "8")
+    with pytest.raises(TooFewDecodableImagesError, match="Only 0 of the 12 images read in the evaluation"):
+        main(args)
+
+
+def test_two_processes_sum_their_skips_and_evaluate_as_one(digits, random_teacher_dir, tmp_path):
     datasets.DatasetDict({
         "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
-        "validation": with_garbage(digits["validation"].select(range(32)), {3, 20}),
+        "validation": with_garbage(digits["validation"].select(range(37)), {0, 3, 20, 33}),
     }).save_to_disk(str(tmp_path / "data"))
-    # 48 = 6 steps x 2 processes x 4 and 32 = 2 x 16: no batch is padded with repeated images to even the processes
-    # out (accelerate's even_batches), which would be read, and counted, twice.
+    # 48 = 6 steps x 2 processes x 4: no training batch is padded with repeated images to even the processes out
+    # (accelerate's even_batches), which would be read, and counted, twice. The validation's 37 = 16 + 16 + 5 are:
+    # process 0 images 0-15 (2 corrupt) beside process 1's 16-31 (1 corrupt), then 32-36 padded with 0-10 (so the
+    # corrupt 0 and 3 again) beside a batch of repeats; those repeats are not evaluated, nor counted.
     args = tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
                          "--repeated_aug", "false", "--eval_strategy", "no", "--do_eval", "true",
                          "--min_decodable_fraction", "0.8", "--dataloader_num_workers", "1")
@@ -143,7 +151,21 @@ def test_two_processes_sum_their_skips(digits, random_teacher_dir, tmp_path):
     )
     assert "WORLD_SIZE 2" in stdout
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_skipped_images"] == 5
-    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 2
+
+    # The trained model evaluated again on one process: the same images, counts, accuracies and loss.
+    student = args.index("--model_preset")
+    one_process = [*args[:student], *args[student + 4:], "--do_train", "false", "--model_name_or_path",
+                   str(tmp_path / "out"), "--output_dir", str(tmp_path / "one")]  # without its preset and overrides
+    main(one_process)
+    two, one = (json.loads((tmp_path / run_dir / "eval_results.json").read_text()) for run_dir in ("out", "one"))
+    assert (two["eval_images"], two["eval_skipped_images"]) == (33, 4)  # and the same on one process, below
+    timings = ("epoch", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+               "eval_model_preparation_time")
+    two, one = ({name: value for name, value in metrics.items() if name not in timings} for metrics in (two, one))
+    assert {"eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1"} <= one.keys()
+    assert two.pop("eval_loss") == pytest.approx(one.pop("eval_loss"), rel=1e-5)
+    assert two.pop("eval_token_cosine") == pytest.approx(one.pop("eval_token_cosine"), rel=1e-5)
+    assert two == one
 
 
 def test_a_stream_on_one_process_counts_batches_where_nothing_decoded(digits, random_teacher_dir, tmp_path):

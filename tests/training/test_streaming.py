@@ -5,11 +5,13 @@ once."""
 import io
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 
 from training.data import shuffle_stream, split_stream_by_process
+from training.train import check_stream_dispatch
 
 from .conftest import tiny_run_args
 from .test_distributed import launch, two_processes
@@ -115,3 +117,24 @@ def test_the_train_stream_is_shuffled_each_epoch_the_same_on_every_process(digit
     assert epoch_order(1, 1) == epoch_order(1, 1)  # reproducible from the seed
     assert [example["label"] for example in shuffle_stream(stream, 0, 0)] == in_files
     assert "read in the same order every epoch" in caplog.text
+
+
+def _stream_run(dispatch_batches, world_size=2, evaluates=True):
+    data_args = SimpleNamespace(streaming=True)
+    training_args = SimpleNamespace(
+        world_size=world_size, do_eval=evaluates, eval_strategy="no",
+        accelerator_config=SimpleNamespace(dispatch_batches=dispatch_batches),
+    )
+    return data_args, training_args
+
+
+def test_a_dispatched_train_stream_on_several_processes_is_refused_as_it_would_drop_images():
+    # accelerate splits a dispatched batch of 31 decoded images on 2 processes as 15 + 15: one image lost per batch.
+    with pytest.raises(ValueError, match="dispatch_batches=true with --streaming on several processes: .* drops the "
+                                         "remainder"):
+        check_stream_dispatch(*_stream_run(dispatch_batches=True))
+    with pytest.raises(ValueError, match="dispatch_batches=false .* the evaluation stream"):
+        check_stream_dispatch(*_stream_run(dispatch_batches=False))
+    check_stream_dispatch(*_stream_run(dispatch_batches=None))  # the default: each process reads its own part
+    check_stream_dispatch(*_stream_run(dispatch_batches=False, evaluates=False))
+    check_stream_dispatch(*_stream_run(dispatch_batches=True, world_size=1))  # one process keeps every image

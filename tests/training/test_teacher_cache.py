@@ -313,13 +313,14 @@ def test_hard_targets_keep_non_finite_teacher_outputs():
 
 def test_a_pass_without_student_records_what_the_students_replay(small_digits_dir, random_teacher_dir, tmp_path,
                                                                  caplog):
+    """With the whole recipe on: the pass draws each micro-batch's erasing and Mixup/CutMix as the trainer does."""
     cache = str(tmp_path / "cache")
-    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *ONE_EPOCH,
+    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *ONE_EPOCH, *FULL_RECIPE,
                                    "--teacher_cache", str(tmp_path / "online_cache")))
-    record_teacher.main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "r", *ONE_EPOCH,
+    record_teacher.main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "r", *ONE_EPOCH, *FULL_RECIPE,
                                       "--teacher_cache", cache))
     caplog.set_level(logging.INFO, logger="training.teacher_targets")
-    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *ONE_EPOCH,
+    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *ONE_EPOCH, *FULL_RECIPE,
                                    "--teacher_cache", cache, "--teacher_cache_check", "2"))
     assert any("teacher loaded to check steps" in message for message in caplog.messages)
     assert sum("match the record's" in message for message in caplog.messages) >= 2
