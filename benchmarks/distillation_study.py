@@ -24,7 +24,7 @@ import json
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -213,7 +213,7 @@ def plot(summary: dict, path: Path) -> Path:
         values = [summary[name][head] for name in names if head in summary[name]]
         bars.bar(positions, [100 * mean for mean, _ in values], 0.27, yerr=[100 * std for _, std in values],
                  label=label, capsize=2)
-    bars.set_xticks(range(len(names)), [name.replace(", ", ",\n") for name in names], fontsize="small")
+    bars.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize="small")
     bars.set(ylabel="held-out top-1 %", title="digits, 32 px: each row's heads (mean ± std over seeds)")
     bars.grid(axis="y", alpha=0.3)
     bars.legend(fontsize="small")
@@ -285,19 +285,24 @@ def main(argv: list[str] | None = None) -> dict:
             for name, seed in jobs
         ]
         runs = []
-        for future in futures:
+        for future in as_completed(futures):
             runs.append(future.result())
             print(json.dumps(runs[-1]), flush=True)
-    summary = summarize(runs)
-    wall = time.perf_counter() - start
-    print(json.dumps({"summary": summary, "wall_seconds": wall}), flush=True)
-    if args.record:
-        from .run import machine_description
-
-        text = markdown(runs, summary, settings, teachers, machine_description(), wall)
-        record(text, args.output, (START_MARKER, END_MARKER), "Distillation study")
-        plot(summary, args.figure)
+            summary = summarize(runs)
+            if args.record:  # after every run: a study stopped early leaves its finished runs, labelled partial
+                _record(runs, len(jobs), summary, settings, teachers, time.perf_counter() - start, args)
+    print(json.dumps({"summary": summary, "wall_seconds": time.perf_counter() - start}), flush=True)
     return summary
+
+
+def _record(runs: list[dict], planned: int, summary: dict, settings: Settings, teachers: dict, wall: float, args):
+    from .run import machine_description
+
+    text = markdown(runs, summary, settings, teachers, machine_description(), wall)
+    if len(runs) < planned:
+        text = f"**Partial: {len(runs)} of {planned} runs finished so far** (seeds run in order).\n\n{text}"
+    record(text, args.output, (START_MARKER, END_MARKER), "Distillation study")
+    plot(summary, args.figure)
 
 
 if __name__ == "__main__":
