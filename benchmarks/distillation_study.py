@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--warmup-epochs", type=float, default=Settings.warmup_epochs)
     parser.add_argument("--convnet-teacher-epochs", type=int, default=TEACHER_EPOCHS["convnet"])
     parser.add_argument("--transformer-teacher-epochs", type=int, default=TEACHER_EPOCHS["transformer"])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
     args = parser.parse_args(argv)
     epochs = {"convnet": args.convnet_teacher_epochs, "transformer": args.transformer_teacher_epochs}
-    settings = Settings(epochs=args.epochs)
+    settings = Settings(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
     if args.quick:
         settings = replace(settings, epochs=1, train_samples=64, teacher_check_batches=0)
         args.seeds, epochs = [0], {"convnet": 1, "transformer": 1}
