@@ -213,6 +213,7 @@ def plot(summary: dict, path: Path) -> Path:
         values = [summary[name][head] for name in names if head in summary[name]]
         bars.bar(positions, [100 * mean for mean, _ in values], 0.27, yerr=[100 * std for _, std in values],
                  label=label, capsize=2)
+    bars.axhline(10, color="gray", linestyle=":", label="chance (10 classes)")
     bars.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize="small")
     bars.set(ylabel="held-out top-1 %", title="digits, 32 px: each row's heads (mean ± std over seeds)")
     bars.grid(axis="y", alpha=0.3)
