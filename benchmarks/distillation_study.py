@@ -168,7 +168,13 @@ def summarize(runs: list[dict]) -> dict:
 
 def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict, machine: dict, wall: float) -> str:
     percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
-    cell = lambda entry, head: f"{percent(entry[head][0])} ± {percent(entry[head][1])}" if head in entry else "—"  # noqa: E731
+
+    def cell(entry: dict, head: str) -> str:  # one seed has no spread to show
+        if head not in entry:
+            return "—"
+        mean, std = entry[head]
+        return f"{percent(mean)} ± {percent(std)}" if entry["seeds"] > 1 else percent(mean)
+
     teacher_text = "; ".join(f"{kind} `{TEACHER_MODELS[kind]}` {epochs} epochs, held-out top-1 {percent(top1)} %"
                              for kind, (_, top1, epochs) in teachers.items())
     lines = [
