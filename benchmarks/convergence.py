@@ -306,14 +306,17 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: 
     return "\n".join(lines)
 
 
-def record(text: str, path: Path) -> None:
-    block = f"{START_MARKER}\n{text}\n{END_MARKER}"
+def record(text: str, path: Path, markers: tuple[str, str] = (START_MARKER, END_MARKER),
+           heading: str = "Convergence") -> None:
+    """Put `text` between `markers` in `path`, or append it under a `heading` section when they are absent."""
+    start_marker, end_marker = markers
+    block = f"{start_marker}\n{text}\n{end_marker}"
     current = path.read_text() if path.exists() else ""
-    if START_MARKER in current and END_MARKER in current:
-        before, rest = current.split(START_MARKER, 1)
-        current = before + block + rest.split(END_MARKER, 1)[1]
+    if start_marker in current and end_marker in current:
+        before, rest = current.split(start_marker, 1)
+        current = before + block + rest.split(end_marker, 1)[1]
     else:
-        current = current.rstrip("\n") + f"\n\n## Convergence\n\n{block}\n"
+        current = current.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
     path.write_text(current)
 
 

@@ -227,3 +227,43 @@ def test_the_teacher_sweep_refuses_replayed_losses_that_differ_from_the_online_o
         check_same_losses(online, {"Ti": [2.3, 2.2], "S": [2.3, 2.15, 2.0]})
     with pytest.raises(RuntimeError, match=r"The Ti student's .* \(first at step 2: 3 replayed, 2 online\)"):
         check_same_losses(online, {"Ti": [2.3, 2.2, 2.1], "S": [2.3, 2.1, 2.0]})
+
+
+def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token_cosines(tmp_path, capsys):
+    from benchmarks.distillation_study import END_MARKER as STUDY_END
+    from benchmarks.distillation_study import ROWS
+    from benchmarks.distillation_study import START_MARKER as STUDY_START
+    from benchmarks.distillation_study import main as study_main
+
+    output, figure = tmp_path / "BENCHMARKS.md", tmp_path / "study.png"
+    output.write_text(f"# Benchmarks\n\n{STUDY_START}\nstale results\n{STUDY_END}\n\nafter\n")
+    summary = study_main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(output),
+                          "--figure", str(figure)])
+
+    assert list(summary) == list(ROWS)
+    depth = 4  # benchmarks.convergence.Settings.depth
+    for name, entry in summary.items():
+        two_tokens = ROWS[name].distillation_token
+        heads = {"top1", "cls_top1", "dist_top1"} if two_tokens else {"cls_top1"}  # one head: no fake dist numbers
+        assert {key for key in entry if key.endswith("top1")} == heads, name
+        for head in heads:
+            mean, std = entry[head]
+            assert 0 <= mean <= 1 and std == 0, (name, head)  # one seed
+        if two_tokens:
+            cosines = entry["cosine_per_layer"]
+            # the encoder's input, after each layer, and the output after the final norm (where the heads read)
+            assert len(cosines) == depth + 2 and all(-1 <= value <= 1 for value in cosines), (name, cosines)
+        else:
+            assert "cosine_per_layer" not in entry, name
+    teachers = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"teacher"' in line]
+    assert [teacher["teacher"] for teacher in teachers] == ["resnet18", "deit_tiny_patch4_32_digits"]
+    text = output.read_text()
+    assert "stale results" not in text and text.endswith("\n\nafter\n")
+    table = text.split(STUDY_START)[1].split(STUDY_END)[0]
+    for name in ROWS:
+        assert f"| {name} |" in table
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    assert cells["no distillation"][:2] == ["1", "labels"]
+    assert cells["no distillation"][3:6] == ["—", "—", "—"]  # one head: no distillation head, fusion or cosine
+    assert "—" not in cells["token hard"][2:6]
+    assert figure.stat().st_size > 0
