@@ -211,6 +211,24 @@ def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path:
     return _evaluate_logits(_timm_heads(model), model, _eval_loader(data_dir, settings))
 
 
+def deit_hf_flags(seed: int, settings: Settings, data_dir: Path, output_dir: str) -> list[str]:
+    """`training.train`'s flags for the tiny DeiT⚗ at this scale: the recipe's defaults, given only what differs; the
+    teacher's and the distillation's flags are the caller's."""
+    return [
+        "--dataset_name", str(data_dir), "--output_dir", output_dir, "--seed", str(seed),
+        "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides",
+        f"patch_size={settings.patch_size},hidden_size={settings.hidden_size},"
+        f"num_hidden_layers={settings.depth},num_attention_heads={settings.heads},"
+        f"intermediate_size={settings.mlp_size}",
+        "--input_size", str(settings.image_size), "--drop_path_rate", str(settings.drop_path_rate),
+        "--num_train_epochs", str(settings.epochs), "--per_device_train_batch_size", str(settings.batch_size),
+        "--learning_rate", str(settings.learning_rate), "--warmup_epochs", str(settings.warmup_epochs),
+        "--repeated_aug", "false", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "true",
+        "--dataloader_num_workers", "1", "--report_to", "none", "--disable_tqdm", "true",
+        *(["--max_train_samples", str(settings.train_samples)] if settings.train_samples else []),
+    ]
+
+
 def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: Path,
                   teacher_cache: Path | None = None) -> dict[str, float]:
     """`training.train.main` with the recipe's defaults, given only what differs at this scale; with `teacher_cache`,
@@ -218,23 +236,12 @@ def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: P
     from training.train import main
 
     with tempfile.TemporaryDirectory() as output_dir:
-        flags = [
-            "--dataset_name", str(data_dir), "--output_dir", output_dir, "--seed", str(seed),
-            *(["--teacher_cache", str(teacher_cache)] if teacher_cache else []),
+        main([
+            *deit_hf_flags(seed, settings, data_dir, output_dir),
             "--teacher_model", settings.teacher_model, "--teacher_checkpoint", str(teacher_path),
-            "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides",
-            f"patch_size={settings.patch_size},hidden_size={settings.hidden_size},"
-            f"num_hidden_layers={settings.depth},num_attention_heads={settings.heads},"
-            f"intermediate_size={settings.mlp_size}",
-            "--input_size", str(settings.image_size), "--drop_path_rate", str(settings.drop_path_rate),
-            "--num_train_epochs", str(settings.epochs), "--per_device_train_batch_size", str(settings.batch_size),
-            "--learning_rate", str(settings.learning_rate), "--warmup_epochs", str(settings.warmup_epochs),
             "--teacher_check_batches", str(settings.teacher_check_batches),
-            "--repeated_aug", "false", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "true",
-            "--dataloader_num_workers", "1", "--report_to", "none", "--disable_tqdm", "true",
-            *(["--max_train_samples", str(settings.train_samples)] if settings.train_samples else []),
-        ]
-        main(flags)
+            *(["--teacher_cache", str(teacher_cache)] if teacher_cache else []),
+        ])
         metrics = json.loads((Path(output_dir) / "eval_results.json").read_text())
     return {name: metrics[f"eval_{name}"] for name in HEADS}
 

@@ -34,7 +34,7 @@ import torch
 from timm.models import register_model
 from timm.models.deit import _create_deit
 
-from .convergence import HEADS, Settings, prepare_data, prepare_teacher, record
+from .convergence import HEADS, Settings, deit_hf_flags, prepare_data, prepare_teacher, record
 
 START_MARKER, END_MARKER = "<!-- distillation study: start -->", "<!-- distillation study: end -->"
 TRANSFORMER_TEACHER = "deit_tiny_patch4_32_digits"
@@ -100,17 +100,8 @@ def _flags(row: Row, seed: int, settings: Settings, data_dir: Path, teacher_path
         "--teacher_model", TEACHER_MODELS[row.teacher], "--teacher_checkpoint", str(teacher_path),
         "--teacher_check_batches", str(settings.teacher_check_batches)]
     return [
-        "--dataset_name", str(data_dir), "--output_dir", output_dir, "--seed", str(seed), *teacher,
+        *deit_hf_flags(seed, settings, data_dir, output_dir), *teacher,
         "--distillation_token", str(row.distillation_token).lower(), "--distillation_type", row.distillation_type,
-        "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides",
-        f"patch_size={settings.patch_size},hidden_size={settings.hidden_size},num_hidden_layers={settings.depth},"
-        f"num_attention_heads={settings.heads},intermediate_size={settings.mlp_size}",
-        "--input_size", str(settings.image_size), "--drop_path_rate", str(settings.drop_path_rate),
-        "--num_train_epochs", str(settings.epochs), "--per_device_train_batch_size", str(settings.batch_size),
-        "--learning_rate", str(settings.learning_rate), "--warmup_epochs", str(settings.warmup_epochs),
-        "--repeated_aug", "false", "--eval_strategy", "no", "--save_strategy", "no", "--do_eval", "true",
-        "--dataloader_num_workers", "1", "--report_to", "none", "--disable_tqdm", "true",
-        *(["--max_train_samples", str(settings.train_samples)] if settings.train_samples else []),
         *extra,  # argparse keeps a repeated flag's last value
     ]
 

@@ -53,6 +53,7 @@ class DistillationCollator:
         return {"pixel_values": _stack([blank if values is None else values for values in pixel_values]),
                 "labels": torch.tensor(labels, dtype=torch.int64)}
 
+
 def _stack(pixel_values: list) -> torch.Tensor:
     stacked = torch.stack([torch.as_tensor(values) for values in pixel_values])
     return stacked.float() if stacked.is_floating_point() else stacked
