@@ -9,7 +9,8 @@ Each row trains the convergence benchmark's tiny student (`benchmarks.convergenc
 - no distillation: the one-head DeiT (`--distillation_token false --distillation_type none`);
 - classical soft / hard: the teacher's loss on the class head of the one-head DeiT (`--distillation_token false`);
 - token soft / hard: the distillation token's head learns from the teacher (DeiT⚗, hard is the default);
-- two class tokens, labels only: DeiT⚗ with `--distillation_type none` (both heads on the labels);
+- two class tokens, labels only: DeiT⚗ with `--distillation_type labels` (each head on the labels: the paper's
+  control, its distillation token a second class token);
 - token hard, transformer teacher: a DeiT teacher of about the convnet teacher's held-out accuracy (Table 2).
 
 The convnet teacher is a timm `resnet18`, the transformer teacher timm's `deit_tiny` architecture at the student's
@@ -79,7 +80,7 @@ ROWS = {
     "classical hard": Row(False, "hard"),
     "token soft": Row(True, "soft"),
     "token hard": Row(True, "hard"),
-    "two class tokens, labels only": Row(True, "none", None),
+    "two class tokens, labels only": Row(True, "labels", None),
     "token hard, transformer teacher": Row(True, "hard", "transformer"),
 }
 # DeiT-Ti 224 / DeiT-B 224 top-1 of the paper's Table 3 (class head, or the row's only head), Table 2 for the last row

@@ -6,7 +6,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-DISTILLATION_TYPES = ("hard", "soft", "none")
+DISTILLATION_TYPES = ("hard", "soft", "none", "labels")
+TEACHER_DISTILLATION_TYPES = ("hard", "soft")  # the types that learn from a teacher
 TRANSFORMERS_MODEL_TYPE = "deit"  # transformers' own DeiT, whose checkpoints load into deit_hf's classes
 
 # Sizes from the paper (Table 1); all 12 layers, patch 16, MLP ratio 4.
@@ -39,7 +40,8 @@ class DeiTConfig(PreTrainedConfig):
     distillation_type (`str`, defaults to `"hard"`):
         `"hard"`: the distillation head (the class head of a model without a distillation token) learns the
         teacher's argmax; `"soft"`: KL to the teacher's softened distribution; `"none"`: no teacher, both heads
-        trained on the cross-entropy of the fused logits.
+        trained on the cross-entropy of the fused logits; `"labels"`: no teacher, each head trained on the labels
+        (the distillation token as a second class token: the paper's two-class-token control; needs the token).
     distillation_alpha (`float`, defaults to 0.5):
         Weight of the distillation loss; the class-token loss gets `1 - alpha`.
     distillation_tau (`float`, defaults to 1.0):
@@ -109,6 +111,9 @@ class DeiTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`distillation_type` must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}."
             )
+        if self.distillation_type == "labels" and not self.use_distillation_token:
+            raise ValueError("`distillation_type='labels'` trains the distillation token as a second class token, "
+                             "but `use_distillation_token=False`: use 'none' to train the one class head.")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if self.distillation_tau <= 0:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from .configuration_deit import DISTILLATION_TYPES, TEACHER_DISTILLATION_TYPES
+
 logger = logging.get_logger(__name__)
 
 
@@ -34,15 +36,20 @@ class DistillationLoss(nn.Module):
     - none, or no `teacher_logits`: the cross-entropy of the fused prediction `(cls + dist) / 2`, which trains both
       heads (timm's way of training a distilled DeiT without a teacher), so the prediction never averages in an
       untrained head. facebookresearch/deit's "none" trains the class head alone. Given only `cls_logits` (a model
-      with one head), the base loss alone. `teacher_logits` with "none" are refused: they would go unread.
+      with one head), the base loss alone.
+    - labels: no teacher; the distillation head learns the labels as the class head does,
+      `(1 - alpha) * CE(cls, labels) + alpha * CE(dist, labels)`: the distillation token becomes a second class token
+      (the paper's control, whose two tokens end aligned, cos 0.999). Needs `distillation_logits`.
+
+    `teacher_logits` with "none" or "labels" are refused: they would go unread.
     """
 
     def __init__(
         self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0
     ):
         super().__init__()
-        if distillation_type not in ("hard", "soft", "none"):
-            raise ValueError(f"distillation_type must be 'hard', 'soft' or 'none', got {distillation_type!r}.")
+        if distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}.")
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
@@ -61,9 +68,17 @@ class DistillationLoss(nn.Module):
     ) -> DistillationLossOutput:
         # Soft targets already carry Mixup's smoothing; smoothing them again would double it.
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
-        if self.distillation_type == "none" and teacher_logits is not None:
-            raise ValueError("`teacher_logits` were given but distillation_type='none' does not use them: set "
-                             "distillation_type to 'hard' or 'soft', or do not run the teacher.")
+        if self.distillation_type not in TEACHER_DISTILLATION_TYPES and teacher_logits is not None:
+            raise ValueError(f"`teacher_logits` were given but distillation_type={self.distillation_type!r} does not "
+                             "use them: set distillation_type to 'hard' or 'soft', or do not run the teacher.")
+        if self.distillation_type == "labels":
+            if distillation_logits is None:
+                raise ValueError("distillation_type='labels' trains the distillation head on the labels, but the "
+                                 "model has no distillation head: use 'none'.")
+            base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
+            second_class_loss = F.cross_entropy(distillation_logits, labels, label_smoothing=smoothing)
+            loss = base_loss * (1 - self.alpha) + second_class_loss * self.alpha
+            return DistillationLossOutput(loss=loss, base_loss=base_loss, distillation_loss=second_class_loss)
         if self.distillation_type == "none" or teacher_logits is None:
             if self.distillation_type != "none":
                 logger.warning_once(

@@ -380,7 +380,8 @@ class DeiTForImageClassificationWithTeacher(DeiTPreTrainedModel):
     `labels` (class ids, or Mixup soft targets) and, for hard/soft distillation, the teacher's `teacher_logits` on the
     same batch, it returns the loss of `deit_hf.losses.DistillationLoss` configured by `config.distillation_*`.
     Given `labels` alone (or with `distillation_type="none"`), the loss is the cross-entropy of the fused `logits`,
-    which trains both heads: transformers' `Trainer`, PEFT and any Hugging Face loop fine-tune it as they are.
+    which trains both heads: transformers' `Trainer`, PEFT and any Hugging Face loop fine-tune it as they are. With
+    `distillation_type="labels"` each head learns the labels (two class tokens, the paper's control).
     """
 
     def __init__(self, config: DeiTConfig):

@@ -40,6 +40,7 @@ def test_unknown_preset_lists_known_ones():
         (dict(distillation_alpha=1.5), "distillation_alpha"),
         (dict(distillation_alpha=-0.1), "distillation_alpha"),
         (dict(distillation_type="medium"), "distillation_type"),
+        (dict(distillation_type="labels", use_distillation_token=False), "distillation_type='labels'"),
         (dict(distillation_tau=0), "distillation_tau"),
         (dict(drop_path_rate=1.0), "drop_path_rate"),
         (dict(label_smoothing=-0.1), "label_smoothing"),

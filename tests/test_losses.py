@@ -84,10 +84,35 @@ def test_without_a_teacher_both_heads_train_on_the_fused_logits(distillation_typ
     torch.testing.assert_close(cls.grad, dist.grad)  # the average passes the same gradient to both heads
 
 
+@pytest.mark.parametrize("distillation_type", ["none", "labels"])
 @pytest.mark.parametrize("distillation_logits", [DIST, None])
-def test_teacher_logits_with_distillation_type_none_are_refused_not_ignored(distillation_logits):
-    with pytest.raises(ValueError, match="`teacher_logits` were given but distillation_type='none' does not use them"):
-        DistillationLoss("none")(CLS, LABELS, distillation_logits, TEACHER)
+def test_teacher_logits_without_a_teacher_type_are_refused_not_ignored(distillation_type, distillation_logits):
+    with pytest.raises(ValueError, match=f"`teacher_logits` were given but distillation_type='{distillation_type}' "
+                       "does not use them"):
+        DistillationLoss(distillation_type)(CLS, LABELS, distillation_logits, TEACHER)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+@pytest.mark.parametrize("labels", [LABELS, torch.softmax(torch.randn(6, 5, generator=g), dim=1)])
+def test_labels_trains_each_head_on_the_labels_as_two_class_tokens(alpha, labels):
+    # the paper's control: the distillation token's head gets the class head's target, the label (smoothed alike)
+    cls, dist = CLS.clone().requires_grad_(), DIST.clone().requires_grad_()
+    out = DistillationLoss("labels", alpha, label_smoothing=0.1)(cls, labels, dist)
+    smoothing = 0.0 if labels.is_floating_point() else 0.1
+    by_hand = [F.cross_entropy(logits, labels, label_smoothing=smoothing) for logits in (CLS, DIST)]
+    torch.testing.assert_close(out.loss, (1 - alpha) * by_hand[0] + alpha * by_hand[1])
+    torch.testing.assert_close((out.base_loss, out.distillation_loss), tuple(by_hand))
+    out.loss.backward()
+    # each head's gradient is its own cross-entropy's, weighted: not the fused logits' shared gradient
+    torch.testing.assert_close(cls.grad, (1 - alpha) * torch.func.grad(
+        lambda z: F.cross_entropy(z, labels, label_smoothing=smoothing))(CLS))
+    torch.testing.assert_close(dist.grad, alpha * torch.func.grad(
+        lambda z: F.cross_entropy(z, labels, label_smoothing=smoothing))(DIST))
+
+
+def test_labels_without_a_distillation_head_is_refused():
+    with pytest.raises(ValueError, match="no distillation head: use 'none'"):
+        DistillationLoss("labels")(CLS, LABELS)
 
 
 def classical_by_the_paper(alpha, tau, hard, labels=LABELS):

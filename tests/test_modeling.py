@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from deit_hf import (
@@ -180,6 +181,11 @@ def test_config_distillation_settings_reach_the_loss(pixel_values):
         pixel_values, labels=torch.zeros(5, dtype=torch.long)
     )
     assert out.distillation_loss is None and out.loss is not None
+    model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, distillation_type="labels"))
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    out = model(pixel_values, labels=labels)  # each head on the labels, no teacher
+    torch.testing.assert_close(out.distillation_loss, F.cross_entropy(out.distillation_logits, labels))
+    torch.testing.assert_close(out.loss, (out.base_loss + out.distillation_loss) / 2)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, pixel_values):
@@ -300,9 +306,11 @@ def test_one_head_model_distils_its_class_head_with_a_teacher(distillation_type,
 
 
 @pytest.mark.parametrize("model_class", [DeiTForImageClassificationWithTeacher, DeiTForImageClassification, DeiTModel])
-@pytest.mark.parametrize("case", ["no labels", "distillation_type none"])
+@pytest.mark.parametrize("case", ["no labels", "distillation_type none", "distillation_type labels"])
 def test_no_model_ignores_teacher_logits(model_class, case, pixel_values):
-    model = model_class(DeiTConfig(**TINY, distillation_type="none" if case != "no labels" else "hard"))
+    if case == "distillation_type labels" and model_class is DeiTForImageClassification:
+        model_class = DeiTForImageClassificationWithTeacher  # labels needs the second head; the config refuses one
+    model = model_class(DeiTConfig(**TINY, distillation_type=case.split()[-1] if case != "no labels" else "hard"))
     labels = torch.tensor([0, 1, 2, 0, 1]) if case != "no labels" else None
     arguments = {"labels": labels} if model_class is not DeiTModel else {}
     with pytest.raises(ValueError, match="teacher_logits"):

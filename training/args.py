@@ -12,6 +12,7 @@ from timm.data import create_transform
 from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
+from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 
 from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
@@ -322,8 +323,10 @@ class DistillationArguments:
         metadata={"help": "With a complete --teacher_cache: load the teacher and compare its targets with the "
                   "record's on this many random steps."},
     )
-    distillation_type: Literal["hard", "soft", "none"] = field(
-        default="hard", metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher."}
+    distillation_type: Literal["hard", "soft", "none", "labels"] = field(
+        default="hard",
+        metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher (both heads on "
+                  "the fused logits); labels: no teacher, each head on the labels (two class tokens)."},
     )
     distillation_alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation loss."})
     distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
@@ -339,19 +342,21 @@ class DistillationArguments:
     )
 
     def __post_init__(self):
-        if self.teacher_cache is not None and self.distillation_type == "none":
-            raise ValueError("--teacher_cache with --distillation_type none: there is no teacher to record.")
+        uses_teacher = self.distillation_type in TEACHER_DISTILLATION_TYPES
+        if self.teacher_cache is not None and not uses_teacher:
+            raise ValueError(f"--teacher_cache with --distillation_type {self.distillation_type}: there is no teacher "
+                             "to record.")
         if not 1 <= self.teacher_cache_top_k <= 32767 or self.teacher_cache_check < 0:
             raise ValueError(f"--teacher_cache_top_k must be in [1, 32767] and --teacher_cache_check >= 0, got "
                              f"{self.teacher_cache_top_k} and {self.teacher_cache_check}.")
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.distillation_type != "none" and (self.teacher_model or "").strip().lower() in _OFF_VALUES:
+        if uses_teacher and (self.teacher_model or "").strip().lower() in _OFF_VALUES:
             raise ValueError(
                 f"--distillation_type {self.distillation_type} needs a teacher but --teacher_model is "
                 f"{self.teacher_model!r}: name a timm model or a local Hugging Face classifier, or pass "
-                "--distillation_type none."
+                "--distillation_type none or labels."
             )
 
 

@@ -38,6 +38,10 @@ def check_arguments(
         raise ValueError(
             f"--num_train_epochs must be positive (or --max_steps given), got {training_args.num_train_epochs}."
         )
+    if distill_args.distillation_type == "labels" and model_args.distillation_token is False:
+        raise ValueError("--distillation_type labels trains the distillation token as a second class token, but the "
+                         "student has none (--distillation_token false, or a one-head checkpoint): use "
+                         "--distillation_type none.")
     if model_args.model_name_or_path is None:
         try:  # the preset with its overrides at the training resolution: a patch size that does not divide it, say
             DeiTConfig.from_preset(

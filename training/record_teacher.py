@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer, (_, _, _, _, training_args) = build_trainer(argv)
     targets = trainer.teacher_targets
     if not isinstance(targets, RecordedTeacher):
-        raise TeacherRecordError("training.record_teacher records a teacher: --distillation_type none has none.")
+        raise TeacherRecordError("training.record_teacher records a teacher: --distillation_type none or labels has "
+                                 "none.")
     if targets.teacher is None:
         logger.info("%s holds every batch of this run already: nothing to record.", targets.record.directory)
     else:

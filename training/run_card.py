@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from deit_hf import DeiTConfig
+from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 from deit_hf.modelcard import CardFacts, write_model_card
 
 from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
@@ -33,7 +34,7 @@ def run_card_facts(
     )
     two_heads = trainer.model.config.use_distillation_token
     teacher = None
-    if distill_args.distillation_type != "none":
+    if distill_args.distillation_type in TEACHER_DISTILLATION_TYPES:
         checkpoint = distill_args.teacher_checkpoint
         weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
         softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
@@ -66,10 +67,16 @@ def run_card_facts(
         dataset_on_hub=data_args.dataset_name is not None and not Path(data_args.dataset_name).exists(),
         evaluation=last_evaluation(state.log_history),
         evaluated_on=f"`{data_args.validation_dir}`" if data_args.validation_dir else None,
-        teacher=teacher or "none (distillation_type none: "
-        + ("both heads learn the labels)" if two_heads else "the class head learns the labels)"),
+        teacher=teacher or _no_teacher(distill_args.distillation_type, two_heads),
         recipe=recipe,
     )
+
+
+def _no_teacher(distillation_type: str, two_heads: bool) -> str:
+    if distillation_type == "labels":
+        return "none (distillation_type labels: each head learns the labels, two class tokens)"
+    return "none (distillation_type none: " + (
+        "both heads learn the labels through the fused logits)" if two_heads else "the class head learns the labels)")
 
 
 def _fine_tuned(checkpoint: str, input_size: int) -> str:

@@ -14,6 +14,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
+from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
@@ -107,11 +109,11 @@ class DistillationTrainer(Trainer):
         if teacher is not None and teacher_targets is not None:
             raise ValueError("Give the teacher or the teacher_targets that run it, not both.")
         teacher_targets = OnlineTeacher(teacher) if teacher is not None else teacher_targets
-        if config.distillation_type != "none":
+        if config.distillation_type in TEACHER_DISTILLATION_TYPES:
             if teacher_targets is None:
                 raise ValueError(
                     f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
-                    "distillation_type='none' to train without."
+                    "distillation_type='none' or 'labels' to train without."
                 )
             if teacher_targets.num_labels != config.num_labels:
                 raise ValueError(
@@ -119,8 +121,8 @@ class DistillationTrainer(Trainer):
                     "they must predict the same classes in the same order."
                 )
         elif teacher_targets is not None:
-            raise ValueError("A teacher was given but distillation_type='none' would not use it: set distillation_type "
-                             "to 'hard' or 'soft', or train without the teacher.")
+            raise ValueError(f"A teacher was given but distillation_type={config.distillation_type!r} would not use "
+                             "it: set distillation_type to 'hard' or 'soft', or train without the teacher.")
         self.teacher_targets = teacher_targets
         if teacher_targets is not None:
             teacher_targets.attach(self)
@@ -266,7 +268,7 @@ class DistillationTrainer(Trainer):
             config = self.model.config
             blank = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=self.args.device)
             labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
-            # distillation_type none refuses teacher logits; a replayed run has targets but no teacher
+            # distillation_type none or labels refuses teacher logits; a replayed run has targets but no teacher
             no_targets = self.teacher_targets is None
             teacher_logits = None if no_targets else torch.zeros(1, config.num_labels, device=self.args.device)
             return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0

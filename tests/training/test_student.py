@@ -121,6 +121,20 @@ def test_classical_distillation_trains_a_deit_without_distillation_token(
     assert classifier(Image.new("RGB", (32, 32)), top_k=1)[0]["label"] in model.config.label2id
 
 
+def test_labels_trains_the_distillation_token_as_a_second_class_token(small_digits_dir, tmp_path):
+    output = tmp_path / "out"
+    trainer = main(tiny_run_args(small_digits_dir, "unused", output, "--distillation_type", "labels",
+                                 "--teacher_model", "none", "--max_steps", "2", "--logging_steps", "1",
+                                 "--do_eval", "true"))
+    assert trainer.teacher_targets is None and trainer.model.config.distillation_type == "labels"
+    (log, *_) = [entry for entry in trainer.state.log_history if "base_loss" in entry]
+    assert {"distillation_loss", "dist_top1", "token_cosine"} <= log.keys()
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert "eval_dist_top1" in metrics and "eval_teacher_agreement" not in metrics
+    card = (output / "README.md").read_text()
+    assert "distillation_type labels: each head learns the labels, two class tokens" in card
+
+
 def test_a_one_head_checkpoint_fine_tunes_as_one(small_digits_dir, tmp_path):
     config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, num_labels=3, use_distillation_token=False)

@@ -95,9 +95,10 @@ def test_training_accuracy_and_token_cosine_are_averaged_over_the_batches_since_
     assert "cls_top1" not in logged and "token_cosine" not in logged
 
 
-def test_a_teacher_that_distillation_type_none_would_not_use_is_refused(tmp_path, fitted_teacher):
-    with pytest.raises(ValueError, match="A teacher was given but distillation_type='none' would not use it"):
-        make_trainer(tmp_path, student(distillation_type="none"), None, None, fitted_teacher)
+@pytest.mark.parametrize("distillation_type", ["none", "labels"])
+def test_a_teacher_that_distillation_type_would_not_use_is_refused(tmp_path, fitted_teacher, distillation_type):
+    with pytest.raises(ValueError, match=f"A teacher was given but distillation_type='{distillation_type}' would not"):
+        make_trainer(tmp_path, student(distillation_type=distillation_type), None, None, fitted_teacher)
 
 
 def test_teacher_sees_the_mixed_batch_and_gets_no_gradient(tmp_path, fitted_teacher, pixel_batch):
