@@ -17,7 +17,7 @@ from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
 # Values that switch a string-valued option off from the command line (`--auto_augment none`).
-_OFF_VALUES = ("", "none", "null", "off", "false")
+OFF_VALUES = ("", "none", "null", "off", "false")
 # Evaluation resizes to input_size / eval_crop_pct: below this, the center crop keeps less than half of each side
 # (timm's pretrained models use 0.875 to 1).
 MIN_EVAL_CROP_PCT = 0.5
@@ -178,7 +178,7 @@ class AugmentationArguments:
     num_repeats: int = field(default=3, metadata={"help": "Views per image with `repeated_aug`."})
 
     def __post_init__(self):
-        if self.auto_augment is not None and self.auto_augment.strip().lower() in _OFF_VALUES:
+        if self.auto_augment is not None and self.auto_augment.strip().lower() in OFF_VALUES:
             self.auto_augment = None
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f"`scale` must be two fractions 0 < min <= max <= 1, got {self.scale}.")
@@ -352,7 +352,7 @@ class DistillationArguments:
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if uses_teacher and (self.teacher_model or "").strip().lower() in _OFF_VALUES:
+        if uses_teacher and (self.teacher_model or "").strip().lower() in OFF_VALUES:
             raise ValueError(
                 f"--distillation_type {self.distillation_type} needs a teacher but --teacher_model is "
                 f"{self.teacher_model!r}: name a timm model or a local Hugging Face classifier, or pass "

@@ -5,8 +5,11 @@ import os
 from transformers import TrainingArguments
 
 from deit_hf import DeiTConfig
+from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 
-from .args import AugmentationArguments, DistillationArguments, ModelArguments
+from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
+
+TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches")
 
 
 def check_arguments(
@@ -52,3 +55,17 @@ def check_arguments(
                 f"--model_preset {model_args.model_preset} with --config_overrides {model_args.config_overrides!r} at "
                 f"--input_size {aug_args.input_size}: {error}"
             ) from None
+
+
+def check_distillation_flags_are_read(given: set[str], distill_args: DistillationArguments) -> None:
+    """Refuse a teacher, temperature or weight flag given by the user that the distillation type would not read."""
+    kind = distill_args.distillation_type
+    no_teacher_named = (distill_args.teacher_model or "").strip().lower() in OFF_VALUES  # `--teacher_model none`
+    unread = [] if kind in TEACHER_DISTILLATION_TYPES else [
+        flag for flag in TEACHER_FLAGS if flag in given and not (flag == "teacher_model" and no_teacher_named)
+    ]
+    unread += ["distillation_tau"] if kind != "soft" and "distillation_tau" in given else []
+    unread += ["distillation_alpha"] if kind == "none" and "distillation_alpha" in given else []
+    if unread:
+        raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind}: drop it, or choose the "
+                         "distillation that uses it (a teacher: hard or soft; a temperature: soft).")

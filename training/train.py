@@ -32,7 +32,7 @@ from .args import (
     DistillationArguments,
     ModelArguments,
 )
-from .argument_checks import check_arguments
+from .argument_checks import check_arguments, check_distillation_flags_are_read
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
@@ -167,6 +167,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
                          "the class targets, Mixup's soft targets included).")
     check_stream_dispatch(data_args, training_args)
     check_cache_flags(given, distill_args, data_args)
+    check_distillation_flags_are_read(given, distill_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)

@@ -24,13 +24,17 @@ STILL_AUGMENTATION = [
 
 
 def tiny_run_args(dataset_dir, teacher_dir, output_dir, *extra):
-    """`training.train` flags for a few-second run of a tiny DeiT⚗ on CPU."""
+    """`training.train` flags for a few-second run of a tiny DeiT⚗ on CPU; `teacher_dir` None: no teacher flags (a
+    run with `--distillation_type none` or `labels`, which refuses them)."""
+    teacher = [] if teacher_dir is None else [
+        "--teacher_model", str(teacher_dir),
+        "--teacher_check_batches", "0",  # the tests' random teachers are at chance by design
+    ]
     return [
-        "--dataset_name", str(dataset_dir), "--teacher_model", str(teacher_dir), "--output_dir", str(output_dir),
+        "--dataset_name", str(dataset_dir), *teacher, "--output_dir", str(output_dir),
         "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides", TINY_STUDENT,
         "--drop_path_rate", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
         "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "true",
-        "--teacher_check_batches", "0",  # the tests' random teachers are at chance by design
         *STILL_AUGMENTATION, *extra,
     ]
 

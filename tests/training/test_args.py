@@ -28,6 +28,16 @@ REFUSED = [
      "--distillation_type hard needs a teacher but --teacher_model is 'none'"),
     (["--distillation_type", "labels", "--teacher_model", "none", "--distillation_token", "false"],
      "--distillation_type labels trains the distillation token as a second class token, but the student has none"),
+    (["--distillation_type", "none", "--teacher_model", "resnet18"],
+     "--teacher_model is not read with --distillation_type none: drop it"),
+    (["--distillation_type", "labels", "--teacher_model", "none", "--teacher_checkpoint", "t.pth"],
+     "--teacher_checkpoint is not read with --distillation_type labels"),
+    (["--distillation_type", "none", "--teacher_check_batches", "2"],
+     "--teacher_check_batches is not read with --distillation_type none"),
+    (["--distillation_type", "hard", "--distillation_tau", "2"],
+     "--distillation_tau is not read with --distillation_type hard"),
+    (["--distillation_type", "none", "--distillation_alpha", "0.3"],
+     "--distillation_alpha is not read with --distillation_type none"),
     (["--distillation_type", "labels", "--teacher_cache", "records"],
      "--teacher_cache with --distillation_type labels: there is no teacher to record"),
     (["--model_name_or_path", "/no/such/checkpoint"], "--model_name_or_path '/no/such/checkpoint': no such directory"),
@@ -74,7 +84,8 @@ def test_what_is_accepted():
     # no teacher needed without distillation; a teacher name is checked only when there is distillation.
     for flags in (["--blr", "0"], ["--num_train_epochs", "0", "--max_steps", "10"],
                   ["--distillation_type", "none", "--teacher_model", ""],
-                  ["--distillation_type", "labels", "--teacher_model", "none"],
+                  ["--distillation_type", "labels", "--teacher_model", "none", "--distillation_alpha", "0.3"],
+                  ["--distillation_type", "soft", "--distillation_tau", "3"],
                   ["--auto_augment", "augmix-m5-w4-d2"], ["--auto_augment", "rand-m9-n3-mstd1-tgeneral"],
                   ["--config_overrides", "hidden_size=64, num_attention_heads=4,qkv_bias=false"]):
         parse_args(["--dataset_name", "x", *flags])

@@ -227,10 +227,10 @@ def test_the_students_draws_do_not_depend_on_a_teacher_or_what_drew_before_train
     checkpoint = tmp_path / "resnet10t.pth"
     torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), checkpoint)
     draws = []
-    runs = [("teacher", ["--teacher_checkpoint", str(checkpoint)], []),
-            ("alone", ["--distillation_type", "none"], [DrawBeforeTraining()])]
-    for name, flags, callbacks in runs:
-        args = tiny_run_args(small_digits_dir, "resnet10t", tmp_path / name, *FULL_RECIPE, "--max_steps", "3",
+    runs = [("teacher", "resnet10t", ["--teacher_checkpoint", str(checkpoint)], []),
+            ("alone", None, ["--distillation_type", "none"], [DrawBeforeTraining()])]
+    for name, teacher, flags, callbacks in runs:
+        args = tiny_run_args(small_digits_dir, teacher, tmp_path / name, *FULL_RECIPE, "--max_steps", "3",
                              "--save_strategy", "no", *flags)
         main(args, callbacks)
         draws.append(probe_records(tmp_path, 0))

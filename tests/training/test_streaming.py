@@ -63,12 +63,12 @@ def read(probe_dir: Path, name: str, rank: int) -> list[list[str]]:
     ids=["4-shards", "3-shards"],
 )
 def test_each_process_decodes_its_own_part_and_sees_each_example_once_per_epoch(
-    digits, random_teacher_dir, tmp_path, shard_sizes, batch_size, workers
+    digits, tmp_path, shard_sizes, batch_size, workers
 ):
     data_dir = write_stream(digits, tmp_path / "data", shard_sizes)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
-    args = tiny_run_args(data_dir, random_teacher_dir, tmp_path / "out", "--streaming", "true",
+    args = tiny_run_args(data_dir, None, tmp_path / "out", "--streaming", "true",
                          "--distillation_type", "none", "--max_steps", "100", "--logging_steps", "1",
                          "--save_strategy", "no", "--eval_strategy", "epoch", "--per_device_eval_batch_size", "4",
                          "--dataloader_num_workers", str(workers))

@@ -101,7 +101,8 @@ def test_downsampling_a_checkpoint_works_with_a_warning(checkpoint_at_32, caplog
 def test_classical_distillation_trains_a_deit_without_distillation_token(
         distillation_type, small_digits_dir, random_teacher_dir, tmp_path):
     output = tmp_path / "out"
-    trainer = main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--distillation_token", "false",
+    teacher = None if distillation_type == "none" else random_teacher_dir
+    trainer = main(tiny_run_args(small_digits_dir, teacher, output, "--distillation_token", "false",
                                  "--distillation_type", distillation_type, "--max_steps", "2", "--logging_steps", "1",
                                  "--do_eval", "true"))
     model = trainer.model
@@ -123,9 +124,8 @@ def test_classical_distillation_trains_a_deit_without_distillation_token(
 
 def test_labels_trains_the_distillation_token_as_a_second_class_token(small_digits_dir, tmp_path):
     output = tmp_path / "out"
-    trainer = main(tiny_run_args(small_digits_dir, "unused", output, "--distillation_type", "labels",
-                                 "--teacher_model", "none", "--max_steps", "2", "--logging_steps", "1",
-                                 "--do_eval", "true"))
+    trainer = main(tiny_run_args(small_digits_dir, None, output, "--distillation_type", "labels", "--max_steps", "2",
+                                 "--logging_steps", "1", "--do_eval", "true"))
     assert trainer.teacher_targets is None and trainer.model.config.distillation_type == "labels"
     (log, *_) = [entry for entry in trainer.state.log_history if "base_loss" in entry]
     assert {"distillation_loss", "dist_top1", "token_cosine"} <= log.keys()
@@ -139,7 +139,7 @@ def test_a_one_head_checkpoint_fine_tunes_as_one(small_digits_dir, tmp_path):
     config = DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, num_labels=3, use_distillation_token=False)
     DeiTForImageClassification(config).save_pretrained(tmp_path / "one_head")
-    args = without(tiny_run_args(small_digits_dir, "unused", tmp_path / "out", "--distillation_type", "none",
+    args = without(tiny_run_args(small_digits_dir, None, tmp_path / "out", "--distillation_type", "none",
                                  "--max_steps", "1", "--model_name_or_path", str(tmp_path / "one_head")),
                    "--model_preset", "--config_overrides")
     assert type(main(args).model) is DeiTForImageClassification

@@ -287,7 +287,7 @@ def test_argument_errors_are_one_line_usage_errors(tmp_path, capsys, argv_in_fil
 
 def _fine_tune_args(dataset_dir, checkpoint, output_dir, *extra):
     """`tiny_run_args` starting from a checkpoint: no preset or overrides, no teacher."""
-    args = tiny_run_args(dataset_dir, "unused", output_dir, "--model_name_or_path", str(checkpoint),
+    args = tiny_run_args(dataset_dir, None, output_dir, "--model_name_or_path", str(checkpoint),
                          "--distillation_type", "none", "--max_steps", "1", *extra)
     for flag in ("--model_preset", "--config_overrides", "--input_size"):
         index = args.index(flag)
@@ -359,7 +359,7 @@ def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, 
     evaluate = without(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "eval", "--do_train", "false",
                                      "--do_eval", "true", "--model_name_or_path", str(tmp_path / "run")),
                        "--model_preset", "--config_overrides")
-    without_teacher = without(evaluate, "--teacher_model")
+    without_teacher = without(evaluate, "--teacher_model", "--teacher_check_batches")
     # the paper's default teacher (regnety_160, fetched from the Hub) stays the default of training runs only
     assert parse_args(["--dataset_name", "x"])[1].teacher_model == "regnety_160.deit_in1k"
     load_teacher = training.train.load_teacher
