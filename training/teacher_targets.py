@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
+from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+
 from .teacher import Teacher
 from .teacher_record import (
     TeacherRecord,
@@ -229,6 +231,26 @@ class RecordedTeacher(TeacherTargets):
     def on_train_end(self, args, state, control, **kwargs):
         self.verify()
         self.save()
+
+
+def targets_for(config, teacher: Teacher | None, teacher_targets: TeacherTargets | None) -> TeacherTargets | None:
+    """The student's source of teacher targets (`teacher` run online, or `teacher_targets`), checked against the
+    distillation its `config` names: hard and soft need one predicting the student's classes, none and labels none."""
+    if teacher is not None and teacher_targets is not None:
+        raise ValueError("Give the teacher or the teacher_targets that run it, not both.")
+    teacher_targets = OnlineTeacher(teacher) if teacher is not None else teacher_targets
+    if config.distillation_type not in TEACHER_DISTILLATION_TYPES:
+        if teacher_targets is not None:
+            raise ValueError(f"A teacher was given but distillation_type={config.distillation_type!r} would not use "
+                             "it: set distillation_type to 'hard' or 'soft', or train without the teacher.")
+        return None
+    if teacher_targets is None:
+        raise ValueError(f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
+                         "distillation_type='none' or 'labels' to train without.")
+    if teacher_targets.num_labels != config.num_labels:
+        raise ValueError(f"The teacher predicts {teacher_targets.num_labels} classes but the student "
+                         f"{config.num_labels}; they must predict the same classes in the same order.")
+    return teacher_targets
 
 
 def _describe(name: str, key: tuple[int, int]) -> str:

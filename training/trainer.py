@@ -14,8 +14,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
-
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
@@ -30,7 +28,7 @@ from .step_guard import (
 )
 from .teacher import Teacher
 from .teacher_check import normalisations, normalised_as
-from .teacher_targets import OnlineTeacher, TeacherTargets
+from .teacher_targets import TeacherTargets, targets_for
 from .transforms import BatchTransform
 
 # DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
@@ -60,7 +58,7 @@ class DistillationTrainer(Trainer):
 
     Args:
         teacher: the frozen teacher (`training.teacher.load_teacher`), run on every batch; it or `teacher_targets`
-            is required unless the model's `config.distillation_type` is `"none"`.
+            is required when the model's `config.distillation_type` is hard or soft, refused otherwise.
         teacher_targets: where the teacher's targets come from, called once per batch
             (`training.teacher_targets`: the teacher online, or a record of its targets, `--teacher_cache`).
         batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
@@ -105,25 +103,7 @@ class DistillationTrainer(Trainer):
         self._staging_dir: str | None = None
         self.own_stream_part = own_stream_part
         self._host_group = None  # a gloo group for the stream parts' batch counts (`get_batch_samples`)
-        config = self.model.config
-        if teacher is not None and teacher_targets is not None:
-            raise ValueError("Give the teacher or the teacher_targets that run it, not both.")
-        teacher_targets = OnlineTeacher(teacher) if teacher is not None else teacher_targets
-        if config.distillation_type in TEACHER_DISTILLATION_TYPES:
-            if teacher_targets is None:
-                raise ValueError(
-                    f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
-                    "distillation_type='none' or 'labels' to train without."
-                )
-            if teacher_targets.num_labels != config.num_labels:
-                raise ValueError(
-                    f"The teacher predicts {teacher_targets.num_labels} classes but the student {config.num_labels}; "
-                    "they must predict the same classes in the same order."
-                )
-        elif teacher_targets is not None:
-            raise ValueError(f"A teacher was given but distillation_type={config.distillation_type!r} would not use "
-                             "it: set distillation_type to 'hard' or 'soft', or train without the teacher.")
-        self.teacher_targets = teacher_targets
+        self.teacher_targets = teacher_targets = targets_for(self.model.config, teacher, teacher_targets)
         if teacher_targets is not None:
             teacher_targets.attach(self)
         self.teacher = teacher_targets.teacher if teacher_targets is not None else None  # None when replaying
