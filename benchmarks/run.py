@@ -192,11 +192,13 @@ def run_benchmarks(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     compile_training: bool | None = None,
+    measure_memory: bool = True,
 ) -> Iterator[Measurement]:
     """Yield the measurements of the benchmarks named in `only`, with `QUICK`, `FULL` or `ACCELERATOR` settings.
 
     `compile_training` adds the `torch_compile` runs of the train and end_to_end benchmarks to the eager ones; by
-    default on an accelerator without `quick` (on a CPU compiling a training step takes minutes).
+    default on an accelerator without `quick` (on a CPU compiling a training step takes minutes). `measure_memory`:
+    the train benchmark's peak memory per contender, each in a fresh process.
     """
     settings = QUICK if quick else FULL if device == "cpu" else ACCELERATOR
     if compile_training is None:
@@ -221,7 +223,8 @@ def run_benchmarks(
                     training_step.TrainSettings(
                         **{**settings["train"], **(replay if replay_row else {})}, device=device, dtype=dtype,
                         torch_compile=torch_compile, replay=replay_row,
-                    )
+                    ),
+                    measure_memory=measure_memory,
                 )
             )
         elif name == "input":
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         "--quick, whose figures are not worth recording).",
     )
     parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
+    parser.add_argument("--no-memory", dest="measure_memory", action="store_false",
+                        help="Skip the train benchmark's peak memory (one fresh process per contender).")
     parser.add_argument(
         "--default-malloc",
         action="store_true",
@@ -307,7 +312,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     machine = machine_description(args.device, args.default_malloc)
     print(json.dumps(machine), flush=True)
     measurements = []
-    runs = run_benchmarks(args.only, args.quick, args.full, args.compile, args.device, dtype, args.compile_training)
+    runs = run_benchmarks(args.only, args.quick, args.full, args.compile, args.device, dtype, args.compile_training,
+                          args.measure_memory)
     for measurement in runs:
         measurements.append(measurement)
         print(json.dumps(measurement.to_dict()), flush=True)
