@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -241,3 +242,16 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # reported in kB
     raise RuntimeError("/proc/self/status has no VmHWM line: peak memory is measured on Linux only.")
+
+
+def record_section(text: str, path: Path, markers: tuple[str, str], heading: str) -> None:
+    """Put `text` between `markers` in `path`, or append it under a `## heading` section when they are absent."""
+    start_marker, end_marker = markers
+    block = f"{start_marker}\n{text}\n{end_marker}"
+    current = path.read_text() if path.exists() else ""
+    if start_marker in current and end_marker in current:
+        before, rest = current.split(start_marker, 1)
+        current = before + block + rest.split(end_marker, 1)[1]
+    else:
+        current = (current.rstrip("\n") + "\n\n" if current.strip() else "") + f"## {heading}\n\n{block}\n"
+    path.write_text(current)

@@ -35,6 +35,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
+from . import record_section
 from .reference import facebookresearch_hard_distillation_loss
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
@@ -313,20 +314,6 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: 
     return "\n".join(lines)
 
 
-def record(text: str, path: Path, markers: tuple[str, str] = (START_MARKER, END_MARKER),
-           heading: str = "Convergence") -> None:
-    """Put `text` between `markers` in `path`, or append it under a `heading` section when they are absent."""
-    start_marker, end_marker = markers
-    block = f"{start_marker}\n{text}\n{end_marker}"
-    current = path.read_text() if path.exists() else ""
-    if start_marker in current and end_marker in current:
-        before, rest = current.split(start_marker, 1)
-        current = before + block + rest.split(end_marker, 1)[1]
-    else:
-        current = current.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
-    path.write_text(current)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -366,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.record:
         from .run import machine_description
 
-        record(markdown(runs, summary, settings, teacher_top1, machine_description()), args.output)
+        record_section(markdown(runs, summary, settings, teacher_top1, machine_description()), args.output,
+                       (START_MARKER, END_MARKER), "Convergence")
     return summary
 
 

@@ -35,7 +35,8 @@ import torch
 from timm.models import register_model
 from timm.models.deit import _create_deit
 
-from .convergence import HEADS, Settings, deit_hf_flags, prepare_data, prepare_teacher, record
+from . import record_section
+from .convergence import HEADS, Settings, deit_hf_flags, prepare_data, prepare_teacher
 
 START_MARKER, END_MARKER = "<!-- distillation study: start -->", "<!-- distillation study: end -->"
 TRANSFORMER_TEACHER = "deit_tiny_patch4_32_digits"
@@ -301,7 +302,7 @@ def _record(runs: list[dict], planned: int, summary: dict, settings: Settings, t
     text = markdown(runs, summary, settings, teachers, machine_description(), wall)
     if len(runs) < planned:
         text = f"**Partial: {len(runs)} of {planned} runs finished so far** (seeds run in order).\n\n{text}"
-    record(text, args.output, (START_MARKER, END_MARKER), "Distillation study")
+    record_section(text, args.output, (START_MARKER, END_MARKER), "Distillation study")
     plot(summary, args.figure)
 
 

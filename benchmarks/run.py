@@ -32,6 +32,7 @@ from . import (
     hold_freed_memory,
     inference,
     input_pipeline,
+    record_section,
     streaming,
     teacher_sweep,
     training_step,
@@ -164,24 +165,17 @@ def markdown_tables(measurements: list[Measurement]) -> str:
 
 def record(measurements: list[Measurement], machine: dict[str, str], command: str, path: Path) -> None:
     """Replace the results section of `path` (between the markers) by these measurements."""
-    section = "\n".join(
+    text = "\n".join(
         [
-            START_MARKER,
             f"Measured {machine['date']} with `{command}`.",
             "",
             f"- Device: {machine['device']}",
             f"- Versions: {machine['versions']}",
             "",
             markdown_tables(measurements),
-            END_MARKER,
         ]
     )
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START_MARKER}\n{END_MARKER}\n"
-    if START_MARKER not in text or END_MARKER not in text:
-        raise ValueError(f"{path} lacks the markers {START_MARKER} ... {END_MARKER} that delimit the results.")
-    before, rest = text.split(START_MARKER, 1)
-    after = rest.split(END_MARKER, 1)[1]
-    path.write_text(before + section + after)
+    record_section(text, path, (START_MARKER, END_MARKER), "Results")
 
 
 def run_benchmarks(

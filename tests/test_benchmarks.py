@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from benchmarks import record_section
 from benchmarks.run import END_MARKER, START_MARKER, main
 
 COMMON_KEYS = {"benchmark", "case", "contender", "images_per_second", "seconds_per_call", "repeats"}
@@ -67,6 +68,18 @@ def test_quick_run_prints_every_measurement_and_records_them_between_the_markers
     for contenders in CONTENDERS.values():
         for contender in contenders:
             assert f"| {contender} |" in results
+
+
+def test_a_section_replaces_the_text_between_its_markers_or_is_appended_under_its_heading(tmp_path):
+    path, markers = tmp_path / "BENCHMARKS.md", ("<!-- a: start -->", "<!-- a: end -->")
+    record_section("first", path, markers, "A")  # no file yet
+    assert path.read_text() == "## A\n\n<!-- a: start -->\nfirst\n<!-- a: end -->\n"
+    path.write_text("# Benchmarks\n\n" + path.read_text() + "\ntext after\n")
+    record_section("second", path, markers, "A")
+    assert path.read_text() == "# Benchmarks\n\n## A\n\n<!-- a: start -->\nsecond\n<!-- a: end -->\n\ntext after\n"
+    record_section("other", path, ("<!-- b: start -->", "<!-- b: end -->"), "B")  # markers absent: a new section
+    assert path.read_text().endswith("text after\n\n## B\n\n<!-- b: start -->\nother\n<!-- b: end -->\n")
+    assert path.read_text().count("second") == 1
 
 
 def test_bf16_autocast_path_runs_and_says_so(capsys):
