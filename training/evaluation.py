@@ -21,6 +21,8 @@ from accelerate.utils import recursively_apply
 def rows_kept_by_gather(accelerator: Accelerator, size: int, device: torch.device) -> torch.Tensor:
     """Which of this process's `size` rows `gather_for_metrics` keeps (boolean): all of them, but in the last batch
     not the images repeated to give every process a full batch. The gather puts the processes' rows in their order."""
+    if not accelerator.gradient_state.end_of_dataloader:  # gather_for_metrics trims the last batch only
+        return torch.ones(size, dtype=torch.bool, device=device)
     kept = len(accelerator.gather_for_metrics(torch.zeros(size, device=device)))
     first = accelerator.process_index * size
     return torch.arange(first, first + size, device=device) < kept
@@ -41,25 +43,26 @@ def fill_rows(outputs, rows: torch.Tensor):
 class EvaluationTally:
     """The loss and the numbers of decoded and skipped images of one evaluation, over all processes.
 
-    `add` takes each batch's mean loss over its decoded images that the gather keeps, and which of its rows these
-    are; the rows of all processes are gathered with `gather_for_metrics`, so the images repeated to even the
-    processes out are not counted. `take` returns `{prefix}_loss` (the mean over the decoded images),
-    `{prefix}_images` (how many decoded) and `{prefix}_skipped_images`, and starts the next evaluation.
+    `add` takes each batch's mean loss over its rows the model saw, which of its rows decoded and are kept by the
+    gather (`counted`), and which are kept by the gather (`kept`): the images repeated to even the processes out are
+    not counted. The sums stay on each process's device until `take` adds them over the processes (one reduction per
+    evaluation) and returns `{prefix}_loss` (the mean over the decoded images), `{prefix}_images` (how many decoded)
+    and `{prefix}_skipped_images`, and starts the next evaluation.
     """
 
     def __init__(self):
-        self._totals: torch.Tensor | float = 0.0  # loss sum, decoded images, rows: on the device
+        self._totals: torch.Tensor | float = 0.0  # this process's loss sum, decoded images and kept rows
 
-    def add(self, accelerator: Accelerator, loss: torch.Tensor, decoded: torch.Tensor) -> None:
-        decoded = decoded.to(loss.device)
-        image_losses = torch.where(decoded, loss.float(), 0.0)  # the batch mean, for each of its decoded images
-        image_losses, decoded = accelerator.gather_for_metrics((image_losses, decoded.float()))
-        self._totals = self._totals + torch.stack([image_losses.sum(), decoded.sum(), torch.tensor(
-            float(len(decoded)), device=decoded.device)])
+    def add(self, loss: torch.Tensor, counted: torch.Tensor, kept: torch.Tensor) -> None:
+        counted, kept = counted.to(loss.device), kept.to(loss.device)
+        image_losses = torch.where(counted, loss.float(), 0.0)  # the batch mean, for each of its counted images
+        self._totals = self._totals + torch.stack([image_losses.sum(), counted.sum().float(), kept.sum().float()])
 
-    def take(self, prefix: str) -> dict[str, float | int]:
+    def take(self, accelerator: Accelerator, prefix: str) -> dict[str, float | int]:
         totals, self._totals = self._totals, 0.0
-        loss_sum, decoded, rows = totals.tolist() if isinstance(totals, torch.Tensor) else (0.0, 0, 0)
+        if not isinstance(totals, torch.Tensor):  # no batch here: this process still joins the reduction
+            totals = torch.zeros(3, device=accelerator.device)
+        loss_sum, decoded, rows = accelerator.reduce(totals, reduction="sum").tolist()
         metrics = {f"{prefix}_images": int(decoded), f"{prefix}_skipped_images": int(rows - decoded)}
         if decoded:
             metrics[f"{prefix}_loss"] = loss_sum / decoded

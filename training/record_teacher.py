@@ -87,7 +87,7 @@ def record(trainer, training_args) -> None:
     if training_args.do_eval or training_args.eval_strategy != "no":
         name, number = part_name(None, rank), 0
         for inputs in trainer.get_eval_dataloader():
-            inputs, _, _ = trainer.evaluated_rows(inputs)  # what the trainer's `prediction_step` asks targets for
+            inputs, *_ = trainer.evaluated_rows(inputs)  # what the trainer's `prediction_step` asks targets for
             teacher_pass.add(name, (number, 0), inputs["pixel_values"])
             number += 1
         teacher_pass.flush()

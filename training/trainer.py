@@ -286,26 +286,28 @@ class DistillationTrainer(Trainer):
         # The outputs of the rows the model saw go back to their rows, and the loss to `eval_tally`, for batches of
         # the same size on every process (`training.evaluation`).
         labels = inputs["labels"]
-        inputs, rows, counted = self.evaluated_rows(inputs)
+        inputs, rows, counted, kept = self.evaluated_rows(inputs)
         loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        self.eval_tally.add(self.accelerator, loss, counted)
+        self.eval_tally.add(loss, counted, kept)
         if logits is None:
             return None, None, None
         return None, fill_rows(logits, rows), labels
 
-    def evaluated_rows(self, inputs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def evaluated_rows(self, inputs: dict) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rows of an evaluation batch that the model sees, transformed: those that decoded and that the gather
         keeps (`counted`), or, in a batch without such a row, its first one (every process gathers outputs of the
-        same structure); `rows` says which they are."""
+        same structure); `rows` says which they are, `kept` which rows the gather keeps."""
         labels = inputs["labels"]
-        counted = (labels != IGNORE_INDEX) & rows_kept_by_gather(self.accelerator, len(labels), labels.device)
+        kept = rows_kept_by_gather(self.accelerator, len(labels), labels.device)
+        counted = (labels != IGNORE_INDEX) & kept
         rows = counted if counted.any() else torch.arange(len(labels), device=labels.device) == 0
         inputs = {"pixel_values": inputs["pixel_values"][rows], "labels": labels[rows].clamp(min=0)}  # blank: 0
-        return self._transform_batch(inputs, training=False), rows, counted
+        return self._transform_batch(inputs, training=False), rows, counted, kept
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        output.metrics.update(self.eval_tally.take(metric_key_prefix))  # its loss and counts (`prediction_step`)
+        # the loss and image counts `prediction_step` gave the tally, summed over the processes
+        output.metrics.update(self.eval_tally.take(self.accelerator, metric_key_prefix))
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
