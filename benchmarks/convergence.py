@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
@@ -130,7 +132,7 @@ def prepare_teacher(workdir: Path, data_dir: Path, settings: Settings) -> tuple[
             loss.backward()
             optimizer.step()
             scheduler.step()
-    top1 = _evaluate_logits(lambda images: (model(images),) * 3, model, _eval_loader(data_dir, settings))["top1"]
+    top1 = _evaluate_logits(_one_head(model), model, _eval_loader(data_dir, settings))["top1"]
     save_file(model.state_dict(), str(path))
     path.with_suffix(".json").write_text(json.dumps({"top1": top1}))
     return path, top1
@@ -154,6 +156,11 @@ def _evaluate_logits(heads, model, loader) -> dict[str, float]:
     return {name: count / total for name, count in zip(HEADS, correct, strict=True)}
 
 
+def _one_head(model: torch.nn.Module):
+    """A one-head model's logits in the three places of (fused, cls, dist)."""
+    return lambda images: (model(images),) * 3
+
+
 def _timm_heads(model: VisionTransformerDistilled):
     def heads(images):
         tokens = model.forward_features(images)
@@ -163,8 +170,9 @@ def _timm_heads(model: VisionTransformerDistilled):
     return heads
 
 
-def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path: Path) -> dict[str, float]:
-    """facebookresearch/deit's `main.py` + `engine.train_one_epoch` on one process, without AMP or EMA."""
+def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path: Path | None) -> dict[str, float]:
+    """facebookresearch/deit's `main.py` + `engine.train_one_epoch` on one process, without AMP or EMA; with no
+    `teacher_path`, its `--distillation-type none` run: a ViT without a distillation token on the labels alone."""
     from training.transforms import zero_bit_posterize  # timm's posterize raises on 0 bits under Pillow 13
 
     torch.manual_seed(seed)
@@ -183,13 +191,14 @@ def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path:
         mixup_alpha=settings.mixup, cutmix_alpha=settings.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
         label_smoothing=settings.smoothing, num_classes=10,
     )
-    model = VisionTransformerDistilled(
+    model = (VisionTransformer if teacher_path is None else VisionTransformerDistilled)(
         img_size=settings.image_size, patch_size=settings.patch_size, embed_dim=settings.hidden_size,
         depth=settings.depth, num_heads=settings.heads, mlp_ratio=settings.mlp_size / settings.hidden_size,
         num_classes=10, drop_path_rate=settings.drop_path_rate,
     )
-    model.set_distilled_training(True)
-    teacher = _load_teacher(teacher_path, settings)
+    if teacher_path is not None:
+        model.set_distilled_training(True)
+        teacher = _load_teacher(teacher_path, settings)
     optimizer = create_optimizer_v2(model, "adamw", lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                     eps=1e-8)
     scheduler = CosineLRScheduler(
@@ -200,16 +209,20 @@ def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path:
         model.train()
         for images, labels in loader:
             images, labels = mixup(images, labels)
-            with torch.no_grad():
-                teacher_logits = teacher(images)
-            loss = facebookresearch_hard_distillation_loss(model(images), labels, teacher_logits, settings.alpha)
+            if teacher_path is None:
+                loss = SoftTargetCrossEntropy()(model(images), labels)  # its DistillationLoss with type none
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = facebookresearch_hard_distillation_loss(model(images), labels, teacher_logits, settings.alpha)
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"Reference loss is {loss.item()}, stopping training")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         scheduler.step(epoch)  # as main.py: after the epoch, with that epoch's index
-    return _evaluate_logits(_timm_heads(model), model, _eval_loader(data_dir, settings))
+    heads = _one_head(model) if teacher_path is None else _timm_heads(model)
+    return _evaluate_logits(heads, model, _eval_loader(data_dir, settings))
 
 
 def deit_hf_flags(seed: int, settings: Settings, data_dir: Path, output_dir: str) -> list[str]:

@@ -282,3 +282,20 @@ def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token
     assert cells["no distillation"][3:6] == ["—", "—", "—"]  # one head: no distillation head, fusion or cosine
     assert "—" not in cells["token hard"][2:6]
     assert figure.stat().st_size > 0
+
+
+def test_no_teacher_smoke_run_reports_both_sides_and_records_them(tmp_path):
+    from benchmarks.no_teacher import END_MARKER as NO_TEACHER_END
+    from benchmarks.no_teacher import START_MARKER as NO_TEACHER_START
+    from benchmarks.no_teacher import main as no_teacher_main
+
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(f"# Benchmarks\n\n{NO_TEACHER_START}\nstale results\n{NO_TEACHER_END}\n\nafter\n")
+    summary = no_teacher_main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(output)])
+    for side in ("deit_hf", "reference"):
+        entry = summary[side]
+        assert entry["seeds"] == 1 and entry["std"] == 0 and entry["mean"] == entry["median"] == entry["lowest"]
+        assert 0 <= entry["mean"] <= 1 and entry["near_chance"] == int(entry["mean"] < 0.2)
+    text = output.read_text()
+    assert "stale results" not in text and text.endswith("\n\nafter\n")
+    assert "| deit_hf |" in text and "| reference |" in text and "- seed 0: " in text
