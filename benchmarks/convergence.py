@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy
 import timm
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,7 @@ def train_reference(seed: int, settings: Settings, data_dir: Path, teacher_path:
     from training.transforms import zero_bit_posterize  # timm's posterize raises on 0 bits under Pillow 13
 
     torch.manual_seed(seed)
+    numpy.random.seed(seed)  # as main.py: timm's Mixup draws its lambda and mode from numpy
     with zero_bit_posterize():
         transform = create_transform(
             settings.image_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.3,
