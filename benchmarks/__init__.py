@@ -244,6 +244,16 @@ def peak_rss_mib() -> float:
     raise RuntimeError("/proc/self/status has no VmHWM line: peak memory is measured on Linux only.")
 
 
+def percent(fraction: float) -> str:
+    """A fraction as the tables' percentage, one decimal."""
+    return f"{100 * fraction:.1f}"
+
+
+def machine_line(machine: dict[str, str]) -> str:
+    """The tables' first line: the machine, the library versions and the date (`run.machine_description`)."""
+    return f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}."
+
+
 def record_section(text: str, path: Path, markers: tuple[str, str], heading: str) -> None:
     """Put `text` between `markers` in `path`, or append it under a `## heading` section when they are absent."""
     start_marker, end_marker = markers

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from . import record_section
+from . import machine_line, percent, record_section
 from .reference import facebookresearch_hard_distillation_loss
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
@@ -304,9 +304,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: float, machine: dict) -> str:
-    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
     lines = [
-        f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}.",
+        machine_line(machine),
         f"Settings: {json.dumps(asdict(settings))}; teacher held-out top-1 {percent(teacher_top1)} %.",
         "",
         "| side | fused top-1 % | cls top-1 % | dist top-1 % | seeds | minutes per run |",

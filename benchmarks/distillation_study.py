@@ -35,7 +35,7 @@ import torch
 from timm.models import register_model
 from timm.models.deit import _create_deit
 
-from . import record_section
+from . import machine_line, percent, record_section
 from .convergence import HEADS, Settings, deit_hf_flags, prepare_data, prepare_teacher
 
 START_MARKER, END_MARKER = "<!-- distillation study: start -->", "<!-- distillation study: end -->"
@@ -160,8 +160,6 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict, machine: dict, wall: float) -> str:
-    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
-
     def cell(entry: dict, head: str) -> str:  # one seed has no spread to show
         if head not in entry:
             return "—"
@@ -171,7 +169,7 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict
     teacher_text = "; ".join(f"{kind} `{TEACHER_MODELS[kind]}` {epochs} epochs, held-out top-1 {percent(top1)} %"
                              for kind, (_, top1, epochs) in teachers.items())
     lines = [
-        f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}.",
+        machine_line(machine),
         f"Wall time {wall / 60:.1f} min for {len(runs)} runs. Settings: {json.dumps(asdict(settings))}.",
         f"Teachers: {teacher_text}. Soft distillation at τ = 1.0 (`--distillation_tau` default), α = 0.5.",
         "",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import record_section
+from . import machine_line, percent, record_section
 from .convergence import Settings, prepare_data, train_reference
 from .distillation_study import QUICK_FLAGS, train_row
 
@@ -55,9 +55,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(runs: list[dict], summary: dict, settings: Settings, machine: dict, wall: float) -> str:
-    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
     lines = [
-        f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}.",
+        machine_line(machine),
         f"Wall time {wall / 60:.1f} min for {len(runs)} runs. Settings: {json.dumps(asdict(settings))} (no teacher).",
         "",
         f"| side | top-1 % mean ± std | median | lowest | seeds under {percent(NEAR_CHANCE)} % | seeds | min/run |",
@@ -101,12 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
         for future in futures:
             runs.append(future.result())
             print(json.dumps(runs[-1]), flush=True)
-    summary = summarize(runs)
-    print(json.dumps({"summary": summary, "wall_seconds": time.perf_counter() - start}), flush=True)
+    summary, wall = summarize(runs), time.perf_counter() - start
+    print(json.dumps({"summary": summary, "wall_seconds": wall}), flush=True)
     if args.record:
         from .run import machine_description
 
-        text = markdown(runs, summary, settings, machine_description(), time.perf_counter() - start)
+        text = markdown(runs, summary, settings, machine_description(), wall)
         record_section(text, args.output, (START_MARKER, END_MARKER), "No-teacher baseline")
     return summary
 
