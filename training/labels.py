@@ -75,7 +75,7 @@ def _count_classes(train: datasets.Dataset | datasets.IterableDataset, column: s
             f"Label column '{column}' has no ClassLabel feature, so the number of classes of a streamed dataset is "
             "unknown; pass --num_labels, cast the column to a ClassLabel, or do not stream."
         )
-    labels = _label_array(train, column)
+    labels = label_array(train, column)
     valid = pc.filter(labels, pc.greater_equal(labels, 0))
     largest = pc.max(valid).as_py()
     if largest is None:
@@ -132,7 +132,7 @@ def refuse_a_single_class(
     """A model of one class, or trained on one class only, reaches loss 0 at once and learns nothing."""
     if len(label_names) < 2:
         found = f"names a single class ({', '.join(map(repr, label_names))})"
-    elif not data_args.streaming and pc.count_distinct(_label_array(train, column)).as_py() < 2:
+    elif not data_args.streaming and pc.count_distinct(label_array(train, column)).as_py() < 2:
         found = f"holds a single one of its {len(label_names)} classes"
     else:
         return
@@ -142,13 +142,13 @@ def refuse_a_single_class(
     )
 
 
-def _label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:
+def label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:
     # One columnar read; touching neither the images nor Python objects per row.
     return dataset.with_format("arrow", columns=[column])[:][column]
 
 
 def check_label_range(dataset: datasets.Dataset, split: str, column: str, num_classes: int) -> None:
-    labels = _label_array(dataset, column)
+    labels = label_array(dataset, column)
     valid = pc.fill_null(pc.and_(pc.greater_equal(labels, 0), pc.less(labels, num_classes)), False)
     invalid = pc.invert(valid)
     num_invalid = pc.sum(invalid).as_py() or 0

@@ -1,10 +1,13 @@
-"""The teacher's pre-flight on the first validation batches: refuse a teacher that would teach the wrong thing.
+"""The pre-flight, before step 1: refuse a teacher that would teach the wrong thing, or validation images that do not
+decode.
 
-`DistillationTrainer.teacher_confusions` runs the teacher on the student's evaluation batches, with the input
-normalisation it declares and with each common one (`COMMON_NORMALISATIONS`), and counts (true class, predicted
-class) pairs; `check_teacher` reads those counts and refuses, before step 1:
+It reads validation images drawn from every class of the split (`training.check_images`), as many as
+`--teacher_check_batches` evaluation batches hold. `DistillationTrainer.teacher_confusions` runs the teacher on them,
+transformed as the student's evaluation batches are, with the input normalisation it declares and with each common one
+(`COMMON_NORMALISATIONS`), and counts (true class, predicted class) pairs; `check_teacher` reads those counts and
+refuses:
 
-- a check on which no image decoded (nothing to judge);
+- a check on which no image decoded (nothing to judge; without a teacher to check, `preflight` refuses that alone);
 - a declared normalisation that another common one beats by far (a processor saved with the wrong statistics);
 - a top-1 near chance;
 - classes mostly predicted as one other class (a head in another class order), naming the pairs.
@@ -63,22 +66,52 @@ def normalised_as(teacher: Teacher, statistics: tuple[Sequence[float], Sequence[
         teacher.input_scale, teacher.input_shift = saved
 
 
+def preflight(trainer, num_batches: int, label_column: str, label_names: Sequence[str]) -> None:
+    """The pre-flight of a `DistillationTrainer` on `num_batches` batches' worth of validation images (0: none): its
+    teacher checked (`check_teacher`); without one (no distillation, or its targets replayed), when it trains and
+    evaluates, that some image decodes (an epoch would be lost before its evaluation found none). The RNG is left
+    untouched (the loader draws a seed): a run that replays the teacher's targets draws the same augmentations and
+    drop paths as the run that recorded them."""
+    args = trainer.args
+    check_the_teacher = trainer.teacher is not None
+    if num_batches == 0 or not (check_the_teacher or args.do_train and args.eval_strategy != "no"):
+        return
+    device = trainer.accelerator.device
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        if check_the_teacher:
+            confusions = trainer.teacher_confusions(num_batches, label_column)
+        else:
+            decoded = sum(len(inputs["labels"]) for inputs in trainer.check_batches(num_batches, label_column))
+            decoded = int(trainer.accelerator.reduce(torch.tensor(decoded, device=args.device), reduction="sum"))
+    if check_the_teacher:
+        check_teacher(confusions, label_names)
+    else:
+        refuse_if_nothing_decoded(decoded, "every evaluation would measure nothing",
+                                  "Fix the validation split, or train without evaluating (--eval_strategy no).")
+        logger.info("Pre-flight: %d validation images decoded.", decoded)
+
+
+def refuse_if_nothing_decoded(decoded: int, consequence: str, way_out: str) -> None:
+    """The pre-flight's refusal of a validation set of which none of the check images decoded."""
+    if decoded == 0:
+        raise ValueError(
+            f"No validation image decoded among the pre-flight's images: {consequence}. The warnings of "
+            f"training.transforms name the images that failed. {way_out}"
+        )
+
+
 def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], show: int = 5) -> float:
     """The teacher's top-1 with its declared normalisation, after refusing (`ValueError`) a teacher that the check
     batches show to be fed wrongly or to predict other classes. `confusions` maps each normalisation of
     `normalisations` to its counts (true class × predicted class)."""
     declared = confusions[DECLARED].double()
     total = int(declared.sum())
-    if total == 0:
-        raise ValueError(
-            "No validation image decoded in the teacher check's batches: the teacher cannot be checked. The warnings "
-            f"of training.transforms name the images that failed. {_WAY_OUT}"
-        )
+    refuse_if_nothing_decoded(total, "the teacher cannot be checked", _WAY_OUT)
     top1 = {name: int(counts.diagonal().sum()) / max(int(counts.sum()), 1) for name, counts in confusions.items()}
     num_labels = declared.shape[0]
     chance = 1 / num_labels
-    logger.info("Teacher top-1 on %d validation images: %.1f %% (chance: %.1f %%).", total, 100 * top1[DECLARED],
-                100 * chance)
+    logger.info("Teacher top-1 on %d validation images of %d of the %d classes: %.1f %% (chance: %.1f %%).", total,
+                int((declared.sum(dim=1) > 0).sum()), num_labels, 100 * top1[DECLARED], 100 * chance)
     best = max(top1, key=top1.get)
     # far better: at least 10 points up, and at most half the errors
     if best != DECLARED and top1[best] - top1[DECLARED] >= 0.1 and 1 - top1[best] <= (1 - top1[DECLARED]) / 2:

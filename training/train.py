@@ -42,7 +42,7 @@ from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .student import build_student, check_checkpoint_arguments
 from .teacher import check_class_names, load_teacher
-from .teacher_check import check_teacher
+from .teacher_check import preflight
 from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
@@ -328,13 +328,7 @@ def build_trainer(
         own_stream_part=own_stream_part,
         callbacks=callbacks,
     )
-    if trainer.teacher is not None and distill_args.teacher_check_batches > 0:
-        # RNG untouched (the evaluation DataLoader draws a seed): a run that replays the teacher's targets, and so
-        # skips this check, draws the same augmentations and drop paths as the run that recorded them.
-        device = trainer.accelerator.device
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-            confusions = trainer.teacher_confusions(distill_args.teacher_check_batches)
-        check_teacher(confusions, data.label_names)
+    preflight(trainer, distill_args.teacher_check_batches, data.label_column, data.label_names)
     return trainer, (model_args, distill_args, data_args, aug_args, training_args)
 
 

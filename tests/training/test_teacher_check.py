@@ -32,7 +32,7 @@ def check_batches(tmp_path, digits, teacher):
     held_out = prepared(digits["validation"], build_eval_transform(augmentation))
     trainer = make_trainer(tmp_path, student(), None, held_out, teacher,
                            batch_transform=build_batch_transform(augmentation, 10))
-    return trainer.teacher_confusions(num_batches=2)
+    return trainer.teacher_confusions(num_batches=2, label_column="label")
 
 
 @pytest.mark.parametrize("correct, refused", [(20, True), (27, True), (29, False), (95, False)])
@@ -48,7 +48,7 @@ def test_a_teacher_near_chance_is_refused_with_the_causes_and_the_way_out(correc
 
 
 def test_nothing_decoded_is_a_clear_error_not_a_division_by_zero():
-    with pytest.raises(ValueError, match="No validation image decoded in the teacher check's batches"):
+    with pytest.raises(ValueError, match="No validation image decoded among the pre-flight.s images: the teacher"):
         check_teacher({DECLARED: counts([])}, NAMES)
 
 
