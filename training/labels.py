@@ -1,8 +1,9 @@
 """The label checks of `training.data`: the classes a dataset names, and what would make its labels mean nothing.
 
 A label column of one class, train and validation splits that name their classes differently (which `datasets` would
-cast one onto the other silently), a validation split without the label column, and labels outside the classes are
-refused with a message naming the split, column and values.
+cast one onto the other silently), a validation split without the label column, labels missing (null: `datasets` fills
+the column of a data file that lacks it with nulls) and labels outside the classes are refused with a message naming
+the split, column and values.
 """
 
 import logging
@@ -18,6 +19,7 @@ from .args import DataArguments
 logger = logging.getLogger(__name__)
 
 _UNLABELED_HINT = " (-1 marks unlabeled examples, such as those of ImageNet's test split.)"
+_MISSING_HINT = "a data file of the split lacks the column, which datasets fills with nulls, or leaves it empty"
 
 
 def check_declared_classes(directory: str, data_args: DataArguments) -> None:
@@ -50,6 +52,8 @@ def label_names(
     train: datasets.Dataset | datasets.IterableDataset, feature, column: str, data_args: DataArguments
 ) -> list[str]:
     num_labels = data_args.num_labels
+    if not data_args.streaming:
+        refuse_missing_labels(label_array(train, column), data_args.train_split, column)
     if isinstance(feature, datasets.ClassLabel):
         if num_labels is not None and num_labels != feature.num_classes:
             raise ValueError(
@@ -147,8 +151,19 @@ def label_array(dataset: datasets.Dataset, column: str) -> pa.ChunkedArray:
     return dataset.with_format("arrow", columns=[column])[:][column]
 
 
+def refuse_missing_labels(labels: pa.ChunkedArray, split: str, column: str) -> None:
+    """Refuse null labels: a data file without the label column (`datasets` fills it with nulls), or left empty."""
+    missing = labels.null_count
+    if missing:
+        raise ValueError(
+            f"Split '{split}': {'all' if missing == len(labels) else f'{missing} of'} {len(labels)} labels in column "
+            f"'{column}' are missing (null): {_MISSING_HINT}. Training and evaluation need every label."
+        )
+
+
 def check_label_range(dataset: datasets.Dataset, split: str, column: str, num_classes: int) -> None:
     labels = label_array(dataset, column)
+    refuse_missing_labels(labels, split, column)
     valid = pc.fill_null(pc.and_(pc.greater_equal(labels, 0), pc.less(labels, num_classes)), False)
     invalid = pc.invert(valid)
     num_invalid = pc.sum(invalid).as_py() or 0
@@ -162,7 +177,9 @@ def check_label_range(dataset: datasets.Dataset, split: str, column: str, num_cl
 
 def check_streamed_labels(batch: dict, split: str, column: str, num_classes: int) -> dict:
     for label in batch[column]:
-        if label is None or not 0 <= label < num_classes:
+        if label is None:
+            raise ValueError(f"Split '{split}': a label in column '{column}' is missing (null): {_MISSING_HINT}.")
+        if not 0 <= label < num_classes:
             raise ValueError(
                 f"Split '{split}': label {label!r} in column '{column}' is outside [0, {num_classes})."
                 + _UNLABELED_HINT

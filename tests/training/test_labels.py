@@ -158,3 +158,29 @@ def test_a_validation_split_without_the_label_column_names_it(few_digits, tmp_pa
     with pytest.raises(ValueError,
                        match=r"Split 'validation' has no label column 'label' \(its columns: \['image'\]\)"):
         load(tmp_path, dataset_name=str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_validation_file_without_the_label_column_names_it_not_none_outside_the_classes(few_digits, tmp_path,
+                                                                                         streaming):
+    # datasets fills the column a data file lacks with nulls
+    few_digits["train"].to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    few_digits["validation"].remove_columns("label").to_parquet(
+        str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
+    if not streaming:
+        with pytest.raises(ValueError, match=r"^Split 'validation': all 20 labels in column 'label' are missing "
+                                             r"\(null\): a data file of the split lacks the column"):
+            load(tmp_path, dataset_name=str(tmp_path / "data"))
+        return
+    data = load(tmp_path, dataset_name=str(tmp_path / "data"), streaming=True)
+    with pytest.raises(ValueError, match=r"Split 'validation': a label in column 'label' is missing \(null\)"):
+        list(data.dataset_dict["validation"])
+
+
+def test_null_train_labels_are_named_before_the_class_count_reads_them(few_digits, tmp_path):
+    train = few_digits["train"].cast_column("label", datasets.Value("int64"))
+    labels = [None if index < 3 else label for index, label in enumerate(train["label"])]
+    datasets.DatasetDict({"train": train.remove_columns("label").add_column("label", labels),
+                          "validation": few_digits["validation"]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"^Split 'train': 3 of 30 labels in column 'label' are missing \(null\)"):
+        load(tmp_path, dataset_name=str(tmp_path / "saved"))
