@@ -36,6 +36,7 @@ from .argument_checks import check_arguments, check_distillation_flags_are_read
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .data import attach_transform, load_image_datasets, prepare_train_stream
+from .memory_check import check_activation_memory
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
 from .run_card import write_run_card
@@ -282,6 +283,7 @@ def build_trainer(
             training_args.dataloader_num_workers, training_args.seed, own_stream_part,
         )
     model = build_student(model_args, distill_args, aug_args, data.id2label)
+    check_activation_memory(model.config, training_args)
     if prepare_model is not None:
         model = prepare_model(model)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
@@ -314,7 +316,7 @@ def build_trainer(
     trainer = DistillationTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=train_dataset if training_args.do_train else None,  # evaluation only: no --max_steps for a stream
         eval_dataset=eval_dataset,
         data_collator=DistillationCollator(),
         processing_class=processor,
