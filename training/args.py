@@ -305,8 +305,9 @@ class DistillationArguments:
     )
     teacher_check_batches: int = field(
         default=8,
-        metadata={"help": "Validation batches the teacher's top-1 is measured on before training; a teacher near "
-                  "chance stops the run. 0 skips the check."},
+        metadata={"help": "Before training, the teacher is checked on validation images drawn from every class, as "
+                  "many as this many evaluation batches hold; a teacher near chance, fed the wrong normalisation or "
+                  "with classes swapped stops the run. Without a teacher, they must decode. 0 skips the check."},
     )
     teacher_cache: str | None = field(
         default=None,
