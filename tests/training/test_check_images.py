@@ -2,6 +2,8 @@
 
 import copy
 import logging
+import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from training.transforms import ImageTransform, build_batch_transform, build_eva
 
 from .conftest import IMAGE_SIZE, tiny_run_args
 from .test_data import write_imagefolder
+from .test_distributed import REPO, probe_env, two_processes
 from .test_trainer import make_trainer, student
 
 NAMES = [str(digit) for digit in range(10)]
@@ -128,3 +131,17 @@ def test_a_run_on_a_class_sorted_validation_dir_refuses_a_teacher_with_its_last_
         build_trainer(args)
     monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: fitted_teacher)
     build_trainer(args)
+
+
+def test_on_two_processes_each_reads_its_part_and_both_refuse_on_the_sum(small_digits_dir, random_teacher_dir,
+                                                                         tmp_path):
+    # 1 batch of 32 per process: 64 images asked for, the 32 of the split read once, 16 by each rank; a rank
+    # judging its own part, or both reading all 32, would say 16 or 64 (and a rank that passed would hang the other)
+    args = tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out")
+    args[args.index("--teacher_check_batches") + 1] = "1"
+    result = subprocess.run([*two_processes(), "-m", "training.train", *args, "--max_steps", "1"], capture_output=True,
+                            text=True, env=probe_env(), cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    refusals = re.findall(r"ValueError: The teacher's top-1 on (\d+) validation images is .* near chance",
+                          result.stderr)
+    assert refusals == ["32", "32"], result.stderr[-3000:]
