@@ -8,12 +8,18 @@ Arguments are the dataclasses of `training.args` plus transformers' `TrainingArg
 Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--help`.
 """
 
+import sys
+
+from .cli_options import answer_early
+
+if __name__ == "__main__":  # --help and argparse's refusals before torch and transformers load (seconds)
+    answer_early(sys.argv[1:])
+
 import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -111,13 +117,7 @@ def parse_args(argv: list[str] | None = None):
     line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
-    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
-    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
-    # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
-    # would train alone on all the data.
-    has_accelerator = torch.accelerator.is_available()
-    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
-    _show_what_decides(parser)
+    parser = build_parser()
     given = set()
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         try:
@@ -140,6 +140,18 @@ def parse_args(argv: list[str] | None = None):
     except ValueError as error:  # a dataclass's own check, a conflict between arguments, a value refused
         parser.error(str(error))
     return arguments
+
+
+def build_parser() -> HfArgumentParser:
+    """The command line's parser, with the recipe's defaults (`training.cli_options` saves its options)."""
+    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
+    # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
+    # would train alone on all the data.
+    has_accelerator = torch.accelerator.is_available()
+    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
+    _show_what_decides(parser)
+    return parser
 
 
 def _show_what_decides(parser: HfArgumentParser) -> None:
