@@ -1,22 +1,24 @@
-"""The training command's options, saved so that `--help` and argparse's refusals answer before the stack loads.
+"""The training command's options, kept so that `--help` and argparse's refusals answer before the stack loads.
 
 Building the real parser imports transformers' `TrainingArguments`, hence torch and (through
-`transformers.trainer_utils`) peft when it is installed: seconds before a single flag is read. `cli_options.json`
-holds the parser's options as `python -m training.cli_options` writes them from the real parser
-(tests/training/test_cli_options.py checks that they are equal). `answer_early` rebuilds an argparse parser from it
-that prints `--help` and refuses what argparse refuses (an unknown option, a value of the wrong type, a choice not
-offered) with the real parser's words. It never accepts for the real parser: whatever it lets through is parsed
-again, and checked, by `training.train.parse_args`. It answers only for the transformers and deit-hf versions the
-file was written with.
+`transformers.trainer_utils`) peft when it is installed: seconds before a single flag is read. Each time
+`training.train.parse_args` builds the real parser it saves the parser's options (`save`) in a cache file named by
+what decides them: the transformers version and a hash of deit-hf's own sources. `answer_early` rebuilds an argparse
+parser from that file, when there is one, that prints `--help` and refuses what argparse refuses (an unknown option,
+a value of the wrong type, a choice not offered) with the real parser's words (tests/training/test_cli_options.py
+checks both). It never accepts for the real parser: whatever it lets through is parsed again, and checked, by
+`training.train.parse_args`. The cache lives in `$DEIT_HF_CACHE`, else `$XDG_CACHE_HOME/deit-hf`, else
+`~/.cache/deit-hf`; one that cannot be written is skipped (the answers then come from the real parser).
 """
 
 import argparse
+import hashlib
 import json
 import os
-import sys
 from importlib import metadata
 
-SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli_options.json")
+# deit-hf's sources: the options' help and defaults come from them (and from transformers, named by its version).
+SOURCE_DIRECTORIES = ("training", "deit_hf")
 # Defaults that depend on the machine (`training.train.parse_args`): shown as the rule that decides them.
 MACHINE_DEFAULTS = {
     "use_cpu": "True where no accelerator is found, else False",
@@ -35,8 +37,19 @@ ACTIONS = {
 UNUSED_ARGUMENTS = "Some specified arguments are not used by the HfArgumentParser: {}"
 
 
-def versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ("transformers", "deit-hf")}
+def cache_path() -> str:
+    """The cache file of this installation's options: named by the transformers version and deit-hf's sources."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256(metadata.version("transformers").encode())
+    for directory in SOURCE_DIRECTORIES:
+        for folder, _, files in sorted(os.walk(os.path.join(root, directory))):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name), "rb") as file:
+                        digest.update(name.encode() + file.read())
+    cache = os.environ.get("DEIT_HF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deit-hf")
+    return os.path.join(cache, f"train-options-{digest.hexdigest()[:16]}.json")
 
 
 def _json_value(value):
@@ -113,12 +126,13 @@ def rebuild(description: dict, prog: str | None = None) -> argparse.ArgumentPars
 
 def answer_early(argv: list[str]) -> None:
     """Print `--help`, or refuse what argparse refuses (exit status 2), from the saved options; return otherwise,
-    and when the saved options are not this installation's or a config file comes first (its values decide)."""
-    if not os.path.exists(SNAPSHOT) or (argv and argv[0].endswith((".json", ".yaml", ".yml"))):
+    and when no options are saved for this installation or a config file comes first (its values decide)."""
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         return
-    with open(SNAPSHOT) as file:
-        saved = json.load(file)
-    if saved["versions"] != versions():
+    try:
+        with open(cache_path()) as file:
+            saved = json.load(file)
+    except (OSError, ValueError):
         return
     parser = rebuild(saved)
     _, unknown = parser.parse_known_args(argv)  # exits on --help and on a value argparse refuses
@@ -126,14 +140,16 @@ def answer_early(argv: list[str]) -> None:
         parser.error(UNUSED_ARGUMENTS.format(unknown))
 
 
-def write(path: str = SNAPSHOT) -> None:
-    from training.train import build_parser
-
-    with open(path, "w") as file:
-        json.dump({"versions": versions(), **describe(build_parser())}, file, indent=1, ensure_ascii=False)
-        file.write("\n")
-
-
-if __name__ == "__main__":
-    write(sys.argv[1] if len(sys.argv) > 1 else SNAPSHOT)
-    print(f"Wrote the training command's options for {versions()} to {SNAPSHOT}.")
+def save(parser: argparse.ArgumentParser) -> None:
+    """Keep the parser's options for `answer_early`, unless they are kept already or the cache cannot be written."""
+    path = cache_path()
+    if os.path.exists(path):
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        staged = f"{path}.{os.getpid()}"  # a reader never sees a half-written file
+        with open(staged, "w") as file:
+            json.dump(describe(parser), file, ensure_ascii=False)
+        os.replace(staged, path)
+    except OSError:
+        pass  # a read-only home: --help answers from the real parser

@@ -10,10 +10,10 @@ Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--hel
 
 import sys
 
-from .cli_options import answer_early
+from . import cli_options
 
 if __name__ == "__main__":  # --help and argparse's refusals before torch and transformers load (seconds)
-    answer_early(sys.argv[1:])
+    cli_options.answer_early(sys.argv[1:])
 
 import argparse
 import json
@@ -118,6 +118,7 @@ def parse_args(argv: list[str] | None = None):
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    cli_options.save(parser)
     given = set()
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         try:
@@ -143,7 +144,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def build_parser() -> HfArgumentParser:
-    """The command line's parser, with the recipe's defaults (`training.cli_options` saves its options)."""
+    """The command line's parser, with the recipe's defaults."""
     # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
     parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
     # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
