@@ -29,7 +29,7 @@ from accelerate.utils import get_int_from_env
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from deit_hf import DeiTHfImageProcessorPil, DeiTPreTrainedModel
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import get_distillation_type
 
 from .args import (
     AugmentationArguments,
@@ -317,7 +317,7 @@ def build_trainer(
         return teacher
 
     teacher_targets = None
-    if distill_args.distillation_type in TEACHER_DISTILLATION_TYPES:  # the teacher, or its recorded targets
+    if get_distillation_type(distill_args.distillation_type).uses_teacher:  # the teacher, or its recorded targets
         teacher_targets = open_teacher_targets(
             distill_args, aug_args, training_args, data.dataset_dict, (mean, std), len(data.label_names),
             load_checked_teacher,
