@@ -4,10 +4,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .distillation_types import get_distillation_type
+
 logger = logging.get_logger(__name__)
 
-DISTILLATION_TYPES = ("hard", "soft", "none", "labels")
-TEACHER_DISTILLATION_TYPES = ("hard", "soft")  # the types that learn from a teacher
 TRANSFORMERS_MODEL_TYPE = "deit"  # transformers' own DeiT, whose checkpoints load into deit_hf's classes
 
 # Sizes from the paper (Table 1); all 12 layers, patch 16, MLP ratio 4.
@@ -107,13 +107,10 @@ class DeiTConfig(PreTrainedConfig):
         for field in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "label_smoothing"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(f"`{field}` must be in [0, 1), got {getattr(self, field)}.")
-        if self.distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(
-                f"`distillation_type` must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}."
-            )
-        if self.distillation_type == "labels" and not self.use_distillation_token:
-            raise ValueError("`distillation_type='labels'` trains the distillation token as a second class token, "
-                             "but `use_distillation_token=False`: use 'none' to train the one class head.")
+        if get_distillation_type(self.distillation_type).needs_distillation_token and not self.use_distillation_token:
+            raise ValueError(f"`distillation_type={self.distillation_type!r}` trains the distillation token as a "
+                             "second class token, but `use_distillation_token=False`: use 'none' to train the one "
+                             "class head.")
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
         if self.distillation_tau <= 0:

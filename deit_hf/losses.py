@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .configuration_deit import DISTILLATION_TYPES, TEACHER_DISTILLATION_TYPES
+from .distillation_types import TEACHER_TYPES, get_distillation_type
 
 logger = logging.get_logger(__name__)
 
@@ -48,8 +48,7 @@ class DistillationLoss(nn.Module):
         self, distillation_type: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0
     ):
         super().__init__()
-        if distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}.")
+        self.kind = get_distillation_type(distillation_type)
         self.distillation_type = distillation_type
         self.alpha = alpha
         self.tau = tau
@@ -68,13 +67,13 @@ class DistillationLoss(nn.Module):
     ) -> DistillationLossOutput:
         # Soft targets already carry Mixup's smoothing; smoothing them again would double it.
         smoothing = 0.0 if labels.is_floating_point() else self.label_smoothing
-        if self.distillation_type not in TEACHER_DISTILLATION_TYPES and teacher_logits is not None:
+        if not self.kind.uses_teacher and teacher_logits is not None:
             raise ValueError(f"`teacher_logits` were given but distillation_type={self.distillation_type!r} does not "
-                             "use them: set distillation_type to 'hard' or 'soft', or do not run the teacher.")
+                             f"use them: set distillation_type to one of {TEACHER_TYPES}, or do not run the teacher.")
+        if self.kind.needs_distillation_token and distillation_logits is None:
+            raise ValueError(f"distillation_type={self.distillation_type!r} trains the distillation head, but the "
+                             "model has no distillation head: use 'none'.")
         if self.distillation_type == "labels":
-            if distillation_logits is None:
-                raise ValueError("distillation_type='labels' trains the distillation head on the labels, but the "
-                                 "model has no distillation head: use 'none'.")
             base_loss = F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
             second_class_loss = F.cross_entropy(distillation_logits, labels, label_smoothing=smoothing)
             loss = base_loss * (1 - self.alpha) + second_class_loss * self.alpha

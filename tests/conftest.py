@@ -2,6 +2,7 @@
 
 import functools
 import os
+import tempfile
 
 import PIL.Image
 import pytest
@@ -12,6 +13,8 @@ import torch
 # No hub here; any accidental download must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The training command's kept options (training.cli_options) go to a cache of the suite's own, not the user's.
+os.environ["DEIT_HF_CACHE"] = tempfile.mkdtemp(prefix="deit-hf-test-cache-")
 # One intra-op thread: on 2 cores, a second thread spinning against DataLoader workers, subprocesses or another
 # job slows small ops tens of times; one thread keeps the suite's time steady.
 torch.set_num_threads(1)

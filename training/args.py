@@ -12,7 +12,7 @@ from timm.data import create_transform
 from transformers import TrainingArguments
 
 from deit_hf import PRESETS, DeiTConfig
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import DISTILLATION_TYPES, get_distillation_type
 
 from .step_guard import MAX_CONSECUTIVE_NONFINITE
 
@@ -324,10 +324,9 @@ class DistillationArguments:
         metadata={"help": "With a complete --teacher_cache: load the teacher and compare its targets with the "
                   "record's on this many random steps."},
     )
-    distillation_type: Literal["hard", "soft", "none", "labels"] = field(
+    distillation_type: Literal[tuple(DISTILLATION_TYPES)] = field(
         default="hard",
-        metadata={"help": "hard: the teacher's argmax; soft: KL at temperature tau; none: no teacher (both heads on "
-                  "the fused logits); labels: no teacher, each head on the labels (two class tokens)."},
+        metadata={"help": "; ".join(f"{kind.name}: {kind.description}" for kind in DISTILLATION_TYPES.values())},
     )
     distillation_alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation loss."})
     distillation_tau: float = field(default=1.0, metadata={"help": "Temperature of the soft distillation loss."})
@@ -343,7 +342,7 @@ class DistillationArguments:
     )
 
     def __post_init__(self):
-        uses_teacher = self.distillation_type in TEACHER_DISTILLATION_TYPES
+        uses_teacher = get_distillation_type(self.distillation_type).uses_teacher
         if self.teacher_cache is not None and not uses_teacher:
             raise ValueError(f"--teacher_cache with --distillation_type {self.distillation_type}: there is no teacher "
                              "to record.")

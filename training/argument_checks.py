@@ -5,7 +5,7 @@ import os
 from transformers import TrainingArguments
 
 from deit_hf import DeiTConfig
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
 from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
 
@@ -41,9 +41,10 @@ def check_arguments(
         raise ValueError(
             f"--num_train_epochs must be positive (or --max_steps given), got {training_args.num_train_epochs}."
         )
-    if distill_args.distillation_type == "labels" and model_args.distillation_token is False:
-        raise ValueError("--distillation_type labels trains the distillation token as a second class token, but the "
-                         "student has none (--distillation_token false, or a one-head checkpoint): use "
+    kind = get_distillation_type(distill_args.distillation_type)
+    if kind.needs_distillation_token and model_args.distillation_token is False:
+        raise ValueError(f"--distillation_type {kind.name} trains the distillation token as a second class token, "
+                         "but the student has none (--distillation_token false, or a one-head checkpoint): use "
                          "--distillation_type none.")
     if model_args.model_name_or_path is None:
         try:  # the preset with its overrides at the training resolution: a patch size that does not divide it, say
@@ -59,13 +60,13 @@ def check_arguments(
 
 def check_distillation_flags_are_read(given: set[str], distill_args: DistillationArguments) -> None:
     """Refuse a teacher, temperature or weight flag given by the user that the distillation type would not read."""
-    kind = distill_args.distillation_type
+    kind = get_distillation_type(distill_args.distillation_type)
     no_teacher_named = (distill_args.teacher_model or "").strip().lower() in OFF_VALUES  # `--teacher_model none`
-    unread = [] if kind in TEACHER_DISTILLATION_TYPES else [
+    unread = [] if kind.uses_teacher else [
         flag for flag in TEACHER_FLAGS if flag in given and not (flag == "teacher_model" and no_teacher_named)
     ]
-    unread += ["distillation_tau"] if kind != "soft" and "distillation_tau" in given else []
-    unread += ["distillation_alpha"] if kind == "none" and "distillation_alpha" in given else []
+    unread += ["distillation_tau"] if not kind.uses_teacher_distribution and "distillation_tau" in given else []
+    unread += ["distillation_alpha"] if not kind.weighs_two_parts and "distillation_alpha" in given else []
     if unread:
-        raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind}: drop it, or choose the "
-                         "distillation that uses it (a teacher: hard or soft; a temperature: soft).")
+        raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind.name}: drop it, or choose the "
+                         f"distillation that uses it (a teacher: {' or '.join(TEACHER_TYPES)}; a temperature: soft).")

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from deit_hf import DeiTConfig
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import get_distillation_type
 from deit_hf.modelcard import CardFacts, write_model_card
 
 from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
@@ -34,10 +34,11 @@ def run_card_facts(
     )
     two_heads = trainer.model.config.use_distillation_token
     teacher = None
-    if distill_args.distillation_type in TEACHER_DISTILLATION_TYPES:
+    kind = get_distillation_type(distill_args.distillation_type)
+    if kind.uses_teacher:
         checkpoint = distill_args.teacher_checkpoint
         weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
-        softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
+        softness = f", τ = {distill_args.distillation_tau}" if kind.uses_teacher_distribution else ""
         kind = "" if two_heads else " (classical distillation of the class head: no distillation token)"
         teacher = (
             f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation{kind}, "
@@ -73,10 +74,10 @@ def run_card_facts(
 
 
 def _no_teacher(distillation_type: str, two_heads: bool) -> str:
-    if distillation_type == "labels":
-        return "none (distillation_type labels: each head learns the labels, two class tokens)"
-    return "none (distillation_type none: " + (
-        "both heads learn the labels through the fused logits)" if two_heads else "the class head learns the labels)")
+    kind = get_distillation_type(distillation_type)
+    if kind.needs_distillation_token or two_heads:
+        return f"none (distillation_type {kind.name}: {kind.description})"
+    return f"none (distillation_type {kind.name}: the class head learns the labels)"
 
 
 def _fine_tuned(checkpoint: str, input_size: int) -> str:

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deit_hf.distillation_types import get_distillation_type
+
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_DIR = ".staging"
 RECORD_FORMAT = 1
@@ -58,7 +60,7 @@ def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str
     """A batch's teacher logits as stored (on their device)."""
     logits = logits.detach().float()
     finite = logits.isfinite().all(dim=1)
-    if distillation_type == "hard":
+    if not get_distillation_type(distillation_type).uses_teacher_distribution:
         classes = torch.where(finite, logits.argmax(dim=1), -1)
         return {"classes": classes.to(torch.int16)}
     values, indices = logits.topk(min(top_k, logits.shape[1]), dim=1)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from transformers import TrainerCallback
 
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
 from .teacher import Teacher
 from .teacher_record import (
@@ -239,10 +239,10 @@ def targets_for(config, teacher: Teacher | None, teacher_targets: TeacherTargets
     if teacher is not None and teacher_targets is not None:
         raise ValueError("Give the teacher or the teacher_targets that run it, not both.")
     teacher_targets = OnlineTeacher(teacher) if teacher is not None else teacher_targets
-    if config.distillation_type not in TEACHER_DISTILLATION_TYPES:
+    if not get_distillation_type(config.distillation_type).uses_teacher:
         if teacher_targets is not None:
             raise ValueError(f"A teacher was given but distillation_type={config.distillation_type!r} would not use "
-                             "it: set distillation_type to 'hard' or 'soft', or train without the teacher.")
+                             f"it: set distillation_type to one of {TEACHER_TYPES}, or train without the teacher.")
         return None
     if teacher_targets is None:
         raise ValueError(f"distillation_type={config.distillation_type!r} needs a teacher; give one, or set "
@@ -251,6 +251,11 @@ def targets_for(config, teacher: Teacher | None, teacher_targets: TeacherTargets
         raise ValueError(f"The teacher predicts {teacher_targets.num_labels} classes but the student "
                          f"{config.num_labels}; they must predict the same classes in the same order.")
     return teacher_targets
+
+
+def uses_distribution(distill_args) -> bool:
+    """Whether the record keeps the teacher's logits (top k), not only its class."""
+    return get_distillation_type(distill_args.distillation_type).uses_teacher_distribution
 
 
 def _describe(name: str, key: tuple[int, int]) -> str:
@@ -298,7 +303,7 @@ def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, st
                                   "student": [list(student_mean), list(student_std)]},
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
         "distillation_type": distill_args.distillation_type,
-        "teacher_cache_top_k": distill_args.teacher_cache_top_k if distill_args.distillation_type == "soft" else None,
+        "teacher_cache_top_k": distill_args.teacher_cache_top_k if uses_distribution(distill_args) else None,
     }
     return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
 
@@ -321,7 +326,7 @@ def check_cache_flags(given: set[str], distill_args, data_args) -> None:
         if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
             raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")
         return
-    if "teacher_cache_top_k" in given and distill_args.distillation_type != "soft":
+    if "teacher_cache_top_k" in given and not uses_distribution(distill_args):
         raise ValueError("--teacher_cache_top_k is for soft distillation; hard records the teacher's class only.")
     if data_args.streaming:
         raise ValueError("--teacher_cache needs a dataset of known length and order: it cannot record a --streaming "

@@ -8,12 +8,18 @@ Arguments are the dataclasses of `training.args` plus transformers' `TrainingArg
 Their defaults are the DeiT recipe (facebookresearch/deit `main.py`); see `--help`.
 """
 
+import sys
+
+from . import cli_options
+
+if __name__ == "__main__":  # --help and argparse's refusals before torch and transformers load (seconds)
+    cli_options.answer_early(sys.argv[1:])
+
 import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -23,7 +29,7 @@ from accelerate.utils import get_int_from_env
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from deit_hf import DeiTHfImageProcessorPil, DeiTPreTrainedModel
-from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
+from deit_hf.distillation_types import get_distillation_type
 
 from .args import (
     AugmentationArguments,
@@ -112,13 +118,8 @@ def parse_args(argv: list[str] | None = None):
     line naming the option.
     """
     argv = sys.argv[1:] if argv is None else argv
-    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
-    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
-    # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
-    # would train alone on all the data.
-    has_accelerator = torch.accelerator.is_available()
-    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
-    _show_what_decides(parser)
+    parser = build_parser()
+    cli_options.save(parser)
     given = set()
     if argv and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         try:
@@ -141,6 +142,18 @@ def parse_args(argv: list[str] | None = None):
     except ValueError as error:  # a dataclass's own check, a conflict between arguments, a value refused
         parser.error(str(error))
     return arguments
+
+
+def build_parser() -> HfArgumentParser:
+    """The command line's parser, with the recipe's defaults."""
+    # A short usage line: argparse prints it above each error, and the full one runs to 9 kB.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, usage="%(prog)s [--option value ...] | ARGS.json (options: --help)")
+    # Without an accelerator, `accelerate launch` forms a gloo group only for CPU runs; otherwise every process
+    # would train alone on all the data.
+    has_accelerator = torch.accelerator.is_available()
+    parser.set_defaults(**RECIPE_TRAINING_DEFAULTS, use_cpu=not has_accelerator, dataloader_pin_memory=has_accelerator)
+    _show_what_decides(parser)
+    return parser
 
 
 def _show_what_decides(parser: HfArgumentParser) -> None:
@@ -306,7 +319,7 @@ def build_trainer(
         return teacher
 
     teacher_targets = None
-    if distill_args.distillation_type in TEACHER_DISTILLATION_TYPES:  # the teacher, or its recorded targets
+    if get_distillation_type(distill_args.distillation_type).uses_teacher:  # the teacher, or its recorded targets
         teacher_targets = open_teacher_targets(
             distill_args, aug_args, training_args, data.dataset_dict, (mean, std), len(data.label_names),
             load_checked_teacher,
