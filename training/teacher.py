@@ -14,6 +14,8 @@ from transformers.utils import ModelOutput
 
 from deit_hf.convert import load_state_dict_file, load_state_dict_strict
 
+from .command_line import InputUnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -320,7 +322,7 @@ def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained
     try:
         model = timm.create_model(name, pretrained=True)
     except OSError as error:  # offline, or no such weights on the hub
-        raise RuntimeError(
+        raise InputUnavailableError(
             f"Could not fetch the pretrained weights of timm teacher {name!r} ({type(error).__name__}); pass a "
             "local file with --teacher_checkpoint."
         ) from error

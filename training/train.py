@@ -35,6 +35,7 @@ from .args import (
 from .argument_checks import check_arguments, check_distillation_flags_are_read
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
+from .command_line import run_command
 from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
@@ -47,7 +48,8 @@ from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
-logger = logging.getLogger(__name__)
+# "training.train" under `python -m` too (where __name__ is "__main__"): the run sets the package's loggers to INFO.
+logger = logging.getLogger(__spec__.name)
 
 # The recipe's TrainingArguments (facebookresearch/deit main.py); the learning rate and warm-up are derived below.
 RECIPE_TRAINING_DEFAULTS = dict(
@@ -383,4 +385,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "training.train")
