@@ -312,6 +312,12 @@ class DistillationArguments:
     teacher_std: list[float] | None = field(
         default=None, metadata={"help": "Per-channel std the teacher was trained with. Give with --teacher_mean."}
     )
+    teacher_input_size: int | None = field(
+        default=None,
+        metadata={"help": "Resize the teacher's batches to this size (as its own preprocessing interpolates): a "
+                  "teacher trained at another size than --input_size, e.g. when fine-tuning the student at a higher "
+                  "resolution. Default: the student's size (a teacher that only takes its own gets that)."},
+    )
     teacher_check_batches: int = field(
         default=8,
         metadata={"help": "Validation batches the teacher's top-1 is measured on before training; a teacher near "
@@ -358,6 +364,8 @@ class DistillationArguments:
         if not 1 <= self.teacher_cache_top_k <= 32767 or self.teacher_cache_check < 0:
             raise ValueError(f"--teacher_cache_top_k must be in [1, 32767] and --teacher_cache_check >= 0, got "
                              f"{self.teacher_cache_top_k} and {self.teacher_cache_check}.")
+        if self.teacher_input_size is not None and self.teacher_input_size < 1:
+            raise ValueError(f"--teacher_input_size must be a positive size in pixels, got {self.teacher_input_size}.")
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")

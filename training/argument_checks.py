@@ -9,7 +9,8 @@ from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 
 from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
 
-TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches")
+TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches",
+                 "teacher_input_size")
 
 
 def check_arguments(

@@ -8,9 +8,13 @@ a dataset not found, the hub unreachable; `InputUnavailableError`) and a run sto
 traceback instead. Called from Python, the entry points raise them as they are.
 """
 
+import logging
 import os
 import sys
 from collections.abc import Callable
+
+import transformers
+from transformers import TrainingArguments
 
 from .skipped_images import TooFewDecodableImagesError
 from .step_guard import NonFiniteTrainingError
@@ -24,6 +28,16 @@ class InputUnavailableError(RuntimeError):
 
 
 USER_ERRORS = (ValueError, OSError, InputUnavailableError, TooFewDecodableImagesError, NonFiniteTrainingError)
+
+
+def set_up_logging(training_args: TrainingArguments) -> None:
+    """Log as the run's process log level says, with the `training` package's facts (schedule, teacher check, data)
+    at INFO on the process that logs: entry points name their logger by `__spec__.name`, `training.X` under
+    `python -m` too (where `__name__` is `__main__`)."""
+    log_level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
 
 
 def run_command(main: Callable[[], object], program: str) -> None:

@@ -42,6 +42,8 @@ def run_card_facts(
         weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
         softness = f", τ = {distill_args.distillation_tau}" if distill_args.distillation_type == "soft" else ""
         kind = "" if two_heads else " (classical distillation of the class head: no distillation token)"
+        size = distill_args.teacher_input_size
+        weights += f", fed {size} px images (resized from the student's {aug_args.input_size} px)" if size else ""
         teacher = (
             f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation{kind}, "
             f"α = {distill_args.distillation_alpha}{softness}"

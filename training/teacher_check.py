@@ -63,10 +63,12 @@ def normalised_as(teacher: Teacher, statistics: tuple[Sequence[float], Sequence[
         teacher.input_scale, teacher.input_shift = saved
 
 
-def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], show: int = 5) -> float:
+def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], size_hint: str | None = None,
+                  show: int = 5) -> float:
     """The teacher's top-1 with its declared normalisation, after refusing (`ValueError`) a teacher that the check
     batches show to be fed wrongly or to predict other classes. `confusions` maps each normalisation of
-    `normalisations` to its counts (true class × predicted class)."""
+    `normalisations` to its counts (true class × predicted class); `size_hint` (`training.teacher.input_size_hint`),
+    when the teacher sees another size than it was trained at, is the first likely cause of a top-1 near chance."""
     declared = confusions[DECLARED].double()
     total = int(declared.sum())
     if total == 0:
@@ -93,7 +95,8 @@ def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str
     if top1[DECLARED] < threshold:
         raise ValueError(
             f"The teacher's top-1 on {total} validation images is {100 * top1[DECLARED]:.1f} %, near chance "
-            f"({100 * chance:.1f} %; the check asks for {100 * threshold:.1f} %). Likely causes: its input "
+            f"({100 * chance:.1f} %; the check asks for {100 * threshold:.1f} %). Likely causes: "
+            + (f"its input size ({size_hint}); " if size_hint else "") + "its input "
             "normalisation (set --teacher_mean and --teacher_std to what it was trained with), its checkpoint "
             f"(--teacher_checkpoint), or a class order other than the dataset's. {_WAY_OUT}"
         )

@@ -35,14 +35,14 @@ from .args import (
 from .argument_checks import check_arguments, check_distillation_flags_are_read
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
-from .command_line import run_command
+from .command_line import run_command, set_up_logging
 from .data import attach_transform, load_image_datasets, prepare_train_stream
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .student import build_student, check_checkpoint_arguments
-from .teacher import check_class_names, load_teacher
+from .teacher import check_class_names, input_size_hint, load_teacher
 from .teacher_check import check_teacher
 from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
@@ -259,6 +259,27 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     return threads
 
 
+def prepare_datasets(data_args: DataArguments, aug_args: AugmentationArguments, training_args: TrainingArguments):
+    """The run's `ImageDatasets`, its train and validation splits with their image transforms attached, and whether
+    the train split is this process's own part of a stream (`check_stream_dispatch`)."""
+    data = load_image_datasets(data_args)
+    train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
+    own_stream_part = data_args.streaming and training_args.world_size > 1
+    if data_args.streaming:  # before the transform: each process decodes only its own examples
+        train_dataset = prepare_train_stream(
+            train_dataset, data_args, training_args.process_index, training_args.world_size,
+            training_args.dataloader_num_workers, training_args.seed, own_stream_part,
+        )
+    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
+    train_dataset = attach_transform(
+        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
+    )
+    eval_dataset = attach_transform(
+        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
+    )
+    return data, train_dataset, eval_dataset, own_stream_part
+
+
 def build_trainer(
     argv: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
@@ -267,40 +288,23 @@ def build_trainer(
     """The run's `DistillationTrainer`, ready to train, and its five argument dataclasses: data, student, teacher
     (or its recorded targets, `--teacher_cache`) and the schedule, as `argv` says; the teacher checked."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
-    log_level = training_args.get_process_log_level()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    # The run's own facts (schedule, teacher check, data) are shown at the default level, once.
-    logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
+    set_up_logging(training_args)
     transformers.set_seed(training_args.seed)
     logger.info("%d torch threads per process.", share_cpu_threads(training_args.dataloader_num_workers))
 
-    data = load_image_datasets(data_args)
-    train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
-    own_stream_part = data_args.streaming and training_args.world_size > 1  # `check_stream_dispatch`
-    if data_args.streaming:  # before the transform: each process decodes only its own examples
-        train_dataset = prepare_train_stream(
-            train_dataset, data_args, training_args.process_index, training_args.world_size,
-            training_args.dataloader_num_workers, training_args.seed, own_stream_part,
-        )
+    data, train_dataset, eval_dataset, own_stream_part = prepare_datasets(data_args, aug_args, training_args)
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     if prepare_model is not None:
         model = prepare_model(model)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
-    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
-    train_dataset = attach_transform(
-        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
-    )
-    eval_dataset = attach_transform(
-        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
-    )
 
     def load_checked_teacher():
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
             student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
             teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
+            input_size=distill_args.teacher_input_size,
         )
         check_class_names(teacher, data.label_names)
         return teacher
@@ -336,7 +340,7 @@ def build_trainer(
         device = trainer.accelerator.device
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
             confusions = trainer.teacher_confusions(distill_args.teacher_check_batches)
-        check_teacher(confusions, data.label_names)
+        check_teacher(confusions, data.label_names, input_size_hint(trainer.teacher, aug_args.input_size))
     return trainer, (model_args, distill_args, data_args, aug_args, training_args)
 
 
