@@ -9,6 +9,17 @@ from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 
 from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
 
+# What each optimiser transformers builds reads besides the learning rate and --weight_decay: whether it reads the
+# --adam_* flags, and the --optim_args keys it reads (transformers' `trainer_optimizer` handlers). The weight decay of
+# --optim_args is refused: the Trainer's parameter groups (none on norms, biases and tokens) would override it.
+OPTIMIZER_READS = {
+    "adamw_torch_fused": (True, ()),
+    "adamw_torch": (True, ()),
+    "sgd": (False, ("momentum", "dampening", "nesterov")),
+    "adagrad": (False, ("lr_decay", "eps")),
+    "rmsprop": (False, ("momentum", "alpha", "eps", "centered")),
+}
+ADAM_FLAGS = ("adam_beta1", "adam_beta2", "adam_epsilon")
 TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches",
                  "teacher_input_size")
 
@@ -70,3 +81,23 @@ def check_distillation_flags_are_read(given: set[str], distill_args: Distillatio
     if unread:
         raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind}: drop it, or choose the "
                          "distillation that uses it (a teacher: hard or soft; a temperature: soft).")
+
+
+def check_optimizer_flags(given: set[str], training_args: TrainingArguments) -> None:
+    """Refuse an optimiser the run does not build, and a flag of `--optim_args` or `--adam_*` it would not read."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim not in OPTIMIZER_READS:
+        raise ValueError(f"--optim {optim} is not one training.train builds: choose one of {sorted(OPTIMIZER_READS)}.")
+    reads_adam, keys = OPTIMIZER_READS[optim]
+    unread = [] if reads_adam else [flag for flag in ADAM_FLAGS if flag in given]
+    if unread:
+        raise ValueError(f"--{unread[0]} is not read by --optim {optim}: drop it (its --optim_args: {', '.join(keys)})")
+    arguments = training_args.optim_args or ""
+    for item in filter(None, arguments.replace(" ", "").split(",")):
+        key, equals, value = item.partition("=")
+        if not (equals and value) or "=" in value:
+            raise ValueError(f"--optim_args: {item!r} is not key=value (comma-separated).")
+        if key not in keys:
+            readable = f"it reads {', '.join(keys)}" if keys else "it reads none (use --adam_beta1/2, --adam_epsilon)"
+            hint = "; the weight decay is --weight_decay" if key == "weight_decay" else ""
+            raise ValueError(f"--optim_args {key}: not read by --optim {optim} ({readable}{hint}).")

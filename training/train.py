@@ -32,7 +32,7 @@ from .args import (
     DistillationArguments,
     ModelArguments,
 )
-from .argument_checks import check_arguments, check_distillation_flags_are_read
+from .argument_checks import check_arguments, check_distillation_flags_are_read, check_optimizer_flags
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .command_line import run_command, set_up_logging
@@ -170,6 +170,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     check_stream_dispatch(data_args, training_args)
     check_cache_flags(given, distill_args, data_args)
     check_distillation_flags_are_read(given, distill_args)
+    check_optimizer_flags(given, training_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
