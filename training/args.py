@@ -396,6 +396,12 @@ class DeiTTrainingArguments(TrainingArguments):
         metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
                   "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
     )
+    model_ema: bool = field(
+        default=False,
+        metadata={"help": "Keep an exponential moving average of the weights (facebookresearch/deit's --model-ema), "
+                  "saved to output_dir/ema and evaluated beside the model at the end (training.ema)."},
+    )
+    model_ema_decay: float = field(default=0.99996, metadata={"help": "The EMA's decay per optimizer step."})
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "`last`: continue from the newest complete, undamaged checkpoint of --output_dir (or start "

@@ -47,6 +47,11 @@ def check_arguments(
             "where accelerate drops FSDP and trains plain data parallel, each process holding the whole model. Train "
             "on accelerators, or drop FSDP to train on the CPU."
         )
+    if training_args.model_ema and not 0 <= training_args.model_ema_decay <= 1:
+        raise ValueError(f"--model_ema_decay must be in [0, 1], got {training_args.model_ema_decay}.")
+    if training_args.model_ema and training_args.resume_from_checkpoint:
+        raise ValueError("--model_ema with --resume_from_checkpoint: the checkpoints do not hold the weights' average, "
+                         "which would restart from the resumed weights. Resume without --model_ema.")
     if training_args.weight_decay < 0:
         raise ValueError(f"--weight_decay must be >= 0, got {training_args.weight_decay}.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:

@@ -37,6 +37,7 @@ from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .command_line import run_command, set_up_logging
 from .data import attach_transform, load_image_datasets, prepare_train_stream
+from .ema import WeightAverage
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
 from .run_card import write_run_card
@@ -363,6 +364,9 @@ def main(
     trainer, (model_args, distill_args, data_args, aug_args, training_args) = build_trainer(
         argv, [*(callbacks or []), preemption], prepare_model
     )
+    ema = WeightAverage(training_args.model_ema_decay) if training_args.model_ema else None  # `training.ema`
+    if ema is not None:
+        trainer.add_callback(ema)
     model = trainer.model
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
@@ -377,6 +381,11 @@ def main(
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if ema is not None and training_args.do_train:
+        ema_metrics = ema.save_and_evaluate(trainer, training_args.do_eval)
+        if ema_metrics is not None:
+            trainer.log_metrics("eval_ema", ema_metrics)
+            trainer.save_metrics("eval_ema", ema_metrics)
     if training_args.do_train and isinstance(model, DeiTPreTrainedModel):
         # the saved model's README.md: this run's metrics per head, teacher and recipe
         write_run_card(trainer, model_args, distill_args, data_args, aug_args)

@@ -34,6 +34,7 @@ from transformers import (
 from deit_hf import DeiTHfImageProcessorPil
 
 from .args import AugmentationArguments, DataArguments, DeiTTrainingArguments
+from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .command_line import run_command, set_up_logging
 from .metrics import compute_metrics, preprocess_logits_for_metrics
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None):
         soft = [name for name in ("mixup", "cutmix", "smoothing") if getattr(aug_args, name) > 0]
         if soft:
             raise ValueError(f"--{soft[0]} makes soft targets, which the classifier's own loss does not read.")
+        if training_args.model_ema:
+            raise ValueError("--model_ema is training.train's (the student's weights' average), not the teacher's.")
     except ValueError as error:
         parser.error(str(error))
     if training_args.dataloader_num_workers == 0:
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite, own_stream_part=own_stream_part,
     )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
     metrics = trainer.evaluate()  # held-out top-1 for the card: the teacher is evaluated whatever --do_eval says
     del model.config.distillation_type  # the trainer's, not the teacher's
     trainer.save_model()
