@@ -105,15 +105,6 @@ class DataArguments:
             raise ValueError("Pass exactly one of `dataset_name` or `train_dir`.")
         if self.validation_dir is not None and self.train_dir is None:
             raise ValueError("`validation_dir` needs `train_dir`; a `dataset_name` dataset has its own splits.")
-        for flag in ("train_dir", "validation_dir"):  # datasets would fail later without naming the path
-            directory = getattr(self, flag)
-            if directory is not None and not os.path.isdir(directory):
-                raise ValueError(f"--{flag} {directory!r}: no such directory.")
-            if directory is not None and not any(entry.is_dir() for entry in os.scandir(directory)):
-                raise ValueError(f"--{flag} {directory!r} holds no class directories (one sub-directory per class).")
-        name = self.dataset_name
-        if name is not None and not os.path.exists(name) and _is_meant_as_local_path(name):
-            raise ValueError(f"--dataset_name {name!r}: no such file or directory (nor a Hub dataset id).")
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"`validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}."
@@ -259,7 +250,7 @@ class ModelArguments:
             if os.path.isdir(path):
                 if not os.path.isfile(os.path.join(path, "config.json")):
                     raise ValueError(f"--model_name_or_path {path!r} holds no config.json: not a saved checkpoint.")
-            elif _is_meant_as_local_path(path):
+            elif is_meant_as_local_path(path):
                 raise ValueError(f"--model_name_or_path {path!r}: no such directory.")
             if self.config_overrides:
                 raise ValueError(
@@ -377,7 +368,7 @@ class DistillationArguments:
             )
 
 
-def _is_meant_as_local_path(name: str) -> bool:
+def is_meant_as_local_path(name: str) -> bool:
     """Whether a name that is no directory cannot be a Hub id either, or starts in a local directory."""
     try:
         validate_repo_id(name)
