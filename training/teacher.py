@@ -273,8 +273,8 @@ def input_size_hint(teacher: Teacher, student_size: int) -> str | None:
     fed = teacher.input_size or (student_size, student_size)
     if teacher.native_size is None or tuple(fed) == tuple(teacher.native_size):
         return None
-    return (f"it sees {fed[0]}x{fed[1]} images but was trained at {teacher.native_size[0]}x{teacher.native_size[1]}: "
-            f"pass --teacher_input_size {teacher.native_size[0]}")
+    return (f"it sees {fed[0]}x{fed[1]} images, its config or pretrained_cfg says {teacher.native_size[0]}x"
+            f"{teacher.native_size[1]}: try --teacher_input_size {teacher.native_size[0]}")
 
 
 def _rounded(values: Sequence[float]) -> list[float]:

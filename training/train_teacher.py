@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
     share_cpu_threads(training_args.dataloader_num_workers)
     data, train_dataset, eval_dataset, own_stream_part = prepare_datasets(data_args, aug_args, training_args)
     model, mean, std = build_classifier(teacher_args, data.label_names)
+    own_size = getattr(model.config, "image_size", aug_args.input_size)
+    if own_size != aug_args.input_size:  # its weights may be shaped for that size (a ViT's position embeddings)
+        raise ValueError(f"{teacher_args.teacher_model}'s config has image_size {own_size}, not --input_size "
+                         f"{aug_args.input_size}: train it at {own_size}, or choose a timm model.")
     # What `DistillationTrainer` reads of a model's config (blank rows, no teacher); image_size stays in the folder
     # as the size the teacher was trained at (`training.teacher.load_teacher` reads it).
     model.config.update({"image_size": aug_args.input_size, "num_channels": 3, "distillation_type": "none"})

@@ -82,7 +82,7 @@ def test_a_teacher_near_chance_at_a_size_it_was_not_trained_at_hears_of_the_size
     teacher = Teacher(torch.nn.Linear(2, 10), num_labels=10, native_size=(32, 32))
     assert input_size_hint(teacher, 32) is None
     hint = input_size_hint(teacher, 64)
-    assert hint == "it sees 64x64 images but was trained at 32x32: pass --teacher_input_size 32"
+    assert hint == "it sees 64x64 images, its config or pretrained_cfg says 32x32: try --teacher_input_size 32"
     teacher.input_size = (32, 32)
     assert input_size_hint(teacher, 64) is None
     at_chance = torch.ones(10, 10, dtype=torch.int64)
