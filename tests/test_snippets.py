@@ -27,6 +27,7 @@ from deit_hf.convert import convert_timm_model
 from deit_hf.convert import main as convert_main
 from deit_hf.modelcard import HUB_ORGANISATION
 from training.train import parse_args
+from training.train_teacher import parse_args as train_teacher_parse_args
 
 from .training.conftest import (  # the fixtures below are used by name  # noqa: F401
     STILL_AUGMENTATION,
@@ -133,6 +134,8 @@ def check_command(words: list[str], folder: Path) -> None:
     """Check one documented shell command without running anything long."""
     if words[0] == "make":
         subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, check=True, capture_output=True)
+    elif words[:3] == ["python", "-m", "training.train_teacher"]:
+        train_teacher_parse_args(words[3:])
     elif words[:3] == ["python", "-m", "training.train"]:
         arguments = words[3:]
         if arguments[0].endswith((".yaml", ".json")):  # a config file of the repository

@@ -250,7 +250,7 @@ class ModelArguments:
             if os.path.isdir(path):
                 if not os.path.isfile(os.path.join(path, "config.json")):
                     raise ValueError(f"--model_name_or_path {path!r} holds no config.json: not a saved checkpoint.")
-            elif _is_meant_as_local_path(path):
+            elif is_meant_as_local_path(path):
                 raise ValueError(f"--model_name_or_path {path!r}: no such directory.")
             if self.config_overrides:
                 raise ValueError(
@@ -303,6 +303,12 @@ class DistillationArguments:
     teacher_std: list[float] | None = field(
         default=None, metadata={"help": "Per-channel std the teacher was trained with. Give with --teacher_mean."}
     )
+    teacher_input_size: int | None = field(
+        default=None,
+        metadata={"help": "Resize the teacher's batches to this size (as its own preprocessing interpolates): a "
+                  "teacher trained at another size than --input_size, e.g. when fine-tuning the student at a higher "
+                  "resolution. Default: the student's size (a teacher that only takes its own gets that)."},
+    )
     teacher_check_batches: int = field(
         default=8,
         metadata={"help": "Before training, the teacher is checked on validation images drawn from every class, as "
@@ -349,6 +355,8 @@ class DistillationArguments:
         if not 1 <= self.teacher_cache_top_k <= 32767 or self.teacher_cache_check < 0:
             raise ValueError(f"--teacher_cache_top_k must be in [1, 32767] and --teacher_cache_check >= 0, got "
                              f"{self.teacher_cache_top_k} and {self.teacher_cache_check}.")
+        if self.teacher_input_size is not None and self.teacher_input_size < 1:
+            raise ValueError(f"--teacher_input_size must be a positive size in pixels, got {self.teacher_input_size}.")
         for name in ("blr", "warmup_epochs", "teacher_check_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
@@ -360,7 +368,7 @@ class DistillationArguments:
             )
 
 
-def _is_meant_as_local_path(name: str) -> bool:
+def is_meant_as_local_path(name: str) -> bool:
     """Whether a name that is no directory cannot be a Hub id either, or starts in a local directory."""
     try:
         validate_repo_id(name)
@@ -379,6 +387,12 @@ class DeiTTrainingArguments(TrainingArguments):
         metadata={"help": "Stop the run (non-zero exit) after this many optimizer steps in a row with a non-finite "
                   "loss, teacher output or gradient; each is skipped, leaving the weights unchanged."},
     )
+    model_ema: bool = field(
+        default=False,
+        metadata={"help": "Keep an exponential moving average of the weights (facebookresearch/deit's --model-ema), "
+                  "saved to output_dir/ema and evaluated beside the model at the end (training.ema)."},
+    )
+    model_ema_decay: float = field(default=0.99996, metadata={"help": "The EMA's decay per optimizer step."})
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "`last`: continue from the newest complete, undamaged checkpoint of --output_dir (or start "

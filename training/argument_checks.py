@@ -9,7 +9,19 @@ from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
 from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
 
-TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches")
+# What each optimiser transformers builds reads besides the learning rate and --weight_decay: whether it reads the
+# --adam_* flags, and the --optim_args keys it reads (transformers' `trainer_optimizer` handlers). The weight decay of
+# --optim_args is refused: the Trainer's parameter groups (none on norms, biases and tokens) would override it.
+OPTIMIZER_READS = {
+    "adamw_torch_fused": (True, ()),
+    "adamw_torch": (True, ()),
+    "sgd": (False, ("momentum", "dampening", "nesterov")),
+    "adagrad": (False, ("lr_decay", "eps")),
+    "rmsprop": (False, ("momentum", "alpha", "eps", "centered")),
+}
+ADAM_FLAGS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches",
+                 "teacher_input_size")
 
 
 def check_arguments(
@@ -35,6 +47,11 @@ def check_arguments(
             "where accelerate drops FSDP and trains plain data parallel, each process holding the whole model. Train "
             "on accelerators, or drop FSDP to train on the CPU."
         )
+    if training_args.model_ema and not 0 <= training_args.model_ema_decay <= 1:
+        raise ValueError(f"--model_ema_decay must be in [0, 1], got {training_args.model_ema_decay}.")
+    if training_args.model_ema and training_args.resume_from_checkpoint:
+        raise ValueError("--model_ema with --resume_from_checkpoint: the checkpoints do not hold the weights' average, "
+                         "which would restart from the resumed weights. Resume without --model_ema.")
     if training_args.weight_decay < 0:
         raise ValueError(f"--weight_decay must be >= 0, got {training_args.weight_decay}.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
@@ -70,3 +87,23 @@ def check_distillation_flags_are_read(given: set[str], distill_args: Distillatio
     if unread:
         raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind.name}: drop it, or choose the "
                          f"distillation that uses it (a teacher: {' or '.join(TEACHER_TYPES)}; a temperature: soft).")
+
+
+def check_optimizer_flags(given: set[str], training_args: TrainingArguments) -> None:
+    """Refuse an optimiser the run does not build, and a flag of `--optim_args` or `--adam_*` it would not read."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim not in OPTIMIZER_READS:
+        raise ValueError(f"--optim {optim} is not one training.train builds: choose one of {sorted(OPTIMIZER_READS)}.")
+    reads_adam, keys = OPTIMIZER_READS[optim]
+    unread = [] if reads_adam else [flag for flag in ADAM_FLAGS if flag in given]
+    if unread:
+        raise ValueError(f"--{unread[0]} is not read by --optim {optim}: drop it (its --optim_args: {', '.join(keys)})")
+    arguments = training_args.optim_args or ""
+    for item in filter(None, arguments.replace(" ", "").split(",")):
+        key, equals, value = item.partition("=")
+        if not (equals and value) or "=" in value:
+            raise ValueError(f"--optim_args: {item!r} is not key=value (comma-separated).")
+        if key not in keys:
+            readable = f"it reads {', '.join(keys)}" if keys else "it reads none (use --adam_beta1/2, --adam_epsilon)"
+            hint = "; the weight decay is --weight_decay" if key == "weight_decay" else ""
+            raise ValueError(f"--optim_args {key}: not read by --optim {optim} ({readable}{hint}).")

@@ -14,7 +14,7 @@ import datasets
 from datasets.distributed import split_dataset_by_node
 
 from . import labels
-from .args import DataArguments
+from .args import DataArguments, is_meant_as_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,21 @@ def _is_own_example(example: dict, index: int, rank: int, world_size: int) -> bo
     return index % world_size == rank
 
 
+def _check_paths(data_args: DataArguments) -> None:
+    """Name a missing or empty dataset path (a `ValueError`): datasets would fail without naming it."""
+    for flag in ("train_dir", "validation_dir"):
+        directory = getattr(data_args, flag)
+        if directory is not None and not os.path.isdir(directory):
+            raise ValueError(f"--{flag} {directory!r}: no such directory.")
+        if directory is not None and not _class_directories(directory):
+            raise ValueError(f"--{flag} {directory!r} holds no class directories (one sub-directory per class).")
+    name = data_args.dataset_name
+    if name is not None and not os.path.exists(name) and is_meant_as_local_path(name):
+        raise ValueError(f"--dataset_name {name!r}: no such file or directory (nor a Hub dataset id).")
+
+
 def _load_raw(data_args: DataArguments) -> AnyDatasetDict:
+    _check_paths(data_args)
     load_kwargs = dict(cache_dir=data_args.cache_dir, streaming=data_args.streaming)
     if data_args.train_dir is not None:
         data_files = {data_args.train_split: os.path.join(data_args.train_dir, "**")}

@@ -2,7 +2,7 @@
 
 1. scikit-learn's 1,797 handwritten digits become an ImageNet-style `datasets` dataset (`image`, `label`), saved to
    disk.
-2. A small convnet teacher (a transformers ResNet) is trained on them with the plain `Trainer`.
+2. A small convnet teacher (a transformers ResNet) is trained on them by `training.train_teacher`.
 3. A tiny DeiT⚗ student is trained from scratch with hard distillation from that teacher, through the same entry
    point as ImageNet runs (`training.train.main`), loading the dataset and the teacher from disk.
 4. Each head's accuracy is printed, and held-out digits are classified through `pipeline("image-classification")`.
@@ -16,21 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import transformers
-from torchvision import transforms as T
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments, pipeline
+from transformers import ResNetConfig, ResNetForImageClassification, pipeline
 
 from deit_hf import DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
-from .args import AugmentationArguments, DataArguments
-from .collator import DistillationCollator
-from .data import attach_transform, load_image_datasets
 from .digits import DIGIT_NAMES, load_digits_dataset
 from .plots import plot_run, token_cosine_per_layer
 from .train import main as train_student
 from .train import share_cpu_threads
-from .transforms import ImageTransform, build_train_transform
+from .train_teacher import main as train_teacher
 
 IMAGE_SIZE = 32
 # Digits are not photos: no flips (a mirrored 2 is no digit), gentle crops, no RandAugment, no erasing, no mixing.
@@ -42,40 +37,18 @@ DIGIT_AUGMENTATION = dict(
 STUDENT_SIZE = "patch_size=8,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"
 
 
-def train_teacher(dataset_dir: Path, output_dir: Path, epochs: int) -> None:
-    """A ~20k-parameter ResNet trained with the plain Trainer, saved with its image processor."""
-    digits = load_image_datasets(DataArguments(dataset_name=str(dataset_dir))).dataset_dict
-    processor = DeiTHfImageProcessorPil.for_input_size(IMAGE_SIZE)
-    augmentation = AugmentationArguments(**DIGIT_AUGMENTATION)
-    # The plain Trainer has no per-batch step on the device (`BatchTransform`): normalize here, per image.
-    transform = ImageTransform(
-        T.Compose([
-            build_train_transform(augmentation), T.ConvertImageDtype(torch.float32),
-            T.Normalize(processor.image_mean, processor.image_std),
-        ])
-    )
+def untrained_teacher(directory: Path) -> Path:
+    """A ~20k-parameter transformers ResNet, randomly initialised, saved for `training.train_teacher` to train."""
     id2label = dict(enumerate(DIGIT_NAMES))
-    model = ResNetForImageClassification(
+    ResNetForImageClassification(
         ResNetConfig(
             embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic",
             downsample_in_first_stage=False, num_labels=10, id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
         )
-    )
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=64, learning_rate=3e-3,
-            weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=20, save_strategy="no",
-            report_to="none", remove_unused_columns=False, dataloader_num_workers=1,
-            dataloader_pin_memory=torch.accelerator.is_available(),
-        ),
-        train_dataset=attach_transform(digits["train"], transform),
-        data_collator=DistillationCollator(),
-    )
-    trainer.train()
-    trainer.save_model()
-    processor.save_pretrained(output_dir)
+    ).save_pretrained(directory)
+    DeiTHfImageProcessorPil.for_input_size(IMAGE_SIZE).save_pretrained(directory)  # ImageNet's statistics
+    return directory
 
 
 def classify_held_out_digits(checkpoint: Path, count: int = 8) -> None:
@@ -105,14 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset_dir, teacher_dir, student_dir = (args.output_dir / name for name in ("digits", "teacher", "student"))
     load_digits_dataset(IMAGE_SIZE).save_to_disk(str(dataset_dir))
-    print(f"1/3 Training the convnet teacher on {dataset_dir} ...")
-    train_teacher(dataset_dir, teacher_dir, epochs=max(1, args.epochs // 3))
-
-    print("2/3 Training the DeiT⚗ student with hard distillation ...")
     augmentation_flags = [
         token for name, value in DIGIT_AUGMENTATION.items()
         for token in (f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)]))
     ]
+    print(f"1/3 Training the convnet teacher on {dataset_dir} (python -m training.train_teacher) ...")
+    train_teacher([
+        "--teacher_model", str(untrained_teacher(args.output_dir / "teacher-init")), "--dataset_name",
+        str(dataset_dir), "--output_dir", str(teacher_dir), "--num_train_epochs", str(max(1, args.epochs // 3)),
+        "--per_device_train_batch_size", "64", "--learning_rate", "3e-3", "--weight_decay", "0.01",
+        "--warmup_steps", "0.05", "--logging_steps", "20", "--eval_strategy", "no", "--dataloader_num_workers", "1",
+        "--report_to", "none", *augmentation_flags,
+    ])
+
+    print("2/3 Training the DeiT⚗ student with hard distillation ...")
     trainer = train_student([
         "--dataset_name", str(dataset_dir), "--teacher_model", str(teacher_dir), "--output_dir", str(student_dir),
         "--model_preset", "deit-tiny-distilled-patch16-224", "--config_overrides", STUDENT_SIZE,

@@ -1,10 +1,13 @@
 """The model card a training run writes into its `output_dir`: the run's per-head metrics, its teacher and recipe."""
 
+import re
 from pathlib import Path
+
+from huggingface_hub import ModelCard
 
 from deit_hf import DeiTConfig
 from deit_hf.distillation_types import get_distillation_type
-from deit_hf.modelcard import CardFacts, write_model_card
+from deit_hf.modelcard import CardFacts, render_card
 
 from .args import AugmentationArguments, DataArguments, DistillationArguments, ModelArguments
 from .trainer import DistillationTrainer
@@ -34,12 +37,14 @@ def run_card_facts(
     )
     two_heads = trainer.model.config.use_distillation_token
     teacher = None
-    kind = get_distillation_type(distill_args.distillation_type)
-    if kind.uses_teacher:
+    distillation = get_distillation_type(distill_args.distillation_type)
+    if distillation.uses_teacher:
         checkpoint = distill_args.teacher_checkpoint
         weights = f" (weights: `{Path(checkpoint).name}`)" if checkpoint else ""
-        softness = f", τ = {distill_args.distillation_tau}" if kind.uses_teacher_distribution else ""
+        softness = f", τ = {distill_args.distillation_tau}" if distillation.uses_teacher_distribution else ""
         kind = "" if two_heads else " (classical distillation of the class head: no distillation token)"
+        size = distill_args.teacher_input_size
+        weights += f", fed {size} px images (resized from the student's {aug_args.input_size} px)" if size else ""
         teacher = (
             f"`{distill_args.teacher_model}`{weights}, {distill_args.distillation_type} distillation{kind}, "
             f"α = {distill_args.distillation_alpha}{softness}"
@@ -59,9 +64,10 @@ def run_card_facts(
         "repeated augmentation": f"×{aug_args.num_repeats}" if aug_args.repeated_aug else "off",
         "stochastic depth": f"{model_args.drop_path_rate}",
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "skipped images": _skipped_images(state.log_history),
     }
     return CardFacts(
-        title=f"DeiT⚗ trained with deit-hf on {dataset}",
+        title=f"{'DeiT⚗' if two_heads else 'DeiT'} trained with deit-hf on {dataset}",
         source=f"Written by `training.train` at the end of its run: {start}, on {dataset}.",
         model_id=args.output_dir,
         dataset=dataset,
@@ -71,6 +77,17 @@ def run_card_facts(
         teacher=teacher or _no_teacher(distill_args.distillation_type, two_heads),
         recipe=recipe,
     )
+
+
+def _skipped_images(log_history: list[dict]) -> str:
+    """The images that did not decode (or were out of bounds) in training and in the last evaluation."""
+    trained = next((entry["train_skipped_images"] for entry in reversed(log_history)
+                    if "train_skipped_images" in entry), None)
+    evaluation = last_evaluation(log_history) or {}
+    training = "not counted" if trained is None else f"{trained}"
+    validation = (f"{evaluation['eval_skipped_images']} of {evaluation['eval_images']}"
+                  if "eval_images" in evaluation else "not evaluated")
+    return f"training: {training}; validation: {validation}"
 
 
 def _no_teacher(distillation_type: str, two_heads: bool) -> str:
@@ -90,10 +107,32 @@ def _name(choice) -> str:
     return getattr(choice, "value", choice)  # TrainingArguments turns some choices into enums
 
 
+# The evaluation row of the fused logits, which a model without distillation token does not have (its `top1` is its
+# class head's, already the "class head" row).
+_FUSED_ROW = re.compile(r"^\| fused \(cls \+ dist\) / 2 \|.*\n", re.MULTILINE)
+
+
+def run_card(trainer: DistillationTrainer, model_args, distill_args, data_args: DataArguments, aug_args) -> ModelCard:
+    """The run's card: `deit_hf.modelcard`'s, its `model-index` naming the split the run was evaluated on, and a
+    one-head model's evaluation without a fused row."""
+    config = trainer.model.config
+    card = ModelCard(render_card(config, run_card_facts(trainer, model_args, distill_args, data_args, aug_args)))
+    for result in card.data.eval_results or []:  # the run's own measurement (a run card has no paper figure)
+        if data_args.validation_dir is not None:
+            result.dataset_type = result.dataset_name = data_args.validation_dir
+        else:
+            result.dataset_split = data_args.validation_split
+    if not config.use_distillation_token:
+        card.text = _FUSED_ROW.sub("", card.text).replace("the fused top-1 in %", "the class head's top-1 in %")
+    return card
+
+
 def write_run_card(trainer: DistillationTrainer, *arguments) -> Path | None:
-    """Write the run's card into `output_dir` on the main process (the others return None).
+    """Write the run's card as `README.md` into `output_dir` on the main process (the others return None).
 
     `arguments` are the run's `ModelArguments`, `DistillationArguments`, `DataArguments`, `AugmentationArguments`."""
     if not trainer.is_world_process_zero():
         return None
-    return write_model_card(trainer.args.output_dir, trainer.model.config, run_card_facts(trainer, *arguments))
+    path = Path(trainer.args.output_dir) / "README.md"
+    run_card(trainer, *arguments).save(path)
+    return path

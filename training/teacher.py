@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers.image_utils import PILImageResampling
 from transformers.utils import ModelOutput
 
 from deit_hf.convert import load_state_dict_file, load_state_dict_strict
+
+from .command_line import InputUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +72,11 @@ class Teacher(nn.Module):
         student_mean, student_std: those of the batches it will be given. Inputs pass unchanged when either pair
             is left out.
         channels_last: run in channels-last memory format (faster convolutions on GPU); default: for convnets.
-        input_size: (height, width) the model only accepts (a ViT without position interpolation, say): batches of
-            another size are resized to it (bicubic) on their device. None: batches pass at their own size.
+        input_size: (height, width) the model only accepts (a ViT without position interpolation, say) or was trained
+            at (`--teacher_input_size`): batches of another size are resized to it on their device. None: batches
+            pass at their own size.
+        interpolation: how they are resized, `bicubic` or `bilinear` (as the teacher's own preprocessing resizes).
+        native_size: (height, width) the model was trained at, when its config or timm's pretrained_cfg says.
         label_names: the class names the model predicts, in order, when it names them.
     """
 
@@ -85,6 +91,8 @@ class Teacher(nn.Module):
         channels_last: bool | None = None,
         input_size: tuple[int, int] | None = None,
         label_names: Sequence[str] | None = None,
+        interpolation: str = "bicubic",
+        native_size: tuple[int, int] | None = None,
     ):
         super().__init__()
         for name, (mean, std) in (("teacher", (teacher_mean, teacher_std)), ("student", (student_mean, student_std))):
@@ -94,6 +102,7 @@ class Teacher(nn.Module):
         self.num_labels = num_labels
         self.input_size = tuple(input_size) if input_size is not None else None
         self.label_names = list(label_names) if label_names is not None else None
+        self.interpolation, self.native_size = interpolation, native_size
         self.mean = None if teacher_mean is None else tuple(float(value) for value in teacher_mean)
         self.std = None if teacher_std is None else tuple(float(value) for value in teacher_std)
         affine = (
@@ -125,7 +134,8 @@ class Teacher(nn.Module):
             if self.input_size is not None and tuple(pixel_values.shape[-2:]) != self.input_size:
                 downscaling = pixel_values.shape[-2] > self.input_size[0] or pixel_values.shape[-1] > self.input_size[1]
                 pixel_values = F.interpolate(
-                    pixel_values, size=self.input_size, mode="bicubic", align_corners=False, antialias=downscaling
+                    pixel_values, size=self.input_size, mode=self.interpolation, align_corners=False,
+                    antialias=downscaling,
                 )
             if self.channels_last:
                 pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
@@ -162,6 +172,7 @@ def load_teacher(
     teacher_mean: Sequence[float] | None = None,
     teacher_std: Sequence[float] | None = None,
     student_size: tuple[int, int] | None = None,
+    input_size: int | None = None,
 ) -> Teacher:
     """Load a frozen `Teacher`.
 
@@ -176,6 +187,9 @@ def load_teacher(
 
     With `student_size`, one blank batch of that size is run through the teacher: a teacher that only takes its own
     input size gets the student's batches resized to it, and one that takes neither is refused now, not at step 1.
+    `input_size` (`--teacher_input_size`) resizes them to that size instead, as the teacher's own preprocessing
+    interpolates (its image processor's `resample`, timm's `interpolation`): a teacher trained at another size than
+    the student's.
 
     Raises:
         ValueError: the name is neither; a directory's model predicts another number of classes than
@@ -209,6 +223,7 @@ def load_teacher(
         num_labels = config.num_labels
         label_names = _named_labels(config.id2label, num_labels)
         native_size = _pair_or_none(getattr(config, "image_size", None))
+        interpolation = _processor_interpolation(name_or_path)
     elif timm.is_model(name_or_path):
         model = _timm_teacher(name_or_path, checkpoint_path, num_labels, pretrained)
         data_config = resolve_model_data_config(model)
@@ -216,6 +231,7 @@ def load_teacher(
         source = f"timm's pretrained_cfg of {name_or_path}"
         num_labels = model.num_classes
         native_size = tuple(data_config["input_size"][1:])
+        interpolation = data_config.get("interpolation", "bicubic")
     else:
         raise ValueError(
             f"Teacher {name_or_path!r} is neither a local directory nor a timm model name "
@@ -229,10 +245,36 @@ def load_teacher(
             "--teacher_std).", name_or_path, _rounded(own_mean), _rounded(own_std), source,
         )
     teacher = Teacher(model, num_labels, own_mean, own_std, student_mean, student_std, channels_last,
-                      label_names=label_names)
-    if student_size is not None:
+                      label_names=label_names, native_size=native_size,
+                      interpolation=interpolation if interpolation in ("bicubic", "bilinear") else "bicubic")
+    if input_size is not None:
+        if error := _runs_at(teacher, (input_size, input_size)):
+            raise ValueError(f"Teacher {name_or_path} cannot run on --teacher_input_size {input_size} images "
+                             f"({type(error).__name__}: {error}).")
+        teacher.input_size = (input_size, input_size)
+        logger.info("The teacher's batches are resized to %d px (%s; --teacher_input_size).", input_size,
+                    teacher.interpolation)
+    elif student_size is not None:
         teacher.input_size = _runnable_input_size(teacher, name_or_path, tuple(student_size), native_size)
     return teacher
+
+
+def _processor_interpolation(path: str) -> str:
+    """How the directory's image processor resizes (`bicubic` when it does not say)."""
+    try:
+        resample = getattr(AutoImageProcessor.from_pretrained(path), "resample", None)
+    except OSError:
+        return "bicubic"
+    return {PILImageResampling.BILINEAR: "bilinear"}.get(resample, "bicubic")
+
+
+def input_size_hint(teacher: Teacher, student_size: int) -> str | None:
+    """A line for the pre-flight when the teacher sees images of another size than it was trained at, else None."""
+    fed = teacher.input_size or (student_size, student_size)
+    if teacher.native_size is None or tuple(fed) == tuple(teacher.native_size):
+        return None
+    return (f"it sees {fed[0]}x{fed[1]} images, its config or pretrained_cfg says {teacher.native_size[0]}x"
+            f"{teacher.native_size[1]}: try --teacher_input_size {teacher.native_size[0]}")
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
@@ -320,7 +362,7 @@ def _timm_teacher(name: str, checkpoint_path, num_labels: int | None, pretrained
     try:
         model = timm.create_model(name, pretrained=True)
     except OSError as error:  # offline, or no such weights on the hub
-        raise RuntimeError(
+        raise InputUnavailableError(
             f"Could not fetch the pretrained weights of timm teacher {name!r} ({type(error).__name__}); pass a "
             "local file with --teacher_checkpoint."
         ) from error

@@ -66,12 +66,13 @@ def normalised_as(teacher: Teacher, statistics: tuple[Sequence[float], Sequence[
         teacher.input_scale, teacher.input_shift = saved
 
 
-def preflight(trainer, num_batches: int, label_column: str, label_names: Sequence[str]) -> None:
+def preflight(trainer, num_batches: int, label_column: str, label_names: Sequence[str],
+              size_hint: str | None = None) -> None:
     """The pre-flight of a `DistillationTrainer` on `num_batches` batches' worth of validation images (0: none): its
     teacher checked (`check_teacher`); without one (no distillation, or its targets replayed), when it trains and
     evaluates, that some image decodes (an epoch would be lost before its evaluation found none). The RNG is left
     untouched (the loader draws a seed): a run that replays the teacher's targets draws the same augmentations and
-    drop paths as the run that recorded them."""
+    drop paths as the run that recorded them. `size_hint`: see `check_teacher`."""
     args = trainer.args
     check_the_teacher = trainer.teacher is not None
     if num_batches == 0 or not (check_the_teacher or args.do_train and args.eval_strategy != "no"):
@@ -84,7 +85,7 @@ def preflight(trainer, num_batches: int, label_column: str, label_names: Sequenc
             decoded = sum(len(inputs["labels"]) for inputs in trainer.check_batches(num_batches, label_column))
             decoded = int(trainer.accelerator.reduce(torch.tensor(decoded, device=args.device), reduction="sum"))
     if check_the_teacher:
-        check_teacher(confusions, label_names)
+        check_teacher(confusions, label_names, size_hint)
     else:
         refuse_if_nothing_decoded(decoded, "every evaluation would measure nothing",
                                   "Fix the validation split, or train without evaluating (--eval_strategy no).")
@@ -100,10 +101,12 @@ def refuse_if_nothing_decoded(decoded: int, consequence: str, way_out: str) -> N
         )
 
 
-def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], show: int = 5) -> float:
+def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str], size_hint: str | None = None,
+                  show: int = 5) -> float:
     """The teacher's top-1 with its declared normalisation, after refusing (`ValueError`) a teacher that the check
     batches show to be fed wrongly or to predict other classes. `confusions` maps each normalisation of
-    `normalisations` to its counts (true class × predicted class)."""
+    `normalisations` to its counts (true class × predicted class); `size_hint` (`training.teacher.input_size_hint`),
+    when the teacher sees another size than it was trained at, is the first likely cause of a top-1 near chance."""
     declared = confusions[DECLARED].double()
     total = int(declared.sum())
     refuse_if_nothing_decoded(total, "the teacher cannot be checked", _WAY_OUT)
@@ -126,7 +129,8 @@ def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str
     if top1[DECLARED] < threshold:
         raise ValueError(
             f"The teacher's top-1 on {total} validation images is {100 * top1[DECLARED]:.1f} %, near chance "
-            f"({100 * chance:.1f} %; the check asks for {100 * threshold:.1f} %). Likely causes: its input "
+            f"({100 * chance:.1f} %; the check asks for {100 * threshold:.1f} %). Likely causes: "
+            + (f"its input size ({size_hint}); " if size_hint else "") + "its input "
             "normalisation (set --teacher_mean and --teacher_std to what it was trained with), its checkpoint "
             f"(--teacher_checkpoint), or a class order other than the dataset's. {_WAY_OUT}"
         )

@@ -299,6 +299,7 @@ def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, st
         "processes": training_args.world_size,
         "dataloader_drop_last": training_args.dataloader_drop_last,
         "teacher": teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
+        "teacher_input_size": distill_args.teacher_input_size,
         "teacher normalisation": {"teacher": [distill_args.teacher_mean, distill_args.teacher_std],
                                   "student": [list(student_mean), list(student_std)]},
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",

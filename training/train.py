@@ -38,23 +38,26 @@ from .args import (
     DistillationArguments,
     ModelArguments,
 )
-from .argument_checks import check_arguments, check_distillation_flags_are_read
+from .argument_checks import check_arguments, check_distillation_flags_are_read, check_optimizer_flags
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
+from .command_line import run_command, set_up_logging
 from .data import attach_transform, load_image_datasets, prepare_train_stream
+from .ema import WeightAverage
 from .memory_check import check_activation_memory
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .student import build_student, check_checkpoint_arguments
-from .teacher import check_class_names, load_teacher
+from .teacher import check_class_names, input_size_hint, load_teacher
 from .teacher_check import preflight
 from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
-logger = logging.getLogger(__name__)
+# "training.train" under `python -m` too (where __name__ is "__main__"): the run sets the package's loggers to INFO.
+logger = logging.getLogger(__spec__.name)
 
 # The recipe's TrainingArguments (facebookresearch/deit main.py); the learning rate and warm-up are derived below.
 RECIPE_TRAINING_DEFAULTS = dict(
@@ -182,6 +185,7 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
     check_stream_dispatch(data_args, training_args)
     check_cache_flags(given, distill_args, data_args)
     check_distillation_flags_are_read(given, distill_args)
+    check_optimizer_flags(given, training_args)
     if model_args.model_name_or_path is None:
         return
     if "model_preset" in given:  # (--config_overrides with a checkpoint: ModelArguments refuses it)
@@ -271,6 +275,27 @@ def share_cpu_threads(dataloader_num_workers: int) -> int:
     return threads
 
 
+def prepare_datasets(data_args: DataArguments, aug_args: AugmentationArguments, training_args: TrainingArguments):
+    """The run's `ImageDatasets`, its train and validation splits with their image transforms attached, and whether
+    the train split is this process's own part of a stream (`check_stream_dispatch`)."""
+    data = load_image_datasets(data_args)
+    train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
+    own_stream_part = data_args.streaming and training_args.world_size > 1
+    if data_args.streaming:  # before the transform: each process decodes only its own examples
+        train_dataset = prepare_train_stream(
+            train_dataset, data_args, training_args.process_index, training_args.world_size,
+            training_args.dataloader_num_workers, training_args.seed, own_stream_part,
+        )
+    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
+    train_dataset = attach_transform(
+        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
+    )
+    eval_dataset = attach_transform(
+        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
+    )
+    return data, train_dataset, eval_dataset, own_stream_part
+
+
 def build_trainer(
     argv: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
@@ -279,41 +304,24 @@ def build_trainer(
     """The run's `DistillationTrainer`, ready to train, and its five argument dataclasses: data, student, teacher
     (or its recorded targets, `--teacher_cache`) and the schedule, as `argv` says; the teacher checked."""
     model_args, distill_args, data_args, aug_args, training_args = parse_args(argv)
-    log_level = training_args.get_process_log_level()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    # The run's own facts (schedule, teacher check, data) are shown at the default level, once.
-    logging.getLogger(__package__).setLevel(min(log_level, logging.INFO) if training_args.should_log else log_level)
+    set_up_logging(training_args)
     transformers.set_seed(training_args.seed)
     logger.info("%d torch threads per process.", share_cpu_threads(training_args.dataloader_num_workers))
 
-    data = load_image_datasets(data_args)
-    train_dataset, eval_dataset = data.dataset_dict["train"], data.dataset_dict["validation"]
-    own_stream_part = data_args.streaming and training_args.world_size > 1  # `check_stream_dispatch`
-    if data_args.streaming:  # before the transform: each process decodes only its own examples
-        train_dataset = prepare_train_stream(
-            train_dataset, data_args, training_args.process_index, training_args.world_size,
-            training_args.dataloader_num_workers, training_args.seed, own_stream_part,
-        )
+    data, train_dataset, eval_dataset, own_stream_part = prepare_datasets(data_args, aug_args, training_args)
     model = build_student(model_args, distill_args, aug_args, data.id2label)
     check_activation_memory(model.config, training_args)
     if prepare_model is not None:
         model = prepare_model(model)
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct)
     mean, std = processor.image_mean, processor.image_std
-    bounds = dict(max_pixels=data_args.max_image_pixels, max_aspect_ratio=data_args.max_image_aspect_ratio)
-    train_dataset = attach_transform(
-        train_dataset, ImageTransform(build_train_transform(aug_args), data.image_column, data.label_column, **bounds)
-    )
-    eval_dataset = attach_transform(
-        eval_dataset, ImageTransform(build_eval_transform(aug_args), data.image_column, data.label_column, **bounds)
-    )
 
     def load_checked_teacher():
         teacher = load_teacher(
             distill_args.teacher_model, distill_args.teacher_checkpoint, num_labels=len(data.label_names),
             student_mean=mean, student_std=std, teacher_mean=distill_args.teacher_mean,
             teacher_std=distill_args.teacher_std, student_size=(aug_args.input_size, aug_args.input_size),
+            input_size=distill_args.teacher_input_size,
         )
         check_class_names(teacher, data.label_names)
         return teacher
@@ -343,7 +351,8 @@ def build_trainer(
         own_stream_part=own_stream_part,
         callbacks=callbacks,
     )
-    preflight(trainer, distill_args.teacher_check_batches, data.label_column, data.label_names)
+    size_hint = input_size_hint(trainer.teacher, aug_args.input_size) if trainer.teacher is not None else None
+    preflight(trainer, distill_args.teacher_check_batches, data.label_column, data.label_names, size_hint)
     return trainer, (model_args, distill_args, data_args, aug_args, training_args)
 
 
@@ -365,6 +374,9 @@ def main(
     trainer, (model_args, distill_args, data_args, aug_args, training_args) = build_trainer(
         argv, [*(callbacks or []), preemption], prepare_model
     )
+    ema = WeightAverage(training_args.model_ema_decay) if training_args.model_ema else None  # `training.ema`
+    if ema is not None:
+        trainer.add_callback(ema)
     model = trainer.model
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_argument(training_args, model.state_dict().keys()))
@@ -379,6 +391,11 @@ def main(
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if ema is not None and training_args.do_train:
+        ema_metrics = ema.save_and_evaluate(trainer, training_args.do_eval)
+        if ema_metrics is not None:
+            trainer.log_metrics("eval_ema", ema_metrics)
+            trainer.save_metrics("eval_ema", ema_metrics)
     if training_args.do_train and isinstance(model, DeiTPreTrainedModel):
         # the saved model's README.md: this run's metrics per head, teacher and recipe
         write_run_card(trainer, model_args, distill_args, data_args, aug_args)
@@ -392,4 +409,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "training.train")

@@ -269,11 +269,11 @@ class DistillationTrainer(Trainer):
             # distillation_type none or labels refuses teacher logits; a replayed run has targets but no teacher
             no_targets = self.teacher_targets is None
             teacher_logits = None if no_targets else torch.zeros(1, config.num_labels, device=self.args.device)
-            return model(pixel_values=blank, labels=labels, teacher_logits=teacher_logits).loss * 0.0
+            return model(pixel_values=blank, labels=labels, **_given(teacher_logits=teacher_logits)).loss * 0.0
         teacher_logits = None
         if self.teacher_targets is not None:
             teacher_logits = self.teacher_targets(inputs["pixel_values"], training=model.training)
-        outputs = model(**inputs, teacher_logits=teacher_logits)
+        outputs = model(**inputs, **_given(teacher_logits=teacher_logits))
         loss = outputs.loss
         if model.training:
             self._record_batch_means(outputs, inputs["labels"])
@@ -401,3 +401,9 @@ class DistillationTrainer(Trainer):
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
+
+
+def _given(**kwargs) -> dict:
+    """The keyword arguments that are not None: a classifier other than DeiT (`training.train_teacher`) takes no
+    `teacher_logits`."""
+    return {name: value for name, value in kwargs.items() if value is not None}

@@ -28,6 +28,8 @@ def test_a_training_run_writes_a_card_with_its_own_facts(
     assert "| steps | 3 × 8 images (24 images, 0.5 epochs) |" in card.text and "lr 0.001" in card.text
     assert f"Measured by this run on the validation split of {small_digits_dir} (" in card.text
     assert "| global batch | 8 (1 process(es)) |" in card.text
+    assert "| skipped images | training: 0; validation: 0 of 32 |" in card.text
+    assert card.text.startswith("\n# DeiT⚗ trained with deit-hf") and "| fused (cls + dist) / 2 |" in card.text
     assert "trained from scratch (random init) as `deit-tiny-distilled-patch16-224`" in card.text
     for index, code in enumerate(blocks(output / "README.md", PYTHON)):  # the card's snippets load this run's model
         run_python(code, f"run card #python{index}")
@@ -55,3 +57,20 @@ def test_a_streamed_run_on_imagefolders_says_what_it_saw_and_where_it_was_evalua
     assert "| steps | 2 × 8 images (16 images, the stream's epochs are not counted) |" in text
     assert "epochs) |" not in text
     assert f"Measured by this run on `{tmp_path / 'val'}` (" in text
+    (result,) = ModelCard.load(tmp_path / "run" / "README.md").data.eval_results
+    assert result.dataset_name == result.dataset_type == str(tmp_path / "val")
+
+
+def test_a_one_head_run_has_a_deit_card_without_a_fused_row(small_digits_dir, random_teacher_dir, tmp_path):
+    output = tmp_path / "run"
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--max_steps", "2", "--distillation_token",
+                       "false"))
+    card = ModelCard.load(output / "README.md")
+    measured = json.loads((output / "eval_results.json").read_text())
+    assert card.text.startswith(f"\n# DeiT trained with deit-hf on {small_digits_dir}\n")
+    assert "fused (cls" not in card.text and "cls + dist" not in card.text
+    assert f"| class head | {measured['eval_cls_top1']:.4f} |" in card.text
+    assert "`model-index` carries the class head's top-1 in %" in card.text
+    (result,) = card.data.eval_results
+    assert (result.dataset_name, result.dataset_split) == (str(small_digits_dir), "validation")
+    assert "| skipped images | training: 0; validation: 0 of 32 |" in card.text

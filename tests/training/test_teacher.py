@@ -255,7 +255,8 @@ def test_a_fixed_size_teacher_gets_the_students_batches_resized(tmp_path):
     teacher = load_teacher(tmp_path, num_labels=10, student_mean=HALF, student_std=HALF, student_size=(32, 32))
     assert teacher.input_size == (64, 64)
     images = normalize(raw_images(), HALF, HALF)
-    expected = vit.eval()(F.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False)).logits
+    # resized as its image processor resizes (ViTImageProcessor: bilinear)
+    expected = vit.eval()(F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)).logits
     torch.testing.assert_close(teacher(images), expected)
     # a teacher that takes the student's size is left alone
     assert load_teacher("resnet10t", num_labels=10, pretrained=False, student_size=(32, 32)).input_size is None
