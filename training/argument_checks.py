@@ -9,7 +9,9 @@ from deit_hf.configuration_deit import TEACHER_DISTILLATION_TYPES
 
 from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
 
-TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches")
+# The flags that say which teacher, and so which targets: a `--teacher_cache` replay given none adopts the record's.
+TEACHER_IDENTITY_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std")
+TEACHER_FLAGS = (*TEACHER_IDENTITY_FLAGS, "teacher_check_batches")
 
 
 def check_arguments(

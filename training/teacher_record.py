@@ -9,8 +9,9 @@ the targets of that process's batches, keyed by (global step, micro-batch) (the 
 - soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
   indices in int16.
 
-Beside each batch's targets, a digest of its pixels (a fixed random projection and the norm) is kept: a batch whose
-views differ from the recorded ones is refused instead of getting another view's targets. Files are written whole
+Beside each batch's targets, a digest of its pixels (a fixed random projection of each view, weighted by a fixed random
+factor per row position, and the norm) is kept: a batch whose views differ from the recorded ones, or come in another
+order, is refused instead of getting another view's targets. Files are written whole
 under `.staging/` and renamed into place (complete or invisible); each carries the SHA-256 of its tensors, so a
 truncated or corrupt file is an error naming it.
 """
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_DIR = ".staging"
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: the digest sees the order of the views; the fingerprint names the teacher by its weights
 # Decoded soft targets outside the top k: far enough below the top k's fp16 range (>= -65504) that their softmax
 # is exactly 0, and finite, so that KL's `exp(t) * (t - s)` gives 0 rather than 0 * inf.
 TAIL_LOGIT = -2.0**17
@@ -80,16 +81,22 @@ def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.devic
     return torch.full((len(values), num_labels), TAIL_LOGIT, device=device).scatter_(1, indices, values)
 
 
-_probes: dict[tuple[int, torch.device], torch.Tensor] = {}
+_probes: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _probe(size: int, seed: int, device: torch.device) -> torch.Tensor:
+    if (size, seed, device) not in _probes:
+        _probes[size, seed, device] = torch.randn(size, generator=torch.Generator().manual_seed(seed)).to(device)
+    return _probes[size, seed, device]
 
 
 def digest(pixel_values: torch.Tensor) -> torch.Tensor:
-    """(projection, norm) of a batch: the sum of its views projected on a fixed random vector, and its norm."""
+    """(projection, norm) of a batch: its views projected on a fixed random vector and summed with a fixed random
+    weight per row position (so that views swapped within the batch change it), and its norm."""
     flat = pixel_values.detach().float().flatten(1)
-    key = (flat.shape[1], flat.device)
-    if key not in _probes:
-        _probes[key] = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0)).to(flat.device)
-    return torch.stack([(flat @ _probes[key]).sum(), flat.norm()])
+    rows, size = flat.shape
+    projection = _probe(rows, 1, flat.device) @ (flat @ _probe(size, 0, flat.device))
+    return torch.stack([projection, flat.norm()])
 
 
 def digests_match(recorded: torch.Tensor, current: torch.Tensor) -> bool:
@@ -133,22 +140,39 @@ class TeacherRecord:
     def __init__(self, directory: str, fingerprint: dict):
         self.directory = str(directory)
         self.fingerprint = {name: fingerprint[name] for name in sorted(fingerprint)}
-        self.fingerprint_hash = hashlib.sha256(json.dumps(self.fingerprint).encode()).hexdigest()[:16]
+        identity = json.dumps([RECORD_FORMAT, self.fingerprint]).encode()
+        self.fingerprint_hash = hashlib.sha256(identity).hexdigest()[:16]
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def check_fingerprint(self) -> bool:
-        """Whether the directory holds a record (False: none yet); one whose fingerprint differs is refused."""
+    def recorded(self) -> dict | None:
+        """The directory's `fingerprint.json` ({"format", "items", "teacher"}), None when there is no record yet; one
+        written by an older version of this code is refused (its digests and teacher are not comparable)."""
         path = self.path(FINGERPRINT_FILE)
         if not os.path.exists(path):
-            return False
+            return None
         try:
             with open(path) as file:
-                recorded = json.load(file)["items"]
+                recorded = json.load(file)
+            if not isinstance(recorded["items"], dict):
+                raise TypeError("its items are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TeacherRecordError(f"Teacher record {path} is unreadable ({type(error).__name__}: {error}); "
                                      "remove it to record again.") from None
+        if recorded.get("format") != RECORD_FORMAT:
+            raise TeacherRecordError(
+                f"--teacher_cache {self.directory} was recorded by an older version (record format "
+                f"{recorded.get('format')!r}, now {RECORD_FORMAT}); record it again (another directory, or remove it)."
+            )
+        return recorded
+
+    def check_fingerprint(self) -> bool:
+        """Whether the directory holds a record (False: none yet); one whose fingerprint differs is refused."""
+        recorded = self.recorded()
+        if recorded is None:
+            return False
+        recorded = recorded["items"]
         differing = [name for name in sorted(set(recorded) | set(self.fingerprint))
                      if recorded.get(name) != self.fingerprint.get(name)]
         if differing:
@@ -160,11 +184,12 @@ class TeacherRecord:
             )
         return True
 
-    def write_fingerprint(self) -> None:
-        """Create the record (any process may: the contents are the same)."""
+    def write_fingerprint(self, teacher: dict) -> None:
+        """Create the record, naming its `teacher` (its flags: what a replay without them adopts); any process may:
+        the contents are the same."""
         if not self.check_fingerprint():
-            self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint}, indent=1)
-                        .encode())
+            self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint,
+                                                      "teacher": teacher}, indent=1).encode())
 
     def missing(self, needed_steps: dict[int, range], num_processes: int, evaluation: bool) -> list[str]:
         """The parts (file names) that are absent or lack some of `needed_steps` (epoch -> steps of it to train)."""

@@ -147,7 +147,7 @@ def test_a_record_of_another_run_is_refused_naming_what_differs(flags, item, sma
                          str(tmp_path / "cache"))
     record = TeacherRecord(tmp_path / "cache", _fingerprint(base))
     (tmp_path / "cache").mkdir()
-    record.write_fingerprint()
+    record.write_fingerprint({})
     changed = TeacherRecord(tmp_path / "cache", _fingerprint([*base, *flags]))
     refusal = rf"holds the teacher's targets of another run \({item}: recorded"
     with pytest.raises(TeacherRecordError, match=refusal) as error:
@@ -173,7 +173,7 @@ def test_other_processes_teacher_weights_and_top_k_are_refused(random_teacher_di
     base = ["--dataset_name", "x", "--teacher_model", str(random_teacher_dir), "--distillation_type", "soft",
             "--teacher_cache", str(tmp_path / "cache")]
     (tmp_path / "cache").mkdir()
-    TeacherRecord(tmp_path / "cache", _fingerprint(base)).write_fingerprint()
+    TeacherRecord(tmp_path / "cache", _fingerprint(base)).write_fingerprint({})
     other_teacher = tmp_path / "teacher"
     shutil.copytree(random_teacher_dir, other_teacher)
     weights = other_teacher / "model.safetensors"
