@@ -7,7 +7,8 @@ result as the teacher's logits; it does not know which source it has:
 - `RecordedTeacher`: targets from a `training.teacher_record.TeacherRecord`, keyed by (global step, micro-batch,
   process) for training batches and by batch number for evaluation batches. With a teacher, the batches the record
   lacks are run through it and recorded (a recording run, or one that extends a record to more epochs); without one,
-  every batch must be in the record (a replaying run: the teacher is not even loaded).
+  every batch must be in the record (a replaying run: the teacher is not even loaded), and so with
+  `--teacher_cache_check`, whose teacher only checks. A missing part or batch is an error naming it.
 
 Replayed targets are what the loss reads: hard, logits whose argmax is the recorded class; soft, the top-k logits in
 place and a logit far below them elsewhere. A recording run trains on these same decoded targets, so a replaying
@@ -117,7 +118,6 @@ class RecordedTeacher(TeacherTargets):
         self.record, self.num_labels, self.teacher = record, num_labels, teacher
         self.distillation_type, self.top_k = distillation_type, top_k
         self.check_steps = check_steps
-        self.records = teacher is not None and not check_steps
         self.process_index = 0
         self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
         self._unchecked: set[str] = set()  # parts loaded whose first replayed batch's digest is not compared yet
@@ -128,6 +128,11 @@ class RecordedTeacher(TeacherTargets):
     def attach(self, trainer) -> None:
         super().attach(trainer)
         self.process_index = trainer.args.process_index
+
+    @property
+    def records(self) -> bool:
+        """Whether batches the record lacks are recorded (else they are an error)."""
+        return self.teacher is not None and not self.check_steps
 
     def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
         name, key = self._next_key(training)
