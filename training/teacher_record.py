@@ -7,7 +7,9 @@ the targets of that process's batches, keyed by (global step, micro-batch) (the 
 
 - hard distillation: the teacher's class per view, int16 (-1 for a view whose logits were not finite);
 - soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
-  indices in int16.
+  indices in int16, and one logit shared by every other class, in fp16: their log-sum-exp less the log of their
+  count, so that they keep the teacher's leftover mass (exactly at temperature 1), spread evenly, as TinyViT's sparse
+  logits do (dropping it costs more: BENCHMARKS.md, soft records).
 
 Beside each batch's targets, a digest of its pixels (a fixed random projection of each view, weighted by a fixed random
 factor per row position, and the norm) is kept: a batch whose views differ from the recorded ones, or come in another
@@ -30,9 +32,6 @@ from safetensors.torch import save_file
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_DIR = ".staging"
 RECORD_FORMAT = 2  # 2: the digest sees the order of the views; the fingerprint names the teacher by its weights
-# Decoded soft targets outside the top k: far enough below the top k's fp16 range (>= -65504) that their softmax
-# is exactly 0, and finite, so that KL's `exp(t) * (t - s)` gives 0 rather than 0 * inf.
-TAIL_LOGIT = -2.0**17
 DIGEST_TOLERANCE = 1e-4  # relative to the batch's norm: float rounding passes, a changed view does not
 PART_PATTERN = re.compile(r"^epoch-(\d+)\.process-(\d+)\.safetensors$")
 
@@ -62,15 +61,18 @@ def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str
     if distillation_type == "hard":
         classes = torch.where(finite, logits.argmax(dim=1), -1)
         return {"classes": classes.to(torch.int16)}
-    values, indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
+    classes = logits.shape[1]
+    values, indices = logits.topk(min(top_k, classes), dim=1)
+    others = logits.scatter(1, indices, -math.inf).logsumexp(1, keepdim=True) - math.log(max(classes - top_k, 1))
     # Shifted so that the largest is 0 (softmax does not change): fp16 cannot hold large logits, only differences.
-    values = torch.where(finite[:, None], values - values[:, :1], math.nan).clamp(min=-65504.0)
-    return {"values": values.to(torch.float16), "indices": indices.to(torch.int16)}
+    values = torch.where(finite[:, None], torch.cat([values, others], 1) - values[:, :1], math.nan).clamp(min=-65504.0)
+    return {"values": values[:, :-1].to(torch.float16), "indices": indices.to(torch.int16),
+            "others": values[:, -1].to(torch.float16)}
 
 
 def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.device) -> torch.Tensor:
     """Logits the loss reads as it reads the teacher's: hard, a row whose argmax is the recorded class (NaN where
-    the teacher's were not finite); soft, the top-k logits in place and `TAIL_LOGIT` elsewhere."""
+    the teacher's were not finite); soft, the top-k logits in place and the others' shared logit elsewhere."""
     if "classes" in stored:
         classes = stored["classes"].to(device=device, dtype=torch.int64)
         logits = torch.zeros(len(classes), num_labels, device=device)
@@ -78,7 +80,8 @@ def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.devic
         return logits.masked_fill_((classes < 0)[:, None], math.nan)
     values = stored["values"].to(device=device, dtype=torch.float32)
     indices = stored["indices"].to(device=device, dtype=torch.int64)
-    return torch.full((len(values), num_labels), TAIL_LOGIT, device=device).scatter_(1, indices, values)
+    others = stored["others"].to(device=device, dtype=torch.float32)
+    return others[:, None].repeat(1, num_labels).scatter_(1, indices, values)
 
 
 _probes: dict[tuple[int, int, torch.device], torch.Tensor] = {}

@@ -157,3 +157,13 @@ def test_the_recording_pass_as_a_module_answers_help_and_logs_its_progress(small
     # its progress, under its module's name rather than "__main__" (whose level no one sets)
     assert "training.record_teacher: Recorded epoch 0." in recorded.stderr
     assert "training.train: Global batch 8" in recorded.stderr
+
+
+def test_a_soft_record_replays_exactly(small_digits_dir, random_teacher_dir, tmp_path, monkeypatch):
+    """Top 3 logits and the other classes' shared logit, through the files and back."""
+    flags = [*ONE_EPOCH_NO_EVAL, "--logging_steps", "1", "--distillation_type", "soft", "--distillation_tau", "3",
+             "--teacher_cache_top_k", "3", "--teacher_cache", str(tmp_path / "cache")]
+    recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *flags))
+    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *flags))
+    assert len(losses(replaying)) == 6 and losses(replaying) == losses(recording)
