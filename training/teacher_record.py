@@ -7,9 +7,9 @@ the targets of that process's batches, keyed by (global step, micro-batch) (the 
 
 - hard distillation: the teacher's class per view, int16 (-1 for a view whose logits were not finite);
 - soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
-  indices in int16, and one logit shared by every other class, in fp16: their log-sum-exp less the log of their
-  count, so that they keep the teacher's leftover mass (exactly at temperature 1), spread evenly, as TinyViT's sparse
-  logits do (dropping it costs more: BENCHMARKS.md, soft records).
+  indices in int16, and one logit shared by every other class, in fp16, such that at the run's temperature they keep
+  the teacher's leftover mass, spread evenly, as TinyViT's sparse logits do (giving them probability 0 instead, or
+  a logit exact at temperature 1 only, moves the targets further from the teacher's: BENCHMARKS.md, soft records).
 
 Beside each batch's targets, a digest of its pixels (a fixed random projection of each view, weighted by a fixed random
 factor per row position, and the norm) is kept: a batch whose views differ from the recorded ones, or come in another
@@ -54,8 +54,8 @@ def steps_per_epoch(num_examples: int, per_device_batch: int, num_processes: int
     return math.ceil(batches / accumulation)
 
 
-def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str, torch.Tensor]:
-    """A batch's teacher logits as stored (on their device)."""
+def encode(logits: torch.Tensor, distillation_type: str, top_k: int, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """A batch's teacher logits as stored (on their device); soft, for the loss at temperature `tau`."""
     logits = logits.detach().float()
     finite = logits.isfinite().all(dim=1)
     if distillation_type == "hard":
@@ -63,7 +63,9 @@ def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str
         return {"classes": classes.to(torch.int16)}
     classes = logits.shape[1]
     values, indices = logits.topk(min(top_k, classes), dim=1)
-    others = logits.scatter(1, indices, -math.inf).logsumexp(1, keepdim=True) - math.log(max(classes - top_k, 1))
+    # softmax(x / tau) gives (classes - k) exp(others / tau) = the others' sum of exp(logit / tau): their mass
+    others = tau * ((logits.scatter(1, indices, -math.inf) / tau).logsumexp(1, keepdim=True)
+                    - math.log(max(classes - top_k, 1)))
     # Shifted so that the largest is 0 (softmax does not change): fp16 cannot hold large logits, only differences.
     values = torch.where(finite[:, None], torch.cat([values, others], 1) - values[:, :1], math.nan).clamp(min=-65504.0)
     return {"values": values[:, :-1].to(torch.float16), "indices": indices.to(torch.int16),

@@ -106,6 +106,7 @@ class RecordedTeacher(TeacherTargets):
         num_labels: the classes of the targets.
         distillation_type: `hard` (the class) or `soft` (the top-k logits) is what is recorded.
         top_k: the logits kept per view with soft distillation.
+        tau: the soft loss's temperature, at which the classes outside the top k keep the teacher's mass.
         teacher: runs on the batches the record lacks, which are then recorded; None: replay only.
         check_steps: steps on which the teacher (then required) is also run on recorded batches and its targets
             compared with the record (`--teacher_cache_check`); with them, nothing is recorded: a batch the record
@@ -113,11 +114,11 @@ class RecordedTeacher(TeacherTargets):
     """
 
     def __init__(self, record: TeacherRecord, num_labels: int, distillation_type: str, top_k: int,
-                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset()):
+                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset(), tau: float = 1.0):
         if check_steps and teacher is None:
             raise ValueError("Checking recorded steps needs the teacher.")
         self.record, self.num_labels, self.teacher = record, num_labels, teacher
-        self.distillation_type, self.top_k = distillation_type, top_k
+        self.distillation_type, self.top_k, self.tau = distillation_type, top_k, tau
         self.check_steps = check_steps
         self.process_index = 0
         self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
@@ -173,7 +174,7 @@ class RecordedTeacher(TeacherTargets):
                 "with fewer batches (another evaluation set or run length?). Record it again."
             )
         stored = encode(self.run_teacher(pixel_values) if logits is None else logits, self.distillation_type,
-                        self.top_k)
+                        self.top_k, self.tau)
         part[key] = batch_digest, stored  # on the device until saved: no host sync per step
         self._unsaved.add(name)
         return stored
@@ -198,7 +199,7 @@ class RecordedTeacher(TeacherTargets):
         return self._parts[name]
 
     def _check(self, name: str, key: tuple[int, int], stored: dict, logits: torch.Tensor) -> None:
-        recomputed = encode(logits, self.distillation_type, self.top_k)
+        recomputed = encode(logits, self.distillation_type, self.top_k, self.tau)
         same = all(torch.equal(recomputed[field], stored[field]) if field in EXACT_FIELDS else torch.allclose(
             recomputed[field].float(), stored[field].float(), atol=1e-2, rtol=1e-2, equal_nan=True) for field in stored)
         logger.info("--teacher_cache_check: %s: the teacher's targets %s the record's.", _describe(name, key),
@@ -305,7 +306,8 @@ def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, st
                                   "student": [list(student_mean), list(student_std)]},
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
         "distillation_type": distill_args.distillation_type,
-        "teacher_cache_top_k": distill_args.teacher_cache_top_k if distill_args.distillation_type == "soft" else None,
+        **{name: getattr(distill_args, name) if distill_args.distillation_type == "soft" else None
+           for name in ("teacher_cache_top_k", "distillation_tau")},
     }
     return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
 
@@ -354,7 +356,7 @@ def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, 
     evaluates = training_args.do_eval or training_args.eval_strategy != "no"
     missing = record.missing(epochs, training_args.world_size, evaluates) if record.check_fingerprint() else ["all"]
     settings = dict(num_labels=num_labels, distillation_type=distill_args.distillation_type,
-                    top_k=distill_args.teacher_cache_top_k)
+                    top_k=distill_args.teacher_cache_top_k, tau=distill_args.distillation_tau)
     check = distill_args.teacher_cache_check
     if not missing and check == 0:
         logger.info("replaying teacher targets from %s; teacher not loaded", record.directory)
