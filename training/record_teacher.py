@@ -12,7 +12,7 @@ skipped, and a run stopped midway resumes at the first epoch it had not finished
 recorded too when the students' runs will evaluate. Each micro-batch is seeded from its `StepKey` as the trainer
 seeds it (`training.randomness.StepSeeder`), so its random erasing and Mixup/CutMix draw what the students' runs
 draw, and it is recorded under that key; the replaying runs compare each batch's pixels with the record's and stop
-at the first difference.
+at the first difference. It only records: `--teacher_cache_check` (a replaying run's check) is refused here.
 """
 
 import logging
