@@ -320,7 +320,7 @@ class DistillationArguments:
         metadata={"help": "A directory recording the teacher's target for every augmented view (hard: its class; "
                   "soft: its top-k logits): recorded when it lacks this run's epochs, replayed without loading the "
                   "teacher when it holds them all. A record of another run (data, seed, augmentation, batch layout, "
-                  "teacher, distillation type) is refused."},
+                  "teacher, distillation type) is refused. Without a teacher flag, the record's teacher is used."},
     )
     teacher_cache_top_k: int = field(
         default=10, metadata={"help": "With --teacher_cache and soft distillation: the logits kept per view."}
@@ -328,7 +328,7 @@ class DistillationArguments:
     teacher_cache_check: int = field(
         default=0,
         metadata={"help": "With a complete --teacher_cache: load the teacher and compare its targets with the "
-                  "record's on this many random steps."},
+                  "record's on this many random steps (nothing is recorded)."},
     )
     distillation_type: Literal[tuple(DISTILLATION_TYPES)] = field(
         default="hard",

@@ -20,8 +20,9 @@ OPTIMIZER_READS = {
     "rmsprop": (False, ("momentum", "alpha", "eps", "centered")),
 }
 ADAM_FLAGS = ("adam_beta1", "adam_beta2", "adam_epsilon")
-TEACHER_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_check_batches",
-                 "teacher_input_size")
+# The flags that say which teacher, and so which targets: a `--teacher_cache` replay given none adopts the record's.
+TEACHER_IDENTITY_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_input_size")
+TEACHER_FLAGS = (*TEACHER_IDENTITY_FLAGS, "teacher_check_batches")
 
 
 def check_arguments(

@@ -12,19 +12,18 @@ skipped, and a run stopped midway resumes at the first epoch it had not finished
 recorded too when the students' runs will evaluate. Each micro-batch is seeded from its `StepKey` as the trainer
 seeds it (`training.randomness.StepSeeder`), so its random erasing and Mixup/CutMix draw what the students' runs
 draw, and it is recorded under that key; the replaying runs compare each batch's pixels with the record's and stop
-at the first difference.
+at the first difference. It only records: `--teacher_cache_check` (a replaying run's check) is refused here.
 """
 
 import logging
-import sys
 
 import torch
 
 from .teacher_record import TeacherRecordError, part_name
 from .teacher_targets import RecordedTeacher, needed_steps
-from .train import build_trainer
+from .train import build_trainer, parse_args
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__spec__.name)  # under `python -m`, "training.record_teacher" rather than "__main__"
 
 
 class TeacherPass:
@@ -98,18 +97,21 @@ def record(trainer, training_args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Record the targets of the run `argv` describes (training.train's flags, `--teacher_cache` required)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not any(token.split("=", 1)[0] in ("--teacher_cache", "--teacher-cache") for token in argv):
+    distill_args = parse_args(argv)[1]  # `--help` exits here; a refused flag exits as training.train's do
+    if distill_args.teacher_cache is None:
         raise SystemExit("training.record_teacher needs --teacher_cache DIR: where to record the teacher's targets.")
+    if distill_args.teacher_cache_check:
+        raise SystemExit("training.record_teacher records: --teacher_cache_check is read by a training run that "
+                         "replays the record (python -m training.train).")
     trainer, (_, _, _, _, training_args) = build_trainer(argv)
     targets = trainer.teacher_targets
     if not isinstance(targets, RecordedTeacher):
         raise TeacherRecordError("training.record_teacher records a teacher: --distillation_type none or labels has "
                                  "none.")
-    if targets.teacher is None:
-        logger.info("%s holds every batch of this run already: nothing to record.", targets.record.directory)
-    else:
+    if targets.records:
         record(trainer, training_args)
+    else:
+        logger.info("%s holds every batch of this run already: nothing to record.", targets.record.directory)
     trainer.end()
 
 

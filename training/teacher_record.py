@@ -7,10 +7,13 @@ the targets of that process's batches, keyed by (global step, micro-batch) (the 
 
 - hard distillation: the teacher's class per view, int16 (-1 for a view whose logits were not finite);
 - soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
-  indices in int16.
+  indices in int16, and one logit shared by every other class, in fp16, such that at the run's temperature they keep
+  the teacher's leftover mass, spread evenly, as TinyViT's sparse logits do (giving them probability 0 instead, or
+  a logit exact at temperature 1 only, moves the targets further from the teacher's: BENCHMARKS.md, soft records).
 
-Beside each batch's targets, a digest of its pixels (a fixed random projection and the norm) is kept: a batch whose
-views differ from the recorded ones is refused instead of getting another view's targets. Files are written whole
+Beside each batch's targets, a digest of its pixels (a fixed random projection of each view, weighted by a fixed random
+factor per row position, and the norm) is kept: a batch whose views differ from the recorded ones, or come in another
+order, is refused instead of getting another view's targets. Files are written whole
 under `.staging/` and renamed into place (complete or invisible); each carries the SHA-256 of its tensors, so a
 truncated or corrupt file is an error naming it.
 """
@@ -30,10 +33,7 @@ from deit_hf.distillation_types import get_distillation_type
 
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_DIR = ".staging"
-RECORD_FORMAT = 1
-# Decoded soft targets outside the top k: far enough below the top k's fp16 range (>= -65504) that their softmax
-# is exactly 0, and finite, so that KL's `exp(t) * (t - s)` gives 0 rather than 0 * inf.
-TAIL_LOGIT = -2.0**17
+RECORD_FORMAT = 2  # 2: the digest sees the order of the views; the fingerprint names the teacher by its weights
 DIGEST_TOLERANCE = 1e-4  # relative to the batch's norm: float rounding passes, a changed view does not
 PART_PATTERN = re.compile(r"^epoch-(\d+)\.process-(\d+)\.safetensors$")
 
@@ -56,22 +56,27 @@ def steps_per_epoch(num_examples: int, per_device_batch: int, num_processes: int
     return math.ceil(batches / accumulation)
 
 
-def encode(logits: torch.Tensor, distillation_type: str, top_k: int) -> dict[str, torch.Tensor]:
-    """A batch's teacher logits as stored (on their device)."""
+def encode(logits: torch.Tensor, distillation_type: str, top_k: int, tau: float = 1.0) -> dict[str, torch.Tensor]:
+    """A batch's teacher logits as stored (on their device); soft, for the loss at temperature `tau`."""
     logits = logits.detach().float()
     finite = logits.isfinite().all(dim=1)
     if not get_distillation_type(distillation_type).uses_teacher_distribution:
         classes = torch.where(finite, logits.argmax(dim=1), -1)
         return {"classes": classes.to(torch.int16)}
-    values, indices = logits.topk(min(top_k, logits.shape[1]), dim=1)
+    classes = logits.shape[1]
+    values, indices = logits.topk(min(top_k, classes), dim=1)
+    # softmax(x / tau) gives (classes - k) exp(others / tau) = the others' sum of exp(logit / tau): their mass
+    others = tau * ((logits.scatter(1, indices, -math.inf) / tau).logsumexp(1, keepdim=True)
+                    - math.log(max(classes - top_k, 1)))
     # Shifted so that the largest is 0 (softmax does not change): fp16 cannot hold large logits, only differences.
-    values = torch.where(finite[:, None], values - values[:, :1], math.nan).clamp(min=-65504.0)
-    return {"values": values.to(torch.float16), "indices": indices.to(torch.int16)}
+    values = torch.where(finite[:, None], torch.cat([values, others], 1) - values[:, :1], math.nan).clamp(min=-65504.0)
+    return {"values": values[:, :-1].to(torch.float16), "indices": indices.to(torch.int16),
+            "others": values[:, -1].to(torch.float16)}
 
 
 def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.device) -> torch.Tensor:
     """Logits the loss reads as it reads the teacher's: hard, a row whose argmax is the recorded class (NaN where
-    the teacher's were not finite); soft, the top-k logits in place and `TAIL_LOGIT` elsewhere."""
+    the teacher's were not finite); soft, the top-k logits in place and the others' shared logit elsewhere."""
     if "classes" in stored:
         classes = stored["classes"].to(device=device, dtype=torch.int64)
         logits = torch.zeros(len(classes), num_labels, device=device)
@@ -79,19 +84,26 @@ def decode(stored: dict[str, torch.Tensor], num_labels: int, device: torch.devic
         return logits.masked_fill_((classes < 0)[:, None], math.nan)
     values = stored["values"].to(device=device, dtype=torch.float32)
     indices = stored["indices"].to(device=device, dtype=torch.int64)
-    return torch.full((len(values), num_labels), TAIL_LOGIT, device=device).scatter_(1, indices, values)
+    others = stored["others"].to(device=device, dtype=torch.float32)
+    return others[:, None].repeat(1, num_labels).scatter_(1, indices, values)
 
 
-_probes: dict[tuple[int, torch.device], torch.Tensor] = {}
+_probes: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _probe(size: int, seed: int, device: torch.device) -> torch.Tensor:
+    if (size, seed, device) not in _probes:
+        _probes[size, seed, device] = torch.randn(size, generator=torch.Generator().manual_seed(seed)).to(device)
+    return _probes[size, seed, device]
 
 
 def digest(pixel_values: torch.Tensor) -> torch.Tensor:
-    """(projection, norm) of a batch: the sum of its views projected on a fixed random vector, and its norm."""
+    """(projection, norm) of a batch: its views projected on a fixed random vector and summed with a fixed random
+    weight per row position (so that views swapped within the batch change it), and its norm."""
     flat = pixel_values.detach().float().flatten(1)
-    key = (flat.shape[1], flat.device)
-    if key not in _probes:
-        _probes[key] = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0)).to(flat.device)
-    return torch.stack([(flat @ _probes[key]).sum(), flat.norm()])
+    rows, size = flat.shape
+    projection = _probe(rows, 1, flat.device) @ (flat @ _probe(size, 0, flat.device))
+    return torch.stack([projection, flat.norm()])
 
 
 def digests_match(recorded: torch.Tensor, current: torch.Tensor) -> bool:
@@ -135,22 +147,39 @@ class TeacherRecord:
     def __init__(self, directory: str, fingerprint: dict):
         self.directory = str(directory)
         self.fingerprint = {name: fingerprint[name] for name in sorted(fingerprint)}
-        self.fingerprint_hash = hashlib.sha256(json.dumps(self.fingerprint).encode()).hexdigest()[:16]
+        identity = json.dumps([RECORD_FORMAT, self.fingerprint]).encode()
+        self.fingerprint_hash = hashlib.sha256(identity).hexdigest()[:16]
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def check_fingerprint(self) -> bool:
-        """Whether the directory holds a record (False: none yet); one whose fingerprint differs is refused."""
+    def recorded(self) -> dict | None:
+        """The directory's `fingerprint.json` ({"format", "items", "teacher"}), None when there is no record yet; one
+        written by an older version of this code is refused (its digests and teacher are not comparable)."""
         path = self.path(FINGERPRINT_FILE)
         if not os.path.exists(path):
-            return False
+            return None
         try:
             with open(path) as file:
-                recorded = json.load(file)["items"]
+                recorded = json.load(file)
+            if not isinstance(recorded["items"], dict):
+                raise TypeError("its items are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TeacherRecordError(f"Teacher record {path} is unreadable ({type(error).__name__}: {error}); "
                                      "remove it to record again.") from None
+        if recorded.get("format") != RECORD_FORMAT:
+            raise TeacherRecordError(
+                f"--teacher_cache {self.directory} was recorded by an older version (record format "
+                f"{recorded.get('format')!r}, now {RECORD_FORMAT}); record it again (another directory, or remove it)."
+            )
+        return recorded
+
+    def check_fingerprint(self) -> bool:
+        """Whether the directory holds a record (False: none yet); one whose fingerprint differs is refused."""
+        recorded = self.recorded()
+        if recorded is None:
+            return False
+        recorded = recorded["items"]
         differing = [name for name in sorted(set(recorded) | set(self.fingerprint))
                      if recorded.get(name) != self.fingerprint.get(name)]
         if differing:
@@ -162,11 +191,12 @@ class TeacherRecord:
             )
         return True
 
-    def write_fingerprint(self) -> None:
-        """Create the record (any process may: the contents are the same)."""
+    def write_fingerprint(self, teacher: dict) -> None:
+        """Create the record, naming its `teacher` (its flags: what a replay without them adopts); any process may:
+        the contents are the same."""
         if not self.check_fingerprint():
-            self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint}, indent=1)
-                        .encode())
+            self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint,
+                                                      "teacher": teacher}, indent=1).encode())
 
     def missing(self, needed_steps: dict[int, range], num_processes: int, evaluation: bool) -> list[str]:
         """The parts (file names) that are absent or lack some of `needed_steps` (epoch -> steps of it to train)."""

@@ -7,14 +7,14 @@ result as the teacher's logits; it does not know which source it has:
 - `RecordedTeacher`: targets from a `training.teacher_record.TeacherRecord`, keyed by (global step, micro-batch,
   process) for training batches and by batch number for evaluation batches. With a teacher, the batches the record
   lacks are run through it and recorded (a recording run, or one that extends a record to more epochs); without one,
-  every batch must be in the record (a replaying run: the teacher is not even loaded).
+  every batch must be in the record (a replaying run: the teacher is not even loaded), and so with
+  `--teacher_cache_check`, whose teacher only checks. A missing part or batch is an error naming it.
 
 Replayed targets are what the loss reads: hard, logits whose argmax is the recorded class; soft, the top-k logits in
-place and a logit far below them elsewhere. A recording run trains on these same decoded targets, so a replaying
-run with the same seed computes the same losses.
+place and the other classes' shared logit elsewhere. A recording run trains on these same decoded targets, so a
+replaying run with the same seed computes the same losses.
 """
 
-import hashlib
 import json
 import logging
 import math
@@ -27,8 +27,16 @@ from transformers import TrainerCallback
 
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
+from .argument_checks import TEACHER_IDENTITY_FLAGS
 from .teacher import Teacher
+from .teacher_identity import (
+    confirm_recorded_teacher,
+    resolve_teacher,
+    teacher_flags,
+    teacher_identity,
+)
 from .teacher_record import (
+    PART_PATTERN,
     TeacherRecord,
     TeacherRecordError,
     decode,
@@ -41,11 +49,11 @@ from .teacher_record import (
 
 logger = logging.getLogger(__name__)
 
+EXACT_FIELDS = ("classes", "indices")  # the others are fp16 logits, compared with a tolerance
 # What the views depend on: every augmentation setting but the label smoothing (it changes the class targets only).
 VIEW_SETTINGS = ("input_size", "auto_augment", "color_jitter", "train_interpolation", "reprob", "remode", "recount",
                  "hflip", "scale", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "repeated_aug",
                  "num_repeats", "eval_crop_pct")
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
 class TeacherTargets(TrainerCallback):
@@ -98,20 +106,23 @@ class RecordedTeacher(TeacherTargets):
         num_labels: the classes of the targets.
         distillation_type: `hard` (the class) or `soft` (the top-k logits) is what is recorded.
         top_k: the logits kept per view with soft distillation.
+        tau: the soft loss's temperature, at which the classes outside the top k keep the teacher's mass.
         teacher: runs on the batches the record lacks, which are then recorded; None: replay only.
         check_steps: steps on which the teacher (then required) is also run on recorded batches and its targets
-            compared with the record (`--teacher_cache_check`).
+            compared with the record (`--teacher_cache_check`); with them, nothing is recorded: a batch the record
+            lacks is an error, as in a replay.
     """
 
     def __init__(self, record: TeacherRecord, num_labels: int, distillation_type: str, top_k: int,
-                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset()):
+                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset(), tau: float = 1.0):
         if check_steps and teacher is None:
             raise ValueError("Checking recorded steps needs the teacher.")
         self.record, self.num_labels, self.teacher = record, num_labels, teacher
-        self.distillation_type, self.top_k = distillation_type, top_k
+        self.distillation_type, self.top_k, self.tau = distillation_type, top_k, tau
         self.check_steps = check_steps
         self.process_index = 0
         self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
+        self._unchecked: set[str] = set()  # parts loaded whose first replayed batch's digest is not compared yet
         self._unsaved: set[str] = set()
         self._pending: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # digests to compare
         self._eval_batches = 0
@@ -119,6 +130,11 @@ class RecordedTeacher(TeacherTargets):
     def attach(self, trainer) -> None:
         super().attach(trainer)
         self.process_index = trainer.args.process_index
+
+    @property
+    def records(self) -> bool:
+        """Whether batches the record lacks are recorded (else they are an error)."""
+        return self.teacher is not None and not self.check_steps
 
     def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
         name, key = self._next_key(training)
@@ -146,16 +162,19 @@ class RecordedTeacher(TeacherTargets):
         if key in part:
             recorded_digest, stored = part[key]
             self._pending.append((name, key, recorded_digest, batch_digest))
-            if self.teacher is not None and key[0] in self.check_steps and name.startswith("epoch-"):
+            if name in self._unchecked:  # a part's first batch at once (a host sync): a wrong record stops at once
+                self._unchecked.discard(name)
+                self.verify()
+            if key[0] in self.check_steps and name.startswith("epoch-"):
                 self._check(name, key, stored, self.run_teacher(pixel_values))
             return stored
-        if self.teacher is None and logits is None:
+        if not self.records:
             raise TeacherRecordError(
                 f"Teacher record {self.record.path(name)} has no targets for {_describe(name, key)}: it was recorded "
                 "with fewer batches (another evaluation set or run length?). Record it again."
             )
         stored = encode(self.run_teacher(pixel_values) if logits is None else logits, self.distillation_type,
-                        self.top_k)
+                        self.top_k, self.tau)
         part[key] = batch_digest, stored  # on the device until saved: no host sync per step
         self._unsaved.add(name)
         return stored
@@ -170,14 +189,19 @@ class RecordedTeacher(TeacherTargets):
                 for old in [old for old in self._parts if old.startswith("epoch-")]:
                     self.save(old)
                     del self._parts[old]
+            if not self.records and not os.path.exists(self.record.path(name)):
+                raise TeacherRecordError(
+                    f"Teacher record {self.record.path(name)} is missing: this run's targets for "
+                    f"{_describe(name, None)} are not there (removed since the run started?). Record it again."
+                )
             self._parts[name] = self.record.load(name)
+            self._unchecked.add(name)
         return self._parts[name]
 
     def _check(self, name: str, key: tuple[int, int], stored: dict, logits: torch.Tensor) -> None:
-        recomputed = encode(logits, self.distillation_type, self.top_k)
-        same = all(torch.equal(recomputed[field], stored[field]) for field in stored if field != "values") and (
-            "values" not in stored or torch.allclose(recomputed["values"].float(), stored["values"].float(),
-                                                     atol=1e-2, rtol=1e-2, equal_nan=True))
+        recomputed = encode(logits, self.distillation_type, self.top_k, self.tau)
+        same = all(torch.equal(recomputed[field], stored[field]) if field in EXACT_FIELDS else torch.allclose(
+            recomputed[field].float(), stored[field].float(), atol=1e-2, rtol=1e-2, equal_nan=True) for field in stored)
         logger.info("--teacher_cache_check: %s: the teacher's targets %s the record's.", _describe(name, key),
                     "match" if same else "DIFFER FROM")
         if not same:
@@ -258,37 +282,21 @@ def uses_distribution(distill_args) -> bool:
     return get_distillation_type(distill_args.distillation_type).uses_teacher_distribution
 
 
-def _describe(name: str, key: tuple[int, int]) -> str:
+def _describe(name: str, key: tuple[int, int] | None) -> str:
+    """The batch `key` of part `name` in words; None: the part's batches."""
     process = name.rsplit(".", 2)[1]
+    if key is None:
+        return f"the evaluation of {process}" if name.startswith("eval") else (
+            f"epoch {int(PART_PATTERN.match(name).group(1))} of {process}")
     if name.startswith("eval"):
         return f"evaluation batch {key[0]} of {process}"
     return f"step {key[0]} (micro-batch {key[1]}) of {process}"
 
 
-def _file_hash(paths: list[str]) -> str:
-    hasher = hashlib.sha256()
-    for path in paths:
-        hasher.update(os.path.basename(path).encode())
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 24), b""):
-                hasher.update(block)
-    return hasher.hexdigest()[:16]
-
-
-def teacher_identity(teacher_model: str, teacher_checkpoint: str | None) -> str:
-    """The teacher's name and a hash of its weights' files (a directory's, or the checkpoint's), without loading it;
-    a timm teacher without checkpoint is named with its pretrained tag."""
-    if os.path.isdir(teacher_model):
-        files = sorted(os.path.join(teacher_model, name) for name in os.listdir(teacher_model)
-                       if name.endswith(WEIGHT_FILE_SUFFIXES))
-        return f"{os.path.basename(os.path.normpath(teacher_model))} (files {_file_hash(files)})"
-    if teacher_checkpoint is not None:
-        return f"{teacher_model} (checkpoint {_file_hash([teacher_checkpoint])})"
-    return f"{teacher_model} (timm's pretrained weights)"
-
-
-def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std) -> dict:
-    """What decides the views and the teacher's targets; a record made under other values is refused."""
+def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std,
+                       teacher: str | None = None) -> dict:
+    """What decides the views and the teacher's targets; a record made under other values is refused. `teacher`: the
+    teacher's identity (`training.teacher_identity`), when known without hashing its weights again."""
     items = {
         "dataset": {split: getattr(dataset, "_fingerprint", None) for split, dataset in datasets.items()},
         "seed": training_args.seed,
@@ -298,13 +306,14 @@ def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, st
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "processes": training_args.world_size,
         "dataloader_drop_last": training_args.dataloader_drop_last,
-        "teacher": teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
+        "teacher": teacher or teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
         "teacher_input_size": distill_args.teacher_input_size,
         "teacher normalisation": {"teacher": [distill_args.teacher_mean, distill_args.teacher_std],
                                   "student": [list(student_mean), list(student_std)]},
         "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
         "distillation_type": distill_args.distillation_type,
-        "teacher_cache_top_k": distill_args.teacher_cache_top_k if uses_distribution(distill_args) else None,
+        **{name: getattr(distill_args, name) if uses_distribution(distill_args) else None
+           for name in ("teacher_cache_top_k", "distillation_tau")},
     }
     return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
 
@@ -322,11 +331,14 @@ def needed_steps(num_examples: int, training_args) -> tuple[int, dict[int, range
 
 
 def check_cache_flags(given: set[str], distill_args, data_args) -> None:
-    """Refuse `--teacher_cache*` flags that would not be read."""
+    """Refuse `--teacher_cache*` flags that would not be read. With `--teacher_cache` and no flag naming the teacher,
+    `teacher_model` becomes None: the record's teacher (`training.teacher_identity.resolve_teacher`)."""
     if distill_args.teacher_cache is None:
         if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
             raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")
         return
+    if not given & set(TEACHER_IDENTITY_FLAGS):
+        distill_args.teacher_model = None
     if "teacher_cache_top_k" in given and not uses_distribution(distill_args):
         raise ValueError("--teacher_cache_top_k is for soft distillation; hard records the teacher's class only.")
     if data_args.streaming:
@@ -337,32 +349,39 @@ def check_cache_flags(given: set[str], distill_args, data_args) -> None:
 def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, student_statistics: tuple,
                          num_labels: int, load_teacher: Callable[[], Teacher]) -> TeacherTargets:
     """The run's source of targets: online without `--teacher_cache`; else replay when the record holds every batch
-    of this run (the teacher is not loaded), or record what it lacks (`load_teacher` is called only then)."""
+    of this run (the teacher is not loaded), or record what it lacks (`load_teacher` is called only then, or for
+    `--teacher_cache_check`, which records nothing)."""
     if distill_args.teacher_cache is None:
         return OnlineTeacher(load_teacher())
-    fingerprint = record_fingerprint(datasets, distill_args, aug_args, training_args, *student_statistics)
+    recorded = TeacherRecord(distill_args.teacher_cache, {}).recorded()
+    adopted = distill_args.teacher_model is None and recorded is not None
+    identity = resolve_teacher(distill_args, recorded)
+    fingerprint = record_fingerprint(datasets, distill_args, aug_args, training_args, *student_statistics, identity)
     record = TeacherRecord(distill_args.teacher_cache, fingerprint)
     _, epochs = needed_steps(len(datasets["train"]), training_args)
     evaluates = training_args.do_eval or training_args.eval_strategy != "no"
     missing = record.missing(epochs, training_args.world_size, evaluates) if record.check_fingerprint() else ["all"]
     settings = dict(num_labels=num_labels, distillation_type=distill_args.distillation_type,
-                    top_k=distill_args.teacher_cache_top_k)
+                    top_k=distill_args.teacher_cache_top_k, tau=distill_args.distillation_tau)
     check = distill_args.teacher_cache_check
-    if not missing:
-        if check == 0:
-            logger.info("replaying teacher targets from %s; teacher not loaded", record.directory)
-            return RecordedTeacher(record, **settings)
+    if not missing and check == 0:
+        logger.info("replaying teacher targets from %s; teacher not loaded", record.directory)
+        return RecordedTeacher(record, **settings)
+    if missing and check:
+        raise TeacherRecordError(f"--teacher_cache_check {check}: {record.directory} is not a complete record of this "
+                                 f"run yet ({len(missing)} parts missing, {missing[0]} first); record it first.")
+    if adopted:
+        purpose = f"--teacher_cache_check {check}" if check else f"Recording the {len(missing)} parts it lacks"
+        confirm_recorded_teacher(distill_args, identity, purpose)
+    if check:
         total = sum(len(steps) for steps in epochs.values())
         check_steps = frozenset(random.Random(training_args.seed).sample(range(total), min(check, total)))
         logger.info("replaying teacher targets from %s; teacher loaded to check steps %s (--teacher_cache_check)",
                     record.directory, sorted(check_steps))
         return RecordedTeacher(record, **settings, teacher=load_teacher(), check_steps=check_steps)
-    if check:
-        raise TeacherRecordError(f"--teacher_cache_check {check}: {record.directory} is not a complete record of this "
-                                 f"run yet ({len(missing)} parts missing); record it first.")
     teacher = load_teacher()
     os.makedirs(record.directory, exist_ok=True)
-    record.write_fingerprint()
+    record.write_fingerprint(teacher_flags(distill_args))
     logger.info("recording teacher targets to %s", record.directory)
     if missing != ["all"]:
         logger.info("The record lacks %d of this run's parts (%s, ...): they are recorded, the others replayed.",

@@ -56,8 +56,7 @@ from .teacher_targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 
-# "training.train" under `python -m` too (where __name__ is "__main__"): the run sets the package's loggers to INFO.
-logger = logging.getLogger(__spec__.name)
+logger = logging.getLogger(__spec__.name)  # under `python -m`, "training.train" rather than "__main__"
 
 # The recipe's TrainingArguments (facebookresearch/deit main.py); the learning rate and warm-up are derived below.
 RECIPE_TRAINING_DEFAULTS = dict(
