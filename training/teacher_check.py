@@ -149,9 +149,13 @@ def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str
 
 def _mostly_predicted_as_another(counts: torch.Tensor) -> list[tuple[int, int, int, int]]:
     """(class, the other class, how many of its images went there, its images) for each class of at least
-    `MIN_IMAGES_PER_CLASS` check images of which at least half went to one other class, twice as many as to itself."""
+    `MIN_IMAGES_PER_CLASS` check images of which at least half went to one other class, twice as many as to itself,
+    when that other class's own images are not mostly recognised: in a head of another class order, the class whose
+    output a class took has moved on too; a weak teacher that confuses a 6 with a 4 still knows its 4s."""
     support = counts.sum(dim=1)
-    off_diagonal = counts - torch.diag(counts.diagonal())
+    correct = counts.diagonal()
+    off_diagonal = counts - torch.diag(correct)
     most, predicted = off_diagonal.max(dim=1)
-    mostly = (support >= MIN_IMAGES_PER_CLASS) & (2 * most >= support) & (most >= 2 * counts.diagonal())
+    target_moved = 2 * correct[predicted] < support[predicted]
+    mostly = (support >= MIN_IMAGES_PER_CLASS) & (2 * most >= support) & (most >= 2 * correct) & target_moved
     return [(int(c), int(predicted[c]), int(most[c]), int(support[c])) for c in torch.nonzero(mostly).flatten()]

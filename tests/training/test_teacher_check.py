@@ -110,3 +110,17 @@ def test_a_teacher_declaring_the_wrong_normalisation_is_refused_naming_the_right
                     teacher_std=IMAGENET_DEFAULT_STD, student_mean=IMAGENET_DEFAULT_MEAN,
                     student_std=IMAGENET_DEFAULT_STD)
     assert check_teacher(check_batches(tmp_path, digits, right), NAMES) > 0.95
+
+
+def test_a_weak_teacher_that_confuses_one_class_is_not_taken_for_a_swapped_head():
+    # 10 images per class, all right but the 6s, mostly taken for 4s: the 4s are still recognised, no head moved
+    pairs = [(label, label) for label in range(10) for _ in range(10) if label != 6] + [(6, 4)] * 7 + [(6, 6)] * 3
+    assert check_teacher({DECLARED: counts(pairs)}, NAMES) == 0.93
+
+
+def test_a_head_in_a_cyclic_class_order_is_refused():
+    # 4 -> 6 -> 8 -> 4: each class's output taken by the next; the other classes right
+    moved = {4: 6, 6: 8, 8: 4}
+    pairs = [(label, moved.get(label, label)) for label in range(10) for _ in range(10)]
+    with pytest.raises(ValueError, match="predicts 3 class"):
+        check_teacher({DECLARED: counts(pairs)}, NAMES)
