@@ -318,6 +318,10 @@ def test_no_teacher_quick_run_reports_both_sides_and_records_nothing(tmp_path, m
     assert "| deit_hf |" in table and "| reference |" in table and "- seed 0: " in table
 
 
+def _one_run(seed: int) -> list[dict]:  # a study's job, run in a spawned process
+    return [{"seed": seed, "top1": 0.5}]
+
+
 def test_a_study_records_after_every_run_labelled_partial_until_all_are_in(tmp_path, capsys):
     from benchmarks.study import Study
 
@@ -329,8 +333,8 @@ def test_a_study_records_after_every_run_labelled_partial_until_all_are_in(tmp_p
         return f"| {summary['seeds']} |"
 
     args = study.parse(study.parser("", ""), ["--workdir", str(tmp_path / "work"), "--output", str(output)])
-    runs = [({"seed": seed, "top1": 0.5},) for seed in args.seeds]  # `list(run)`: the job, in a spawned process
-    summary = study.run(args, list, runs, lambda runs: {"seeds": len(runs)}, table, on_record=figures.append)
+    jobs = [(seed,) for seed in args.seeds]
+    summary = study.run(args, _one_run, jobs, lambda runs: {"seeds": len(runs)}, table, on_record=figures.append)
 
     assert summary == {"seeds": 2} and figures == [{"seeds": 1}, {"seeds": 2}]
     assert "**Partial: 1 of 2 runs finished so far**" in records[1] and "| 1 |" in records[1]

@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["training.train", "training.demo", "deit_hf.convert", "deit_hf.modelcard",
-                                    "benchmarks.run", "benchmarks.convergence"])
+                                    "benchmarks.run", "benchmarks.convergence",
+                                    "benchmarks.distillation_study", "benchmarks.no_teacher"])
 def test_help_works(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main(["--help"])
