@@ -74,13 +74,14 @@ class Study:
             args.epochs = 1 if args.quick else self.epochs
         if args.workdir is None:
             args.workdir = Path(self.workdir + ("-quick" if args.quick else ""))
-        if args.jobs < 1 or args.threads < 1:
-            parser.error(f"--jobs and --threads must be positive, got {args.jobs} and {args.threads}.")
-        if not args.record:
-            args.output = None
-        elif args.output is None and not args.quick:
+        if min(args.jobs, args.threads, args.epochs) < 1:
+            parser.error(f"--jobs, --threads and --epochs must be positive, got {args.jobs}, {args.threads} and "
+                         f"{args.epochs}.")
+        if not args.record and args.output is not None:
+            parser.error("--no-record records nothing: drop --output, or --no-record.")
+        if args.record and args.output is None and not args.quick:
             args.output = RECORD
-        elif args.output is None:
+        elif args.record and args.output is None:
             print("--quick: nothing recorded (--output FILE records this smoke run's table there).", file=sys.stderr)
         args.workdir.mkdir(parents=True, exist_ok=True)
         return args
