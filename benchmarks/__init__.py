@@ -11,17 +11,22 @@ kept rounds. Linux only (`/proc`, glibc).
 import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import functools
 import itertools
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import psutil
+import timm
 import torch
+import transformers
 
 # glibc `mallopt` parameters (malloc.h) and the values `hold_freed_memory` sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -244,13 +249,35 @@ def peak_rss_mib() -> float:
     raise RuntimeError("/proc/self/status has no VmHWM line: peak memory is measured on Linux only.")
 
 
+def machine_description(device: str = "cpu", default_malloc: bool = False) -> dict[str, str]:
+    """Accelerator, CPU model, cores, torch threads and allocator, versions and the date: a results section's header."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    malloc = "its default adaptive thresholds" if default_malloc else "fixed thresholds (benchmarks.hold_freed_memory)"
+    accelerator = ""
+    if device != "cpu":
+        properties = torch.get_device_module(device).get_device_properties(device)
+        accelerator = f"{device}: {properties.name}, {properties.total_memory / 2**30:.0f} GiB; "
+    return {
+        "device": f"{accelerator}CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc "
+        f"malloc with {malloc}",
+        "versions": (
+            f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
+            f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
+        ),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
 def percent(fraction: float) -> str:
     """A fraction as the tables' percentage, one decimal."""
     return f"{100 * fraction:.1f}"
 
 
 def machine_line(machine: dict[str, str]) -> str:
-    """The tables' first line: the machine, the library versions and the date (`run.machine_description`)."""
+    """The tables' first line: the machine, the library versions and the date (`machine_description`)."""
     return f"Machine: {machine['device']}. {machine['versions']}. {machine['date']}."
 
 

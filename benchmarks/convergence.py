@@ -1,7 +1,7 @@
 """Convergence: deit-hf's `training.train` against a facebookresearch/deit-style loop on the same data, teacher and
 seeds.
 
-    python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--no-replay] [--output BENCHMARKS.md]
+    python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--no-replay] [--quick]
 
 The data are scikit-learn's handwritten digits upscaled to 32 px RGB (a stratified 80/20 split), the teacher a timm
 `resnet18` trained on them once (cached in `--workdir`), the student a tiny DeiT⚗ (64 dims, 4 layers, 4 heads,
@@ -15,15 +15,11 @@ table goes between the convergence markers of the output file. A third side, `de
 from the teacher targets its first run recorded (`--teacher_cache`): it must reach the recording run's accuracy.
 """
 
-import argparse
 import json
 import math
 import statistics
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy
@@ -38,8 +34,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from . import machine_line, percent, record_section
+from . import percent
 from .reference import facebookresearch_hard_distillation_loss
+from .study import Study, timed
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
 HEADS = ("top1", "cls_top1", "dist_top1")
@@ -72,6 +69,13 @@ class Settings:
     teacher_epochs: int = 15
     teacher_check_batches: int = 8  # deit_hf's check of the teacher before step 1 (0: off, for smoke runs)
     train_samples: int | None = None  # all 1,437 training digits
+
+
+# --quick (`benchmarks.study`): 64 training digits, a 1-epoch teacher, no teacher check (it is untrained), and
+# training.train's evaluation on 64 held-out digits without DataLoader worker processes (joining them dominated a
+# 1-step run)
+QUICK_SETTINGS = dict(train_samples=64, teacher_epochs=1, teacher_check_batches=0)
+QUICK_FLAGS = ("--max_eval_samples", "64", "--dataloader_num_workers", "0")
 
 
 def prepare_data(workdir: Path) -> Path:
@@ -114,7 +118,8 @@ def _eval_loader(data_dir: Path, settings: Settings):
 
 def prepare_teacher(workdir: Path, data_dir: Path, settings: Settings) -> tuple[Path, float]:
     """A timm convnet trained on the digits with light augmentation; cached with its held-out top-1."""
-    path = workdir / f"teacher-{settings.teacher_model}-{settings.teacher_epochs}ep.safetensors"
+    samples = f"-{settings.train_samples}samples" if settings.train_samples else ""  # not a cache hit for all digits
+    path = workdir / f"teacher-{settings.teacher_model}-{settings.teacher_epochs}ep{samples}.safetensors"
     if path.exists():
         return path, json.loads(path.with_suffix(".json").read_text())["top1"]
     torch.manual_seed(0)
@@ -246,9 +251,10 @@ def deit_hf_flags(seed: int, settings: Settings, data_dir: Path, output_dir: str
 
 
 def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: Path,
-                  teacher_cache: Path | None = None) -> dict[str, float]:
-    """`training.train.main` with the recipe's defaults, given only what differs at this scale; with `teacher_cache`,
-    the teacher's targets are recorded there, or replayed from there when it holds this run's record."""
+                  teacher_cache: Path | None = None, extra_flags: tuple[str, ...] = ()) -> dict[str, float]:
+    """`training.train.main` with the recipe's defaults, given only what differs at this scale, then `extra_flags`;
+    with `teacher_cache`, the teacher's targets are recorded there, or replayed from there when it holds this run's
+    record."""
     from training.train import main
 
     with tempfile.TemporaryDirectory() as output_dir:
@@ -257,6 +263,7 @@ def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: P
             "--teacher_model", settings.teacher_model, "--teacher_checkpoint", str(teacher_path),
             "--teacher_check_batches", str(settings.teacher_check_batches),
             *(["--teacher_cache", str(teacher_cache)] if teacher_cache else []),
+            *extra_flags,  # argparse keeps a repeated flag's last value
         ])
         metrics = json.loads((Path(output_dir) / "eval_results.json").read_text())
     return {name: metrics[f"eval_{name}"] for name in HEADS}
@@ -264,37 +271,38 @@ def train_deit_hf(seed: int, settings: Settings, data_dir: Path, teacher_path: P
 
 SIDES = {"deit_hf": train_deit_hf, "reference": train_reference}
 REPLAY = "deit_hf replay"  # deit_hf again, its teacher's targets replayed from the deit_hf run's record
+STUDY = Study("Convergence", (START_MARKER, END_MARKER), seeds=(0, 1, 2), epochs=Settings.epochs,
+              workdir="outputs/convergence")
 
 
-def _timed(side: str, seed: int, train) -> dict:
-    start = time.perf_counter()
-    result = train()
-    return {"side": side, "seed": seed, **result, "seconds": time.perf_counter() - start}
-
-
-def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, teacher_path: Path, threads: int,
-             replay: bool) -> list[dict]:
+def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, teacher_path: Path, replay: bool,
+             extra_flags: tuple[str, ...]) -> list[dict]:
     """One side's run; deit_hf's records its teacher's targets when `replay`, then a second run replays them."""
-    torch.set_num_threads(threads)
-    if side != "deit_hf" or not replay:
-        return [_timed(side, seed, lambda: SIDES[side](seed, settings, data_dir, teacher_path))]
+    if side == "reference":
+        return [timed({"side": side, "seed": seed}, lambda: train_reference(seed, settings, data_dir, teacher_path))]
+    if not replay:
+        return [timed({"side": side, "seed": seed},
+                      lambda: train_deit_hf(seed, settings, data_dir, teacher_path, extra_flags=extra_flags))]
     with tempfile.TemporaryDirectory() as cache:
         return [
-            _timed(name, seed, lambda: train_deit_hf(seed, settings, data_dir, teacher_path, Path(cache)))
+            timed({"side": name, "seed": seed},
+                  lambda: train_deit_hf(seed, settings, data_dir, teacher_path, Path(cache), extra_flags))
             for name in ("deit_hf", REPLAY)
         ]
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Mean and standard deviation of each head's top-1 per side, deit_hf's mean minus the reference's and, with a
-    replay side, the largest per-seed difference between the replayed and the recording run (0 when exact)."""
+    """Mean and standard deviation of each head's top-1 per side with runs, deit_hf's mean minus the reference's
+    once both have runs and, with a replay side, the largest per-seed difference between the replayed and the
+    recording run (0 when exact)."""
     summary = {}
     for side in [side for side in (*SIDES, REPLAY) if any(run["side"] == side for run in runs)]:
         values = {name: [run[name] for run in runs if run["side"] == side] for name in HEADS}
         summary[side] = {
             name: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for name, v in values.items()
         }
-    summary["difference"] = {name: summary["deit_hf"][name][0] - summary["reference"][name][0] for name in HEADS}
+    if "deit_hf" in summary and "reference" in summary:
+        summary["difference"] = {name: summary["deit_hf"][name][0] - summary["reference"][name][0] for name in HEADS}
     if REPLAY in summary:
         recording = {run["seed"]: run for run in runs if run["side"] == "deit_hf"}
         summary["replay difference"] = max(
@@ -303,9 +311,9 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: float, machine: dict) -> str:
+def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: float) -> str:
+    """The table below the machine line (`benchmarks.study`)."""
     lines = [
-        machine_line(machine),
         f"Settings: {json.dumps(asdict(settings))}; teacher held-out top-1 {percent(teacher_top1)} %.",
         "",
         "| side | fused top-1 % | cls top-1 % | dist top-1 % | seeds | minutes per run |",
@@ -316,8 +324,9 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: 
         cells = [f"{percent(mean)} ± {percent(std)}" for mean, std in (summary[side][name] for name in HEADS)]
         minutes = statistics.mean(run["seconds"] for run in side_runs) / 60
         lines.append(f"| {side} | {' | '.join(cells)} | {len(side_runs)} | {minutes:.1f} |")
-    differences = " | ".join(f"{100 * summary['difference'][name]:+.1f}" for name in HEADS)
-    lines.append(f"| difference (deit_hf − reference) | {differences} | | |")
+    if "difference" in summary:
+        differences = " | ".join(f"{100 * summary['difference'][name]:+.1f}" for name in HEADS)
+        lines.append(f"| difference (deit_hf − reference) | {differences} | | |")
     if REPLAY in summary:
         lines += ["", f"{REPLAY}: deit_hf again with the teacher's targets replayed from the deit_hf run's "
                   f"`--teacher_cache` record, the teacher not loaded; largest per-seed difference from the recording "
@@ -328,48 +337,37 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teacher_top1: 
     return "\n".join(lines)
 
 
+def study_settings(args, **given) -> Settings:
+    """The recipe at `args.epochs`, shrunk by `--quick` (`QUICK_SETTINGS`), then the flags the user gave in `given`
+    (None: not given)."""
+    quick = QUICK_SETTINGS if args.quick else {}
+    return Settings(**{**quick, "epochs": args.epochs, **{name: v for name, v in given.items() if v is not None}})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=Settings.epochs)
-    parser.add_argument("--teacher-epochs", type=int, default=Settings.teacher_epochs)
-    parser.add_argument("--train-samples", type=int, default=None, help="Train on the first N digits (smoke tests).")
-    parser.add_argument("--teacher-check-batches", type=int, default=Settings.teacher_check_batches,
-                        help="deit_hf's teacher check before step 1; 0 for a smoke run's untrained teacher.")
-    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
-    parser.add_argument("--workdir", type=Path, default=Path("outputs/convergence"), help="Data and teacher cache.")
-    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser = STUDY.parser(__doc__, quick="64 training digits, a 1-epoch teacher, no teacher check, deit_hf "
+                          "evaluated on 64 held-out digits")
+    parser.add_argument("--teacher-epochs", type=int, help=f"Default {Settings.teacher_epochs}.")
+    parser.add_argument("--train-samples", type=int, help="Train on the first N digits (default all).")
+    parser.add_argument("--teacher-check-batches", type=int,
+                        help=f"deit_hf's teacher check before step 1 (default {Settings.teacher_check_batches}); 0 "
+                        "for a smoke run's untrained teacher.")
     parser.add_argument("--no-replay", dest="replay", action="store_false",
                         help="Skip the deit_hf run that replays the recorded teacher targets.")
-    parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
-    args = parser.parse_args(argv)
-    settings = Settings(epochs=args.epochs, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples,
-                        teacher_check_batches=args.teacher_check_batches)
+    args = STUDY.parse(parser, argv)
+    settings = study_settings(args, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples,
+                              teacher_check_batches=args.teacher_check_batches)
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(args.workdir)
     teacher_path, teacher_top1 = prepare_teacher(args.workdir, data_dir, settings)
     print(json.dumps({"teacher": settings.teacher_model, "top1": teacher_top1}), flush=True)
-    jobs = [(side, seed) for seed in args.seeds for side in SIDES]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_run_job, side, seed, settings, data_dir, teacher_path, args.threads, args.replay)
-            for side, seed in jobs
-        ]
-        runs = []
-        for future in futures:
-            for run in future.result():
-                runs.append(run)
-                print(json.dumps(run), flush=True)
-    summary = summarize(runs)
-    print(json.dumps({"summary": summary}), flush=True)
-    if args.record:
-        from .run import machine_description
-
-        record_section(markdown(runs, summary, settings, teacher_top1, machine_description()), args.output,
-                       (START_MARKER, END_MARKER), "Convergence")
-    return summary
+    extra_flags = QUICK_FLAGS if args.quick else ()
+    jobs = [(side, seed, settings, data_dir, teacher_path, args.replay, extra_flags)
+            for seed in args.seeds for side in SIDES]
+    return STUDY.run(
+        args, _run_job, jobs, summarize, lambda runs, summary, wall: markdown(runs, summary, settings, teacher_top1),
+        planned=len(args.seeds) * (3 if args.replay else 2),
+    )
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ at the encoder's input, after each layer and at the output (`training.plots.toke
 digits). The table goes between the study's markers of `--output`, the picture to `--figure`.
 """
 
-import argparse
 import json
 import statistics
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import timm
@@ -35,17 +31,19 @@ import torch
 from timm.models import register_model
 from timm.models.deit import _create_deit
 
-from . import machine_line, percent, record_section
-from .convergence import HEADS, Settings, deit_hf_flags, prepare_data, prepare_teacher
+from . import percent
+from .convergence import HEADS, QUICK_FLAGS, Settings, deit_hf_flags, prepare_data, prepare_teacher, study_settings
+from .study import Study, timed
 
 START_MARKER, END_MARKER = "<!-- distillation study: start -->", "<!-- distillation study: end -->"
 TRANSFORMER_TEACHER = "deit_tiny_patch4_32_digits"
 EPOCHS = 30  # the convergence benchmark's length; 15 left students near chance (seed 0 without teacher: 10 %)
+STUDY = Study("Distillation study", (START_MARKER, END_MARKER), seeds=(0, 1, 2), epochs=EPOCHS,
+              workdir="outputs/distillation_study")
+FIGURE = Path("docs/distillation_study.png")
 # Teacher epochs picked so the two teachers' held-out top-1 are close (measured: both stated in the output).
 TEACHER_EPOCHS = {"convnet": Settings.teacher_epochs, "transformer": 60}
 TEACHER_MODELS = {"convnet": Settings.teacher_model, "transformer": TRANSFORMER_TEACHER}
-# --quick: a smaller evaluation, and no DataLoader worker processes (joining them dominated a 1-step run)
-QUICK_FLAGS = ("--max_eval_samples", "64", "--dataloader_num_workers", "0")
 
 
 def _deit_digits_teacher(pretrained: bool = False, **kwargs) -> torch.nn.Module:
@@ -57,8 +55,12 @@ def _deit_digits_teacher(pretrained: bool = False, **kwargs) -> torch.nn.Module:
 
 
 _deit_digits_teacher.__name__ = TRANSFORMER_TEACHER  # timm registers a model under its function's name
-if not timm.is_model(TRANSFORMER_TEACHER):  # imported again in each worker process
-    register_model(_deit_digits_teacher)
+
+
+def register_transformer_teacher() -> None:
+    """Make `TRANSFORMER_TEACHER` a timm model name (`timm.create_model`, `--teacher_model`), once per process."""
+    if not timm.is_model(TRANSFORMER_TEACHER):
+        register_model(_deit_digits_teacher)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ def train_row(name: str, seed: int, settings: Settings, data_dir: Path, teacher_
     from training.train import main
 
     row = ROWS[name]
+    if row.teacher == "transformer":
+        register_transformer_teacher()  # in the worker process training.train loads the teacher in
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = main(_flags(row, seed, settings, data_dir, teacher_path, output_dir, extra_flags))
         metrics = json.loads((Path(output_dir) / "eval_results.json").read_text())
@@ -134,11 +138,9 @@ def train_row(name: str, seed: int, settings: Settings, data_dir: Path, teacher_
     return result
 
 
-def _run_job(name: str, seed: int, settings: Settings, data_dir: Path, teacher_path, threads: int, extra_flags) -> dict:
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    result = train_row(name, seed, settings, data_dir, teacher_path, extra_flags)
-    return {"row": name, "seed": seed, **result, "seconds": time.perf_counter() - start}
+def _run_job(name: str, seed: int, settings: Settings, data_dir: Path, teacher_path, extra_flags) -> list[dict]:
+    return [timed({"row": name, "seed": seed}, lambda: train_row(name, seed, settings, data_dir, teacher_path,
+                                                                 extra_flags))]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -159,7 +161,9 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict, machine: dict, wall: float) -> str:
+def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict, wall: float) -> str:
+    """The table below the machine line (`benchmarks.study`)."""
+
     def cell(entry: dict, head: str) -> str:  # one seed has no spread to show
         if head not in entry:
             return "—"
@@ -169,7 +173,6 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict
     teacher_text = "; ".join(f"{kind} `{TEACHER_MODELS[kind]}` {epochs} epochs, held-out top-1 {percent(top1)} %"
                              for kind, (_, top1, epochs) in teachers.items())
     lines = [
-        machine_line(machine),
         f"Wall time {wall / 60:.1f} min for {len(runs)} runs. Settings: {json.dumps(asdict(settings))}.",
         f"Teachers: {teacher_text}. Soft distillation at τ = 1.0 (`--distillation_tau` default), α = 0.5.",
         "",
@@ -235,6 +238,7 @@ def plot(summary: dict, path: Path) -> Path:
 def prepare_teachers(workdir: Path, data_dir: Path, settings: Settings, epochs: dict[str, int]) -> dict:
     """Both teachers, trained once on the digits and cached: kind -> (path, held-out top-1, epochs)."""
     teachers = {}
+    register_transformer_teacher()
     for kind, model in TEACHER_MODELS.items():
         path, top1 = prepare_teacher(workdir, data_dir, replace(settings, teacher_model=model,
                                                                  teacher_epochs=epochs[kind]))
@@ -243,65 +247,38 @@ def prepare_teachers(workdir: Path, data_dir: Path, settings: Settings, epochs: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--warmup-epochs", type=float, default=Settings.warmup_epochs)
-    parser.add_argument("--convnet-teacher-epochs", type=int, default=TEACHER_EPOCHS["convnet"])
-    parser.add_argument("--transformer-teacher-epochs", type=int, default=TEACHER_EPOCHS["transformer"])
+    parser = STUDY.parser(__doc__, quick="64 training and 64 held-out digits, teachers of 1 epoch, no teacher check, "
+                          "no DataLoader workers (the cosines still use all held-out digits)")
+    parser.add_argument("--warmup-epochs", type=float, help=f"Default {Settings.warmup_epochs}.")
+    parser.add_argument("--convnet-teacher-epochs", type=int, help=f"Default {TEACHER_EPOCHS['convnet']}.")
+    parser.add_argument("--transformer-teacher-epochs", type=int, help=f"Default {TEACHER_EPOCHS['transformer']}.")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"Rows to run (default all): {', '.join(repr(name) for name in ROWS)}.")
-    parser.add_argument("--quick", action="store_true",
-                        help="Smoke run: 64 training and 64 held-out digits, 1 epoch, teachers of 1 epoch, seed 0, no "
-                        "teacher check, no DataLoader workers (the cosines still use all held-out digits).")
-    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="Data and teacher cache (default outputs/distillation_study, or ...-quick).")
-    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/distillation_study.png"))
-    parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
-    args = parser.parse_args(argv)
-    epochs = {"convnet": args.convnet_teacher_epochs, "transformer": args.transformer_teacher_epochs}
-    settings = Settings(epochs=args.epochs, warmup_epochs=args.warmup_epochs)
-    if args.quick:
-        settings = replace(settings, epochs=1, train_samples=64, teacher_check_batches=0)
-        args.seeds, epochs = [0], {"convnet": 1, "transformer": 1}
-    workdir = args.workdir or Path("outputs/distillation_study" + ("-quick" if args.quick else ""))
+    parser.add_argument("--figure", type=Path, help=f"The picture, recorded with the table (default {FIGURE}).")
+    args = STUDY.parse(parser, argv)
+    settings = study_settings(args, warmup_epochs=args.warmup_epochs)
+    given = {"convnet": args.convnet_teacher_epochs, "transformer": args.transformer_teacher_epochs}
+    epochs = {kind: (1 if args.quick else TEACHER_EPOCHS[kind]) if given[kind] is None else given[kind]
+              for kind in TEACHER_EPOCHS}
+    if args.figure is not None and args.output is None:
+        parser.error("--figure is drawn with the recorded table, and nothing is recorded (--no-record, or --quick "
+                     "without --output).")
+    figure = args.figure or (None if args.quick else FIGURE)
 
-    start = time.perf_counter()
-    workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(workdir)
-    teachers = prepare_teachers(workdir, data_dir, settings, epochs)
+    data_dir = prepare_data(args.workdir)
+    teachers = prepare_teachers(args.workdir, data_dir, settings, epochs)
     for kind, (_, top1, teacher_epochs) in teachers.items():
         print(json.dumps({"teacher": TEACHER_MODELS[kind], "epochs": teacher_epochs, "top1": top1}), flush=True)
-    jobs = [(name, seed) for seed in args.seeds for name in args.rows]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_run_job, name, seed, settings, data_dir,
-                        None if ROWS[name].teacher is None else teachers[ROWS[name].teacher][0], args.threads,
-                        QUICK_FLAGS if args.quick else ())
-            for name, seed in jobs
-        ]
-        runs = []
-        for future in as_completed(futures):
-            runs.append(future.result())
-            print(json.dumps(runs[-1]), flush=True)
-            summary = summarize(runs)
-            if args.record:  # after every run: a study stopped early leaves its finished runs, labelled partial
-                _record(runs, len(jobs), summary, settings, teachers, time.perf_counter() - start, args)
-    print(json.dumps({"summary": summary, "wall_seconds": time.perf_counter() - start}), flush=True)
-    return summary
-
-
-def _record(runs: list[dict], planned: int, summary: dict, settings: Settings, teachers: dict, wall: float, args):
-    from .run import machine_description
-
-    text = markdown(runs, summary, settings, teachers, machine_description(), wall)
-    if len(runs) < planned:
-        text = f"**Partial: {len(runs)} of {planned} runs finished so far** (seeds run in order).\n\n{text}"
-    record_section(text, args.output, (START_MARKER, END_MARKER), "Distillation study")
-    plot(summary, args.figure)
+    jobs = [
+        (name, seed, settings, data_dir, None if ROWS[name].teacher is None else teachers[ROWS[name].teacher][0],
+         QUICK_FLAGS if args.quick else ())
+        for seed in args.seeds for name in args.rows
+    ]
+    return STUDY.run(
+        args, _run_job, jobs, summarize,
+        lambda runs, summary, wall: markdown(runs, summary, settings, teachers, wall),
+        on_record=None if figure is None else lambda summary: plot(summary, figure),
+    )
 
 
 if __name__ == "__main__":

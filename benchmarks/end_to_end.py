@@ -52,7 +52,7 @@ from training.transforms import zero_bit_posterize
 
 from . import DTYPE_NAMES, ForeignCpu, Measurement, autocast, keep_quiet_rounds, rotating_orders, synchronize
 from .input_pipeline import IMAGE_SIZE, NUM_CLASSES, write_jpegs
-from .training_step import timm_adamw, timm_mixup_args, timm_token_distillation_task
+from .reference import timm_adamw, timm_mixup_args, timm_token_distillation_task
 
 DEIT_HF, TIMM = "deit_hf training.train", "timm pipeline (create_loader + TokenDistillationTask)"
 # `training.train` carves this share of a file without a validation split off for evaluation.

@@ -1,7 +1,7 @@
 """The paper's DeiT without distillation (one head, the labels alone) against facebookresearch/deit's loop without a
 teacher, on the digits, over many seeds: without a teacher the tiny student's accuracy spreads widely.
 
-    python -m benchmarks.no_teacher [--seeds 0 1 ... 11] [--jobs 2] [--output BENCHMARKS.md]
+    python -m benchmarks.no_teacher [--seeds 0 1 ... 11] [--jobs 2] [--quick]
 
 deit_hf is the distillation study's "no distillation" row (`training.train --distillation_token false
 --distillation_type none --teacher_model none` with the convergence benchmark's recipe); the reference is
@@ -11,40 +11,40 @@ seed, their mean, spread, median, lowest and how many seeds stayed under 20 % (c
 between the markers of the output file.
 """
 
-import argparse
 import json
 import statistics
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
-from multiprocessing import get_context
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from . import machine_line, percent, record_section
-from .convergence import Settings, prepare_data, train_reference
-from .distillation_study import QUICK_FLAGS, train_row
+from . import percent
+from .convergence import QUICK_FLAGS, Settings, prepare_data, study_settings, train_reference
+from .distillation_study import train_row
+from .study import Study, timed
 
 START_MARKER, END_MARKER = "<!-- no-teacher baseline: start -->", "<!-- no-teacher baseline: end -->"
 SIDES = ("deit_hf", "reference")
 NEAR_CHANCE = 0.2
+# the convergence benchmark's data cache: no teacher is trained here
+STUDY = Study("No-teacher baseline", (START_MARKER, END_MARKER), seeds=tuple(range(12)), epochs=Settings.epochs,
+              workdir="outputs/convergence")
 
 
-def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, threads: int, extra_flags) -> dict:
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
+def _top1(side: str, seed: int, settings: Settings, data_dir: Path, extra_flags) -> dict:
     if side == "deit_hf":
-        top1 = train_row("no distillation", seed, settings, data_dir, None, extra_flags)["cls_top1"]
-    else:
-        top1 = train_reference(seed, settings, data_dir, None)["cls_top1"]
-    return {"side": side, "seed": seed, "top1": top1, "seconds": time.perf_counter() - start}
+        return {"top1": train_row("no distillation", seed, settings, data_dir, None, extra_flags)["cls_top1"]}
+    return {"top1": train_reference(seed, settings, data_dir, None)["cls_top1"]}
+
+
+def _run_job(side: str, seed: int, settings: Settings, data_dir: Path, extra_flags) -> list[dict]:
+    return [timed({"side": side, "seed": seed}, lambda: _top1(side, seed, settings, data_dir, extra_flags))]
 
 
 def summarize(runs: list[dict]) -> dict:
     summary = {}
     for side in SIDES:
         values = [run["top1"] for run in runs if run["side"] == side]
+        if not values:  # a partial record: this side has no finished run yet
+            continue
         summary[side] = {
             "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "median": statistics.median(values), "lowest": min(values),
@@ -54,9 +54,9 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def markdown(runs: list[dict], summary: dict, settings: Settings, machine: dict, wall: float) -> str:
+def markdown(runs: list[dict], summary: dict, settings: Settings, wall: float) -> str:
+    """The table below the machine line (`benchmarks.study`)."""
     lines = [
-        machine_line(machine),
         f"Wall time {wall / 60:.1f} min for {len(runs)} runs. Settings: {json.dumps(asdict(settings))} (no teacher).",
         "",
         f"| side | top-1 % mean ± std | median | lowest | seeds under {percent(NEAR_CHANCE)} % | seeds | min/run |",
@@ -66,48 +66,22 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, machine: dict,
         cells = [f"{percent(entry['mean'])} ± {percent(entry['std'])}", percent(entry["median"]),
                  percent(entry["lowest"]), entry["near_chance"], entry["seeds"], f"{entry['minutes']:.1f}"]
         lines.append(f"| {side} | " + " | ".join(map(str, cells)) + " |")
-    by_seed = {(run["side"], run["seed"]): run["top1"] for run in runs}
+    by_seed = {(run["side"], run["seed"]): percent(run["top1"]) for run in runs}
     lines += ["", "Per seed (deit_hf / reference top-1 %):", ""]
     for seed in sorted({run["seed"] for run in runs}):
-        lines.append(f"- seed {seed}: " + " / ".join(percent(by_seed[side, seed]) for side in SIDES))
+        lines.append(f"- seed {seed}: " + " / ".join(by_seed.get((side, seed), "—") for side in SIDES))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(12)))
-    parser.add_argument("--epochs", type=int, default=Settings.epochs)
-    parser.add_argument("--quick", action="store_true", help="Smoke test: one seed, one epoch on 64 digits.")
-    parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
-    parser.add_argument("--workdir", type=Path, default=Path("outputs/convergence"), help="Data cache.")
-    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
-    args = parser.parse_args(argv)
-    settings = Settings(epochs=args.epochs)
-    if args.quick:
-        settings, args.seeds = replace(settings, epochs=1, train_samples=64), [0]
-
-    start = time.perf_counter()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    parser = STUDY.parser(__doc__, quick="64 training digits, deit_hf evaluated on 64 held-out digits")
+    args = STUDY.parse(parser, argv)
+    settings = study_settings(args)
     data_dir = prepare_data(args.workdir)
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_run_job, side, seed, settings, data_dir, args.threads, QUICK_FLAGS if args.quick else ())
-            for seed in args.seeds for side in SIDES
-        ]
-        runs = []
-        for future in futures:
-            runs.append(future.result())
-            print(json.dumps(runs[-1]), flush=True)
-    summary, wall = summarize(runs), time.perf_counter() - start
-    print(json.dumps({"summary": summary, "wall_seconds": wall}), flush=True)
-    if args.record:
-        from .run import machine_description
-
-        text = markdown(runs, summary, settings, machine_description(), wall)
-        record_section(text, args.output, (START_MARKER, END_MARKER), "No-teacher baseline")
-    return summary
+    extra_flags = QUICK_FLAGS if args.quick else ()
+    jobs = [(side, seed, settings, data_dir, extra_flags) for seed in args.seeds for side in SIDES]
+    return STUDY.run(args, _run_job, jobs, summarize,
+                     lambda runs, summary, wall: markdown(runs, summary, settings, wall))
 
 
 if __name__ == "__main__":

@@ -11,19 +11,14 @@ their ratio to it.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from importlib.metadata import version
 from pathlib import Path
 
-import timm
 import torch
-import transformers
 
 from . import (
     DTYPE_NAMES,
@@ -32,6 +27,7 @@ from . import (
     hold_freed_memory,
     inference,
     input_pipeline,
+    machine_description,
     record_section,
     streaming,
     teacher_sweep,
@@ -43,8 +39,8 @@ REPLAY_CPU_TEACHER = "regnety_040"
 START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
 # Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
 QUICK = {
-    "inference": dict(sizes=("tiny",), batch_size=2, warmup=1, repeats=2, busy_retries=0),
-    "train": dict(steps_per_round=3, warmup_steps=1, rounds=1, busy_retries=0),
+    "inference": dict(sizes=("tiny",), batch_size=1, warmup=1, repeats=1, busy_retries=0),
+    "train": dict(image_size=32, batch_size=8, steps_per_round=2, warmup_steps=1, rounds=1, busy_retries=0),
     "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
     "stream": dict(num_images=16, num_shards=3, num_workers=1, input_size=32, batch_size=4, warmup=0, repeats=1),
     "end_to_end": dict(batch_size=8, workers=1, warmup_steps=1, timed_steps=2, rounds=1, busy_retries=0),
@@ -102,28 +98,6 @@ def add_anchor(measurement: Measurement) -> Measurement:
             h100_anchor_img_per_s=float(anchor), ratio_vs_h100_anchor=measurement.images_per_second / anchor
         )
     return measurement
-
-
-def machine_description(device: str = "cpu", default_malloc: bool = False) -> dict[str, str]:
-    """Accelerator, CPU model, cores, torch threads and allocator, versions and the date: a results section's header."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    malloc = "its default adaptive thresholds" if default_malloc else "fixed thresholds (benchmarks.hold_freed_memory)"
-    accelerator = ""
-    if device != "cpu":
-        properties = torch.get_device_module(device).get_device_properties(device)
-        accelerator = f"{device}: {properties.name}, {properties.total_memory / 2**30:.0f} GiB; "
-    return {
-        "device": f"{accelerator}CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc "
-        f"malloc with {malloc}",
-        "versions": (
-            f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
-            f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
-        ),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def _format(column: str, value) -> str:

@@ -46,7 +46,6 @@ on a CPU, `max_memory_allocated` on an accelerator. Achieved GFLOP/s = the FLOPs
 MFU = that over the FLOP/s of a large dense matmul in the same dtype on the same device (`matmul_peak_flops`).
 """
 
-import math
 import multiprocessing
 import tempfile
 import time
@@ -55,10 +54,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.task import TokenDistillationTask
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
@@ -82,7 +78,7 @@ from . import (
     rotating_orders,
     synchronize,
 )
-from .reference import facebookresearch_hard_distillation_loss
+from .reference import HandWrittenLoop, StepLoop, TimmTaskLoop
 
 TRAINER, HAND_WRITTEN, TIMM_TASK = "DistillationTrainer", "facebookresearch-style loop", "timm TokenDistillationTask"
 REPLAY = "DistillationTrainer, replayed teacher targets"
@@ -129,25 +125,6 @@ class TrainSettings:
         return (*contenders, REPLAY) if self.replay else contenders
 
 
-def timm_mixup_args(aug: AugmentationArguments, num_classes: int) -> dict:
-    """The keyword arguments of timm's `Mixup` / `FastCollateMixup` for the recipe, as train.py builds them."""
-    return dict(
-        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
-        mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=num_classes,
-    )
-
-
-def timm_token_distillation_task(
-    student: torch.nn.Module, teacher: torch.nn.Module, alpha: float, device: str
-) -> TokenDistillationTask:
-    """timm train.py's task for `--kd-distill-type token --kd-token-distill-type hard --task-loss-weight 1-alpha`
-    with mixup on (so `SoftTargetCrossEntropy` on the class head); `teacher` must already be on `device`."""
-    return TokenDistillationTask(
-        student, teacher, criterion=SoftTargetCrossEntropy(), distill_type="hard", task_loss_weight=1 - alpha,
-        device=torch.device(device), verbose=False,
-    )
-
-
 def _timm_student(settings: TrainSettings) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model(
@@ -184,84 +161,7 @@ def _peer_teacher(settings: TrainSettings) -> torch.nn.Module:
     return teacher.to(settings.device, memory_format=torch.contiguous_format).eval()
 
 
-def timm_adamw(student: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
-    """The recipe's AdamW as the peers build it: timm's `create_optimizer_v2` (no decay on norms, biases, tokens)."""
-    return create_optimizer_v2(student, "adamw", lr=learning_rate, weight_decay=0.05, eps=1e-8)
-
-
-class _PeerLoop:
-    """A hand-made training loop over copies of the settings' batch, timing each step; subclasses define `step`."""
-
-    settings: TrainSettings
-
-    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def run_round(self) -> list[float]:
-        """Seconds of each of `steps_per_round` steps on copies of the same batch (Mixup mixes in place)."""
-        pixel_values, labels = (tensor.to(self.settings.device) for tensor in self.settings.batch())
-        seconds = []
-        for _ in range(self.settings.steps_per_round):
-            samples = pixel_values.clone()
-            synchronize(self.settings.device)
-            start = time.perf_counter()
-            self.step(samples, labels)
-            synchronize(self.settings.device)
-            seconds.append(time.perf_counter() - start)
-        return seconds
-
-
-class HandWrittenLoop(_PeerLoop):
-    """One training step as facebookresearch/deit's `train_one_epoch` with its `DistillationLoss` (hard)."""
-
-    def __init__(self, settings: TrainSettings):
-        self.settings = settings
-        self.student = _timm_student(settings).to(settings.device)
-        self.student.set_distilled_training(True)
-        self.student.train()
-        self.teacher = _peer_teacher(settings)
-        self.mixup = Mixup(**timm_mixup_args(settings.aug_args(), settings.num_labels))
-        self.optimizer = timm_adamw(self.student, settings.learning_rate)
-
-    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
-        samples, targets = self.mixup(samples, targets)
-        with autocast(self.settings.device, self.settings.dtype):
-            outputs = self.student(samples)
-            with torch.no_grad():
-                teacher_outputs = self.teacher(samples)
-            loss = facebookresearch_hard_distillation_loss(outputs, targets, teacher_outputs, self.settings.alpha)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"Loss is {loss.item()}, stopping training")
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-
-
-class TimmTaskLoop(_PeerLoop):
-    """One training step as timm's `train.py` runs `TokenDistillationTask` (`train_one_epoch`, no prefetcher)."""
-
-    def __init__(self, settings: TrainSettings):
-        self.settings = settings
-        student = _timm_student(settings).to(settings.device)
-        self.task = timm_token_distillation_task(student, _peer_teacher(settings), settings.alpha, settings.device)
-        if settings.torch_compile:
-            self.task.compile()  # train.py's --torchcompile (inductor): student and teacher
-        self.mixup = Mixup(**timm_mixup_args(settings.aug_args(), settings.num_labels))
-        self.optimizer = timm_adamw(self.task.get_trainable_module(), settings.learning_rate)
-        self.task.get_trainable_module().train()  # the teacher stays in eval mode (DistillationTeacher)
-        self.optimizer.zero_grad()
-
-    def step(self, samples: torch.Tensor, targets: torch.Tensor) -> None:
-        samples, targets = self.mixup(samples, targets)
-        with autocast(self.settings.device, self.settings.dtype):
-            loss = self.task(samples, targets)["loss"]
-        loss.backward()
-        self.optimizer.step()
-        loss.item()  # train.py's `losses_m.update(loss.item(), ...)`: a host synchronization per step
-        self.optimizer.zero_grad()
-
-
-class TeacherForward(_PeerLoop):
+class TeacherForward(StepLoop):
     """The Trainer's teacher (`training.teacher.Teacher`, as `OnlineTeacher` runs it) alone on the batch: the time
     replaying saves per step, measured beside the FLOPs."""
 
@@ -350,7 +250,9 @@ class TrainerLoop:
 def _build(contender: str, settings: TrainSettings, output_dir: str):
     if contender in (TRAINER, REPLAY):
         return TrainerLoop(settings, output_dir, replay=contender == REPLAY)
-    return {HAND_WRITTEN: HandWrittenLoop, TIMM_TASK: TimmTaskLoop}[contender](settings)
+    return {HAND_WRITTEN: HandWrittenLoop, TIMM_TASK: TimmTaskLoop}[contender](
+        settings, _timm_student(settings), _peer_teacher(settings)
+    )
 
 
 def _peak_memory_of_one_round(contender: str, settings: TrainSettings, threads: int) -> dict[str, float]:

@@ -1,6 +1,8 @@
-"""Smoke test of `python -m benchmarks.run --quick`: every benchmark runs and reports complete, positive figures."""
+"""Smoke tests of `python -m benchmarks.run --quick` and of the training studies' `--quick`: every benchmark runs and
+reports complete, positive figures, and a quick run never touches the recorded figures."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,17 @@ RATIOS = {
     "deit_hf parquet + batch steps on this CPU": {"ratio_vs_timm_ImageFolder"},
 }
 TRAIN_KEYS = {"gflop_per_image", "achieved_gflop_per_s", "peak_rss_mib", "peak_rss_above_imports_mib", "mfu"}
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def recorded_figures_untouched():
+    """Fails the test if BENCHMARKS.md or a picture in docs/ changed while it ran."""
+    paths = [REPOSITORY / "BENCHMARKS.md", *sorted((REPOSITORY / "docs").glob("*.png"))]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in paths}
+    yield
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in paths} == before
+    assert sorted((REPOSITORY / "docs").glob("*.png")) == paths[1:]
 
 
 def test_quick_run_prints_every_measurement_and_records_them_between_the_markers(tmp_path, capsys):
@@ -98,16 +111,15 @@ def test_an_absent_accelerator_is_refused_before_anything_runs(capsys):
     assert "--device" in capsys.readouterr().err
 
 
-def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, capsys):
+def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, recorded_figures_untouched):
     from benchmarks.convergence import END_MARKER as CONVERGENCE_END
     from benchmarks.convergence import START_MARKER as CONVERGENCE_START
     from benchmarks.convergence import main as convergence_main
 
     output = tmp_path / "BENCHMARKS.md"
     output.write_text(f"# Benchmarks\n\n{CONVERGENCE_START}\nstale results\n{CONVERGENCE_END}\n\nafter\n")
-    summary = convergence_main(["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-samples", "64",
-                                "--teacher-check-batches", "0", "--workdir", str(tmp_path / "work"),
-                                "--output", str(output)])
+    # a quick run records where --output says
+    summary = convergence_main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(output)])
     for side in ("deit_hf", "reference", "deit_hf replay"):
         for head in ("top1", "cls_top1", "dist_top1"):
             mean, std = summary[side][head]
@@ -118,6 +130,7 @@ def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_p
     assert "stale results" not in text and text.endswith("\n\nafter\n")
     assert "| deit_hf |" in text and "| reference |" in text and "| deit_hf replay |" in text
     assert "deit_hf seed 0:" in text and "deit_hf replay seed 0:" in text
+    assert "Partial" not in text  # all runs in
 
 
 def test_compiled_training_rows_compile_student_and_teacher_on_both_sides(monkeypatch):
@@ -244,7 +257,9 @@ def test_the_teacher_sweep_refuses_replayed_losses_that_differ_from_the_online_o
         check_same_losses(online, {"Ti": [2.3, 2.2, 2.1], "S": [2.3, 2.1, 2.0]})
 
 
-def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token_cosines(tmp_path, capsys):
+def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token_cosines(
+    tmp_path, capsys, recorded_figures_untouched
+):
     from benchmarks.distillation_study import END_MARKER as STUDY_END
     from benchmarks.distillation_study import ROWS
     from benchmarks.distillation_study import START_MARKER as STUDY_START
@@ -252,7 +267,7 @@ def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token
 
     output, figure = tmp_path / "BENCHMARKS.md", tmp_path / "study.png"
     output.write_text(f"# Benchmarks\n\n{STUDY_START}\nstale results\n{STUDY_END}\n\nafter\n")
-    summary = study_main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(output),
+    summary = study_main(["--quick", "--jobs", "2", "--workdir", str(tmp_path / "work"), "--output", str(output),
                           "--figure", str(figure)])
 
     assert list(summary) == list(ROWS)
@@ -284,18 +299,45 @@ def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token
     assert figure.stat().st_size > 0
 
 
-def test_no_teacher_smoke_run_reports_both_sides_and_records_them(tmp_path):
-    from benchmarks.no_teacher import END_MARKER as NO_TEACHER_END
-    from benchmarks.no_teacher import START_MARKER as NO_TEACHER_START
-    from benchmarks.no_teacher import main as no_teacher_main
+def test_no_teacher_quick_run_reports_both_sides_and_records_nothing(tmp_path, monkeypatch, capsys,
+                                                                    recorded_figures_untouched):
+    from benchmarks import no_teacher
 
-    output = tmp_path / "BENCHMARKS.md"
-    output.write_text(f"# Benchmarks\n\n{NO_TEACHER_START}\nstale results\n{NO_TEACHER_END}\n\nafter\n")
-    summary = no_teacher_main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(output)])
+    monkeypatch.chdir(tmp_path)  # where the default BENCHMARKS.md and data cache would be
+    summary = no_teacher.main(["--quick"])
+
     for side in ("deit_hf", "reference"):
         entry = summary[side]
         assert entry["seeds"] == 1 and entry["std"] == 0 and entry["mean"] == entry["median"] == entry["lowest"]
         assert 0 <= entry["mean"] <= 1 and entry["near_chance"] == int(entry["mean"] < 0.2)
+    output = capsys.readouterr()
+    assert "--quick: nothing recorded" in output.err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["outputs"]  # no BENCHMARKS.md, no docs/
+    runs = [record for record in map(json.loads, output.out.splitlines()) if "side" in record]
+    table = no_teacher.markdown(runs, summary, no_teacher.Settings(), 60.0)  # what a recorded run would write
+    assert "| deit_hf |" in table and "| reference |" in table and "- seed 0: " in table
+
+
+def _one_run(seed: int) -> list[dict]:  # a study's job, run in a spawned process
+    return [{"seed": seed, "top1": 0.5}]
+
+
+def test_a_study_records_after_every_run_labelled_partial_until_all_are_in(tmp_path, capsys):
+    from benchmarks.study import Study
+
+    study = Study("A study", ("<!-- a: start -->", "<!-- a: end -->"), seeds=(0, 1), epochs=1, workdir="unused")
+    output, records, figures = tmp_path / "BENCHMARKS.md", [], []
+
+    def table(runs, summary, wall):  # called before each record is written: the file holds the previous one
+        records.append(output.read_text() if output.exists() else None)
+        return f"| {summary['seeds']} |"
+
+    args = study.parse(study.parser("", ""), ["--workdir", str(tmp_path / "work"), "--output", str(output)])
+    jobs = [(seed,) for seed in args.seeds]
+    summary = study.run(args, _one_run, jobs, lambda runs: {"seeds": len(runs)}, table, on_record=figures.append)
+
+    assert summary == {"seeds": 2} and figures == [{"seeds": 1}, {"seeds": 2}]
+    assert "**Partial: 1 of 2 runs finished so far**" in records[1] and "| 1 |" in records[1]
     text = output.read_text()
-    assert "stale results" not in text and text.endswith("\n\nafter\n")
-    assert "| deit_hf |" in text and "| reference |" in text and "- seed 0: " in text
+    assert "Partial" not in text and "| 2 |" in text and text.count("Machine: ") == 1
+    assert [json.loads(line)["seed"] for line in capsys.readouterr().out.splitlines()[:2]] == [0, 1]

@@ -5,8 +5,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["training.train", "training.train_teacher", "training.demo", "deit_hf.convert",
-                                    "deit_hf.modelcard", "benchmarks.run", "benchmarks.convergence"])
+@pytest.mark.parametrize("module", ["training.train", "training.train_teacher", "training.record_teacher",
+                                    "training.demo", "deit_hf.convert", "deit_hf.modelcard", "benchmarks.run",
+                                    "benchmarks.convergence", "benchmarks.distillation_study", "benchmarks.no_teacher"])
 def test_help_works(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main(["--help"])

@@ -100,7 +100,7 @@ def test_checkpoint_carries_auto_map_and_code(checkpoint):
     assert config["auto_map"]["AutoModelForImageClassification"].endswith("DeiTForImageClassificationWithTeacher")
     assert config["auto_map"]["AutoConfig"].endswith("DeiTConfig")
     saved_files = {p.name for p in path.iterdir()}
-    assert {"modeling_deit.py", "configuration_deit.py", "losses.py"} | PROCESSOR_FILES <= saved_files
+    assert {"modeling_deit.py", "embeddings.py", "configuration_deit.py", "losses.py"} | PROCESSOR_FILES <= saved_files
 
 
 def test_both_backends_save_the_same_config(tmp_path):
