@@ -14,7 +14,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
-from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint, writing_checkpoint
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
 from .preemption import ignore_sigterm_in_workers
@@ -373,7 +373,8 @@ class DistillationTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging_dir = os.path.dirname(staged)
         try:
-            super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
+            with writing_checkpoint(staged, run_dir, remove=self.args.should_save):
+                super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
         finally:
             self._staging_dir = None
         if self.state.best_model_checkpoint == staged:  # transformers found the best checkpoint where it wrote it
