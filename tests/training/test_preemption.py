@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.checkpoints import STAGING_DIR, damaged_files, last_complete_checkpoint, missing_parts
+from training.preemption import ignore_sigterm_in_workers
 from training.train import main
 
 from .conftest import tiny_run_args
@@ -28,18 +29,24 @@ def workers(args: list[str], count: int) -> list[str]:
     return args
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command (state first, process group third); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has exited
+
+
 def group_members(group: int) -> list[int]:
-    """The live (not zombie) processes of process group `group`."""
-    members = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(name))
-    return members
+    """The live processes of process group `group`."""
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if alive(pid) and (fields := _stat(pid)) is not None and int(fields[2]) == group]
 
 
 def wait_until_gone(groups: list[int], timeout: float = 120) -> list[int]:
@@ -178,3 +185,29 @@ def test_sigterms_while_a_checkpoint_is_written_leave_it_whole_and_workers_end_w
     assert "Resuming from" in killed.stderr and "checkpoint-3" in killed.stderr
     assert not wait_until_gone([killed.pids[0]])  # its DataLoader workers noticed and exited
     assert last_complete_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "checkpoint-3")
+
+
+class Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_a_worker_ignores_a_sigterm_from_another_process_and_exits_on_its_parents(tmp_path):
+    marker = tmp_path / "initialised"
+    loader = ignore_sigterm_in_workers(torch.utils.data.DataLoader(
+        Pids(), batch_size=1, num_workers=1, worker_init_fn=lambda worker_id: marker.write_text(str(worker_id))))
+    iterator = iter(loader)
+    worker = int(next(iterator))
+    assert marker.read_text() == "0"  # the loader's own worker_init_fn ran too
+    subprocess.run(["kill", "-TERM", str(worker)], check=True)  # from another process, as a scheduler sends it
+    # beyond the 2 batches it had ready: made after the signal was delivered
+    assert [int(next(iterator)) for _ in range(10)] == [worker] * 10
+    os.kill(worker, signal.SIGTERM)  # from its parent, as the DataLoader (or multiprocessing at exit) stops it
+    deadline = time.monotonic() + 60  # what it waits for: the worker's exit
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker ignored its parent's SIGTERM"
+        time.sleep(0.1)
+    del iterator
