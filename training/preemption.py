@@ -57,7 +57,8 @@ def _exit_on_sigterm_from(parent: int) -> None:
 
 
 def ignore_sigterm_in_workers(data_loader: DataLoader) -> DataLoader:
-    """`data_loader`, its workers (started after this) made to ignore SIGTERM; its own `worker_init_fn` kept."""
+    """`data_loader`, its workers (started after this) made to ignore a SIGTERM from anyone but their parent; its own
+    `worker_init_fn` kept."""
     if not isinstance(data_loader.worker_init_fn, WorkerIgnoringSigterm):
         data_loader.worker_init_fn = WorkerIgnoringSigterm(data_loader.worker_init_fn)
     return data_loader
