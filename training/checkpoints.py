@@ -15,7 +15,8 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -175,3 +176,29 @@ def publish_checkpoint(staged: str, final: str) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(staged, final)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, say): nothing was published."""
+
+
+@contextmanager
+def writing_checkpoint(staged: str, output_dir: str, remove: bool) -> Iterator[None]:
+    """Turn a failure to write the checkpoint staged at `staged` (OSError, safetensors' or torch.save's write error)
+    into a one-line `CheckpointWriteError` naming it, `--output_dir` and the checkpoint a rerun resumes from; with
+    `remove` (the process that saves), the staged copy is removed, freeing its space."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamWriter" not in str(error):
+            raise  # not a write
+        if remove:
+            shutil.rmtree(staged, ignore_errors=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = getattr(error, "filename", None) or staged
+        resume = last_complete_checkpoint(output_dir)
+        raise CheckpointWriteError(
+            f"Cannot write the checkpoint {where} (--output_dir {output_dir}): {reason}. Nothing of it was published; "
+            + (f"make room and rerun with --resume_from_checkpoint last to continue from {resume}." if resume else
+               "there is no earlier checkpoint to resume: make room and start again.")
+        ) from error

@@ -42,6 +42,10 @@ class TeacherRecordError(ValueError):
     """A record that cannot be used as asked: another run's, incomplete, corrupt, or not matching the batches."""
 
 
+class TeacherRecordWriteError(OSError):
+    """A part of the record that could not be written (a full disk, say), named with `--teacher_cache`."""
+
+
 def part_name(epoch: int | None, process_index: int) -> str:
     """The file of one process's targets for `epoch` (None: the evaluation batches)."""
     stem = "eval" if epoch is None else f"epoch-{epoch:05d}"
@@ -267,19 +271,32 @@ class TeacherRecord:
             tensors[tensor_name] = torch.cat([entries[key][1][tensor_name] for key in keys]).contiguous()
         metadata = {"fingerprint": self.fingerprint_hash, "steps": _ranges(step for step, _ in keys),
                     "sha256": _sha256(tensors)}
-        staged = self._staged(name)
-        save_file(tensors, staged, metadata=metadata)
-        os.replace(staged, self.path(name))
-
-    def _staged(self, name: str) -> str:
-        os.makedirs(self.path(STAGING_DIR), exist_ok=True)
-        return os.path.join(self.path(STAGING_DIR), f"{name}.{os.getpid()}")
+        self._publish(name, lambda staged: save_file(tensors, staged, metadata=metadata))
 
     def _write(self, name: str, data: bytes) -> None:
-        staged = self._staged(name)
-        with open(staged, "wb") as file:
-            file.write(data)
-        os.replace(staged, self.path(name))
+        def write(staged: str) -> None:
+            with open(staged, "wb") as file:
+                file.write(data)
+
+        self._publish(name, write)
+
+    def _publish(self, name: str, write) -> None:
+        """`write(path)` the file `name` under `STAGING_DIR`, then rename it into place; a write that fails (a full
+        disk) leaves the published file as it was, removes the staged copy and raises `TeacherRecordWriteError`."""
+        staged = os.path.join(self.path(STAGING_DIR), f"{name}.{os.getpid()}")
+        try:
+            os.makedirs(self.path(STAGING_DIR), exist_ok=True)
+            write(staged)
+            os.replace(staged, self.path(name))
+        except (OSError, SafetensorError) as error:
+            if os.path.exists(staged):
+                os.remove(staged)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TeacherRecordWriteError(
+                f"Cannot write the teacher record {self.path(name)} (--teacher_cache {self.directory}): {reason}. "
+                "The record's other files are as they were; make room and rerun with --resume_from_checkpoint "
+                "last: the targets since that checkpoint are recorded again."
+            ) from error
 
     def recorded_epochs(self) -> list[int]:
         return sorted({int(match.group(1)) for name in os.listdir(self.directory)

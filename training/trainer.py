@@ -18,9 +18,10 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
 from .check_images import check_images
-from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint
+from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint, writing_checkpoint
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
+from .preemption import ignore_sigterm_in_workers
 from .randomness import RepeatedViewSampler, SeededViews, StepSeeder
 from .skipped_images import SkippedImageCounter, slice_dispatched_batch
 from .step_guard import (
@@ -170,9 +171,11 @@ class DistillationTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        # A stream's batches are dispatched from process 0 (on one process too): keep their skipped-image counts
-        self.accelerator.prepare_data_loader = partial(
-            self.accelerator.prepare_data_loader, slice_fn_for_dispatch=slice_dispatched_batch
+        # A stream's batches are dispatched from process 0 (on one process too): keep their skipped-image counts.
+        # Every DataLoader's workers leave a scheduler's SIGTERM to this process (`training.preemption`).
+        prepare = partial(self.accelerator.prepare_data_loader, slice_fn_for_dispatch=slice_dispatched_batch)
+        self.accelerator.prepare_data_loader = lambda data_loader, *args, **kwargs: prepare(
+            ignore_sigterm_in_workers(data_loader), *args, **kwargs
         )
 
     def get_train_dataloader(self):
@@ -187,7 +190,8 @@ class DistillationTrainer(Trainer):
             # accelerate would split this process's part again (`shard`, or `IterableDatasetShard` keeping one
             # process's slice of it), or read it on process 0 only and dispatch
             return prepare_data_loader(
-                data_loader, accelerator.device, num_processes=1, process_index=0, dispatch_batches=False,
+                ignore_sigterm_in_workers(data_loader), accelerator.device, num_processes=1, process_index=0,
+                dispatch_batches=False,
                 put_on_device=accelerator.device_placement if device_placement is None else device_placement,
                 non_blocking=accelerator.non_blocking,
             )
@@ -387,7 +391,8 @@ class DistillationTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging_dir = os.path.dirname(staged)
         try:
-            super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
+            with writing_checkpoint(staged, run_dir, remove=self.args.should_save):
+                super()._save_checkpoint(model, trial)  # writes `staged`, through `_get_output_dir`
         finally:
             self._staging_dir = None
         if self.state.best_model_checkpoint == staged:  # transformers found the best checkpoint where it wrote it

@@ -3,8 +3,9 @@
 `$STOP_AT=<rank>:<step>`: that process prints `STOPPED AT <time>` and SIGSTOPs itself as the step after that one
 begins (a stuck rank).
 `$EMPTY_AT=<rank>:<step>,...`: that process's batch for the step after that one is all corrupt (`*`: every process).
-`$PREEMPT_AT=<rank>:<step>:<file>`: at the end of that step, that process writes its pid to `file` and waits until
-it has received SIGTERM (sent by the test) before going on.
+`$PREEMPT_AT=<rank>:<step>:<file>`: at the end of that step (`*`: on every process), that process writes its pid to
+`<file>.<rank>` and waits until it has received SIGTERM (sent by the test) before going on; with `$PREEMPT_IN=save`,
+it waits while saving that step's checkpoint instead, its weights written and its optimizer state not yet.
 At the end each process prints `WEIGHTS <rank> <sum of its weights>`.
 
 `$KILL_AT=<point>:<global step>`: the process SIGKILLs itself at that point:
@@ -35,6 +36,7 @@ STEP = int(STEP)
 STOP_AT = os.environ.get("STOP_AT", "")
 EMPTY_AT = set(filter(None, os.environ.get("EMPTY_AT", "").split(",")))
 PREEMPT_AT = os.environ.get("PREEMPT_AT", "::").split(":", 2)
+PREEMPT_IN = os.environ.get("PREEMPT_IN", "step")
 published = []
 signalled = threading.Event()
 
@@ -63,6 +65,8 @@ def training_step(self, model, inputs, *args, **kwargs):
 
 def save_optimizer_and_scheduler(self, output_dir):
     kill_at("optimizer", self.state.global_step)
+    if PREEMPT_IN == "save":
+        wait_for_signal(self.args.process_index, self.state.global_step)
     return _save_optimizer_and_scheduler(self, output_dir)
 
 
@@ -97,12 +101,18 @@ def handle(self, signal_number, frame):
     signalled.set()
 
 
+def wait_for_signal(rank: int, step: int) -> None:
+    if PREEMPT_AT[0] in ("*", str(rank)) and PREEMPT_AT[1] == str(step):
+        with open(f"{PREEMPT_AT[2]}.{rank}.tmp", "w") as marker:
+            marker.write(str(os.getpid()))
+        os.replace(f"{PREEMPT_AT[2]}.{rank}.tmp", f"{PREEMPT_AT[2]}.{rank}")  # whole when the test reads it
+        assert signalled.wait(timeout=240), "no SIGTERM came"
+
+
 class WaitForSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        if PREEMPT_AT[:2] == [str(args.process_index), str(state.global_step)]:
-            with open(PREEMPT_AT[2], "w") as marker:
-                marker.write(str(os.getpid()))
-            assert signalled.wait(timeout=240), "no SIGTERM came"
+        if PREEMPT_IN == "step":
+            wait_for_signal(args.process_index, state.global_step)
 
 
 if __name__ == "__main__":
