@@ -142,6 +142,6 @@ def test_on_two_processes_each_reads_its_part_and_both_refuse_on_the_sum(small_d
     result = subprocess.run([*two_processes(), "-m", "training.train", *args, "--max_steps", "1"], capture_output=True,
                             text=True, env=probe_env(), cwd=REPO, timeout=300)
     assert result.returncode != 0
-    refusals = re.findall(r"ValueError: The teacher's top-1 on (\d+) validation images is .* near chance",
-                          result.stderr)
-    assert refusals == ["32", "32"], result.stderr[-3000:]
+    # one line per rank that got to print it (torchrun stops the other rank once one has failed)
+    refusals = re.findall(r"error: The teacher's top-1 on (\d+) validation images is .* near chance", result.stderr)
+    assert refusals and set(refusals) == {"32"}, result.stderr[-3000:]

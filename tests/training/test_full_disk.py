@@ -75,7 +75,7 @@ def entries(rows: int) -> dict:
 
 def test_a_full_disk_while_writing_the_teacher_record_names_the_file_and_the_flag(tmp_path, monkeypatch):
     record = TeacherRecord(tmp_path / "cache", {"seed": 0})
-    record.write_fingerprint()
+    record.write_fingerprint(teacher={"teacher_model": "resnet18"})
     name = part_name(0, 0)
     record.save(name, entries(8))
     published = (tmp_path / "cache" / name).read_bytes()

@@ -133,6 +133,7 @@ def assert_stopped_with_checkpoint(result: Preempted, output_dir, step: int, ret
 # torchrun reports a rank's exit 143 as its failure, 1; a launcher that got the signal exits 143 itself.
 CASES = {
     "one process, its process group, 2 workers": (1, [0], to_groups, 2, 143),
+    "one process, its process group, no workers": (1, [0], to_groups, 0, 143),
     # rank 0 learns of the signal from the per-step all-reduce
     "two processes, rank 1's process group only, 1 worker": (2, [1], to_groups, 1, 1),
     "two processes, the launcher, 2 workers": (2, [0, 1], to_launcher, 2, 143),
