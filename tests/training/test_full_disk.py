@@ -98,5 +98,5 @@ def test_a_full_disk_while_writing_the_teacher_record_names_the_file_and_the_fla
     (tmp_path / "cache" / teacher_record.FINGERPRINT_FILE).unlink()
     with pytest.raises(TeacherRecordWriteError, match=r"Cannot write the teacher record .*fingerprint.json "
                                                       r"\(--teacher_cache .*\): \[Errno 28\] No space left"):
-        record.write_fingerprint()
+        record.write_fingerprint(teacher={"teacher_model": "resnet18"})
     assert not list((tmp_path / "cache" / RECORD_STAGING_DIR).iterdir())
