@@ -51,6 +51,7 @@ def recorded_figures_untouched():
     assert sorted((REPOSITORY / "docs").glob("*.png")) == paths[1:]
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_measurement_and_records_them_between_the_markers(tmp_path, capsys):
     output = tmp_path / "BENCHMARKS.md"
     output.write_text(f"# Benchmarks\n\nbefore\n\n{START_MARKER}\nold results\n{END_MARKER}\n\nafter\n")
@@ -95,6 +96,7 @@ def test_a_section_replaces_the_text_between_its_markers_or_is_appended_under_it
     assert path.read_text().count("second") == 1
 
 
+@pytest.mark.slow
 def test_bf16_autocast_path_runs_and_says_so(capsys):
     # without the peak-memory processes (one per contender, each emulating bf16 again): the first test measures them
     main(["--quick", "--default-malloc", "--no-record", "--no-memory", "--only", "inference,train", "--dtype", "bf16"])
@@ -111,6 +113,7 @@ def test_an_absent_accelerator_is_refused_before_anything_runs(capsys):
     assert "--device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_convergence_smoke_run_reports_each_head_per_side_and_records_them(tmp_path, recorded_figures_untouched):
     from benchmarks.convergence import END_MARKER as CONVERGENCE_END
     from benchmarks.convergence import START_MARKER as CONVERGENCE_START
@@ -232,6 +235,7 @@ def test_foreign_cpu_with_children_counts_the_live_workers_cpu_as_its_own():
     assert after[0] - before[0] >= 0.5 > 0.2 > after[1] - before[1]
 
 
+@pytest.mark.slow
 def test_the_replay_row_times_the_trainer_without_its_teacher():
     from benchmarks.training_step import REPLAY, TRAINER, TrainSettings, run
 
@@ -257,6 +261,7 @@ def test_the_teacher_sweep_refuses_replayed_losses_that_differ_from_the_online_o
         check_same_losses(online, {"Ti": [2.3, 2.2, 2.1], "S": [2.3, 2.1, 2.0]})
 
 
+@pytest.mark.slow
 def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token_cosines(
     tmp_path, capsys, recorded_figures_untouched
 ):
@@ -299,6 +304,7 @@ def test_distillation_study_smoke_run_reports_every_row_with_its_heads_and_token
     assert figure.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_no_teacher_quick_run_reports_both_sides_and_records_nothing(tmp_path, monkeypatch, capsys,
                                                                     recorded_figures_untouched):
     from benchmarks import no_teacher
@@ -322,6 +328,7 @@ def _one_run(seed: int) -> list[dict]:  # a study's job, run in a spawned proces
     return [{"seed": seed, "top1": 0.5}]
 
 
+@pytest.mark.slow
 def test_a_study_records_after_every_run_labelled_partial_until_all_are_in(tmp_path, capsys):
     from benchmarks.study import Study
 

@@ -38,6 +38,7 @@ def images(batch_size: int, size: int) -> torch.Tensor:
         ("deit_base_distilled_patch16_384", 384, 1, 768, 12),
     ],
 )
+@pytest.mark.slow
 def test_logits_match_timm(name, size, batch_size, hidden_size, num_heads):
     timm_model = randomized(timm.create_model(name, pretrained=False))
     model, image_processor = convert_timm_model(timm_model)
@@ -178,6 +179,7 @@ def test_non_distilled_checkpoint_names_the_missing_distillation_keys(tmp_path):
     "name, hidden_size",
     [("deit_tiny_patch16_224", 192), ("deit_small_patch16_224", 384), ("deit_base_patch16_224", 768)],
 )
+@pytest.mark.slow
 def test_deit_without_distillation_token_converts_to_the_one_head_model_with_timm_logits(name, hidden_size):
     timm_model = randomized(timm.create_model(name, pretrained=False))
     model, _ = convert_timm_model(timm_model)

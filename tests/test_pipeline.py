@@ -133,6 +133,7 @@ torch.save(result, output)
 """
 
 
+@pytest.mark.slow
 def test_plain_transformers_loads_it_with_trust_remote_code(checkpoint, image, tmp_path):
     path, model, processor = checkpoint
     image.save(tmp_path / "image.png")
@@ -203,6 +204,7 @@ torch.save(result, output)
 
 
 @pytest.mark.parametrize("processor_key", ["image_processor_type", "feature_extractor_type"])
+@pytest.mark.slow
 def test_transformers_deit_checkpoint_is_not_shadowed(transformers_deit_folder, processor_key, tmp_path):
     folder = transformers_deit_folder(processor_key)
     rng = np.random.default_rng(1)
@@ -236,6 +238,7 @@ open(sys.argv[3], "w").write(json.dumps(loaded))
 """
 
 
+@pytest.mark.slow
 def test_every_auto_class_resolves_to_deit_hf_code_without_deit_hf(tmp_path):
     # Without AutoModel in the saved auto_map, transformers picked its own DeiTModel by the config's class name and
     # crashed ('DeiTConfig' object has no attribute 'pooler_output_size'); a saved DeiTModel likewise.

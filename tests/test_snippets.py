@@ -164,6 +164,7 @@ def check_command(words: list[str], folder: Path) -> None:
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
+@pytest.mark.slow
 def test_shell_commands_are_valid(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for code in blocks(path, SHELL):

@@ -86,6 +86,7 @@ def sorted_trainer(tmp_path, directory, teacher, streaming=False):
                         batch_transform=build_batch_transform(augmentation, 10))
 
 
+@pytest.mark.slow
 def test_on_a_class_sorted_split_a_swap_of_the_last_classes_is_refused(tmp_path, sorted_digits_dir, fitted_teacher,
                                                                        caplog):
     with caplog.at_level(logging.INFO, logger="training"):
@@ -133,6 +134,7 @@ def test_a_run_on_a_class_sorted_validation_dir_refuses_a_teacher_with_its_last_
     build_trainer(args)
 
 
+@pytest.mark.slow
 def test_on_two_processes_each_reads_its_part_and_both_refuse_on_the_sum(small_digits_dir, random_teacher_dir,
                                                                          tmp_path):
     # 1 batch of 32 per process: 64 images asked for, the 32 of the split read once, 16 by each rank; a rank

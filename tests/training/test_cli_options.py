@@ -111,6 +111,7 @@ def test_an_early_refusal_is_always_the_real_parsers(saved, capsys, data):
             assert message == early_message, argv
 
 
+@pytest.mark.slow
 def test_help_answers_without_torch_or_the_trainer_once_options_are_kept(tmp_path):
     env = {**os.environ, "DEIT_HF_CACHE": str(tmp_path)}
     imported = []

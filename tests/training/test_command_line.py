@@ -25,6 +25,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *named: str) -> N
     assert all(name in line for name in named), line
 
 
+@pytest.mark.slow
 def test_a_missing_train_dir_is_one_line_naming_it(tmp_path):
     result = run_train(["--train_dir", tmp_path / "no_such_train", "--distillation_type", "none"])
     assert_one_line_error(result, str(tmp_path / "no_such_train"))
@@ -43,6 +44,7 @@ def test_a_missing_or_empty_dataset_path_is_named(source, message, tmp_path):
         load_image_datasets(DataArguments(**source))
 
 
+@pytest.mark.slow
 def test_errors_after_parsing_are_one_line_and_the_traceback_is_an_opt_in(small_digits_dir, random_teacher_dir,
                                                                            tmp_path):
     # the default teacher offline: its weights cannot be fetched
@@ -58,6 +60,7 @@ def test_errors_after_parsing_are_one_line_and_the_traceback_is_an_opt_in(small_
     assert shown.returncode != 0 and "Traceback" in shown.stderr and "TeacherRecordError" in shown.stderr
 
 
+@pytest.mark.slow
 def test_the_schedule_line_is_logged_under_python_m(small_digits_dir, tmp_path):
     result = run_train(tiny_run_args(small_digits_dir, None, tmp_path / "run", "--distillation_type", "none",
                                      "--max_steps", "1", "--eval_strategy", "no", "--do_eval", "false"))

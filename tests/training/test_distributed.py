@@ -64,6 +64,7 @@ def losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_global_batch(small_digits_dir, random_teacher_dir, tmp_path):
     common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
               "--repeated_aug", "true", "--mixup", "0", "--cutmix", "0", "--eval_strategy", "no", "--do_eval", "false"]
@@ -84,6 +85,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(small_digits_dir,
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_all_corrupt_batches_keep_the_ranks_in_lockstep(small_digits_dir, random_teacher_dir, tmp_path):
     """Step 3: rank 1's batch is all corrupt, rank 0's still trains both; step 5: both are, the step is skipped."""
     args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--num_train_epochs", "1",
@@ -134,6 +136,7 @@ def wait_for_machines(machines: list[subprocess.Popen], stderr_files: list[Path]
             machine.kill()
 
 
+@pytest.mark.slow
 def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_digits_dir, random_teacher_dir,
                                                                           tmp_path):
     """`accelerate launch --config_file` with a multi-GPU YAML (the script itself runs on the CPU here), and two
@@ -170,6 +173,7 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
         assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
 
 
+@pytest.mark.slow
 def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir, tmp_path,
                                                                       monkeypatch):
     """accelerate starts a `MULTI_CPU` config's processes with `mpirun` (the `mpich` test dependency provides one) on

@@ -13,6 +13,7 @@ from training.collator import IGNORE_INDEX
 from training.metrics import DEIT_ACCURACY_PATH, compute_metrics, preprocess_logits_for_metrics
 
 
+@pytest.mark.slow
 def test_evaluate_module_loads_offline_by_path(tmp_path):
     # A fresh process, so that the offline switches are read when evaluate and datasets are first imported, and an
     # endpoint nobody listens on, so that any Hub request would fail.

@@ -141,6 +141,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_last_resumes_from_it(small_digits_dir,
                                                                                    random_teacher_dir, tmp_path, case):
     processes, ranks, send, num_workers, returncode = CASES[case]
@@ -159,6 +160,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_last_resumes_from_it
     assert_resumed_as_never_stopped(tmp_path / "out", tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_sigterms_while_a_checkpoint_is_written_leave_it_whole_and_workers_end_with_a_sigkilled_run(
         small_digits_dir, tmp_path):
     """A streamed run with 2 DataLoader workers for training and for evaluation (persistent, alive all along)."""

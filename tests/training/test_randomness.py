@@ -177,6 +177,7 @@ def probe_records(probe_dir: Path, process: int) -> dict[int, dict[str, list]]:
     return records
 
 
+@pytest.mark.slow
 def test_each_process_draws_its_own_batch_randomness_and_a_resumed_run_draws_the_same(
     small_digits_dir, random_teacher_dir, tmp_path
 ):

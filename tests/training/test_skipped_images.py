@@ -109,6 +109,7 @@ def test_skips_are_summed_over_workers_into_logs_and_metrics(digits, random_teac
     assert [entry["eval_skipped_images"] for entry in trainer.state.log_history if "eval_top1" in entry] == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, random_teacher_dir, tmp_path):
     split = with_garbage(digits["train"].select(range(16)), set(range(16)))
     datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(tmp_path / "data"))
@@ -134,6 +135,7 @@ def test_an_evaluation_where_nothing_decodes_stops_the_run(digits, random_teache
 # the validation stream and dispatches its batches, whose blank rows for skipped images keep them divisible.
 @pytest.mark.parametrize("reading", [[], ["--streaming", "true", "--shuffle_buffer_size", "0", "--max_steps", "6"]],
                          ids=["map-style", "streamed"])
+@pytest.mark.slow
 def test_two_processes_sum_their_skips_and_evaluate_as_one(digits, random_teacher_dir, tmp_path, reading):
     datasets.DatasetDict({
         "train": with_garbage(digits["train"].select(range(48)), {0, 5, 17, 30, 47}),
@@ -172,6 +174,7 @@ def test_two_processes_sum_their_skips_and_evaluate_as_one(digits, random_teache
     assert two == one
 
 
+@pytest.mark.slow
 def test_a_stream_on_one_process_counts_batches_where_nothing_decoded(digits, random_teacher_dir, tmp_path):
     # accelerate dispatches a stream's batches even on one process, slicing each by its number of decoded images:
     # the count of a batch where none decoded was lost (0 skipped, and --min_decodable_fraction never stopped a run).

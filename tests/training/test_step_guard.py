@@ -150,6 +150,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_nothing_changed(fault, tmp_
         trainer.save_model(str(tmp_path / "final"))
 
 
+@pytest.mark.slow
 def test_an_exploding_run_exits_non_zero_with_the_message_and_saves_no_non_finite_model(
     small_digits_dir, random_teacher_dir, tmp_path
 ):

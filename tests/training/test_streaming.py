@@ -62,6 +62,7 @@ def read(probe_dir: Path, name: str, rank: int) -> list[list[str]]:
     ],
     ids=["4-shards", "3-shards"],
 )
+@pytest.mark.slow
 def test_each_process_decodes_its_own_part_and_sees_each_example_once_per_epoch(
     digits, tmp_path, shard_sizes, batch_size, workers
 ):

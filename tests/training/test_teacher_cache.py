@@ -55,6 +55,7 @@ def test_with_the_whole_recipe_a_replayed_run_equals_the_recording_run(small_dig
     assert evaluations(replaying) == evaluations(recording)
 
 
+@pytest.mark.slow
 def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
     small_digits_dir, random_teacher_dir, tmp_path, caplog, monkeypatch
 ):
@@ -80,6 +81,7 @@ def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
     assert "eval_teacher_top1" in evaluations(replaying)[-1]
 
 
+@pytest.mark.slow
 def test_a_longer_run_extends_the_record_and_a_resumed_run_records_the_rest(
     small_digits_dir, random_teacher_dir, tmp_path, caplog
 ):
@@ -333,6 +335,7 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
         main([*args, "--output_dir", str(tmp_path / "b"), "--teacher_cache_check", "6"])
 
 
+@pytest.mark.slow
 def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
     """Each process records and replays its own part; with the whole recipe on, the replaying run's losses are the
     recording run's."""

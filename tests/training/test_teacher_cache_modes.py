@@ -145,6 +145,7 @@ def python_m(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_the_recording_pass_as_a_module_answers_help_and_logs_its_progress(small_digits_dir, random_teacher_dir,
                                                                             tmp_path):
     shown = python_m("training.record_teacher", "--help")

@@ -80,6 +80,7 @@ def test_imagenet_style_inputs_train_and_save_a_pipeline_checkpoint(layout, digi
     assert {"eval_top1", "eval_cls_top1", "eval_dist_top1", "eval_teacher_top1", "eval_token_cosine"} <= metrics.keys()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(small_digits_dir, random_teacher_dir, tmp_path, caplog):
     """12 steps over 2 epochs (repeated augmentation, mixup), against a run stopped at step 8 and resumed."""
     common = ["--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1",

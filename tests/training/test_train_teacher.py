@@ -40,6 +40,7 @@ def digits_teacher(digits_400, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_the_teacher_folder_holds_what_a_student_run_needs(digits_teacher):
     config = json.loads((digits_teacher / "config.json").read_text())
     assert config["architecture"] == "test_resnet" and config["image_size"] == IMAGE_SIZE

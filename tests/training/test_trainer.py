@@ -50,6 +50,7 @@ def make_trainer(tmp_path, model, train, evaluation, teacher, **kwargs):
     return trainer
 
 
+@pytest.mark.slow
 def test_distilled_student_learns_the_digits_and_follows_its_teacher(tmp_path, digits, fitted_teacher):
     augmentation = AugmentationArguments(input_size=IMAGE_SIZE, auto_augment=None, hflip=0, scale=[0.7, 1], reprob=0)
     train = prepared(digits["train"], build_train_transform(augmentation))
