@@ -120,6 +120,7 @@ def test_a_dataset_that_does_not_decode_stops_the_run_without_a_model(digits, ra
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_an_evaluation_where_nothing_decodes_stops_the_run(digits, random_teacher_dir, tmp_path):
     datasets.DatasetDict({
         "train": digits["train"].select(range(16)),
