@@ -4,9 +4,9 @@
     python -m deit_hf.modelcard --check    # exits 1 naming the committed cards that are stale
 
 `preset_card` describes a released configuration (the paper's architecture, the authors' weights converted to this
-format); `write_model_card` is what the converter and the training script call for the checkpoint they write, with
-its own facts (`CardFacts`): where the weights came from, the run's evaluation, its teacher and recipe. Parameter
-counts are computed from the config (the model built on the meta device), never typed.
+format); `write_model_card` (the converter) and `render_card` (the training script's run card) describe the
+checkpoint they write with its own facts (`CardFacts`): where the weights came from, the run's evaluation, its teacher
+and recipe. Parameter counts are computed from the config (the model built on the meta device), never typed.
 """
 
 import argparse
@@ -155,7 +155,7 @@ def render_card(config: DeiTConfig, facts: CardFacts) -> str:
         _HOW_IT_WORKS if config.use_distillation_token else _ONE_HEAD,
         _usage(facts.model_id, config.use_distillation_token),
         _training(facts),
-        _evaluation(facts),
+        _evaluation(facts, config.use_distillation_token),
         _LIMITATIONS,
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
@@ -307,7 +307,7 @@ _MEASURED = (("top1", "fused (cls + dist) / 2"), ("cls_top1", "class head"), ("d
              ("token_cosine", "cos(cls token, dist token)"))
 
 
-def _evaluation(facts: CardFacts) -> str:
+def _evaluation(facts: CardFacts, two_heads: bool = True) -> str:
     paper_rows = "\n".join(
         f"| {result.display_name} | {result.top1} | {result.epochs} |" for result in PAPER_RESULTS.values()
     )
@@ -322,14 +322,17 @@ def _evaluation(facts: CardFacts) -> str:
             "The conversion is checked against timm's logits, not against ImageNet labels."
         )
     else:
+        # a one-head model's `top1` is its class head's, already the "class head" row
+        measured_rows = _MEASURED if two_heads else _MEASURED[1:]
         rows = "\n".join(
             f"| {label} | {facts.evaluation['eval_' + key]:.4f} |"
-            for key, label in _MEASURED if "eval_" + key in facts.evaluation
+            for key, label in measured_rows if "eval_" + key in facts.evaluation
         )
+        carried = "the fused top-1" if two_heads else "the class head's top-1"
         measured = (
             f"Measured by this run on {facts.evaluated_on or 'the validation split of ' + facts.dataset} (fractions "
             "of 1; `model-index` carries "
-            f"the fused top-1 in %):\n\n| | |\n|---|---|\n{rows}\n\n"
+            f"{carried} in %):\n\n| | |\n|---|---|\n{rows}\n\n"
             "deit-hf has reproduced none of the paper's numbers on ImageNet yet."
         )
     return f"## Evaluation\n\n{measured}\n\n{paper}"

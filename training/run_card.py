@@ -1,6 +1,5 @@
 """The model card a training run writes into its `output_dir`: the run's per-head metrics, its teacher and recipe."""
 
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -107,23 +106,15 @@ def _name(choice) -> str:
     return getattr(choice, "value", choice)  # TrainingArguments turns some choices into enums
 
 
-# The evaluation row of the fused logits, which a model without distillation token does not have (its `top1` is its
-# class head's, already the "class head" row).
-_FUSED_ROW = re.compile(r"^\| fused \(cls \+ dist\) / 2 \|.*\n", re.MULTILINE)
-
-
 def run_card(trainer: DistillationTrainer, model_args, distill_args, data_args: DataArguments, aug_args) -> ModelCard:
-    """The run's card: `deit_hf.modelcard`'s, its `model-index` naming the split the run was evaluated on, and a
-    one-head model's evaluation without a fused row."""
-    config = trainer.model.config
-    card = ModelCard(render_card(config, run_card_facts(trainer, model_args, distill_args, data_args, aug_args)))
+    """The run's card: `deit_hf.modelcard`'s, its `model-index` naming the split the run was evaluated on."""
+    card = ModelCard(render_card(trainer.model.config,
+                                 run_card_facts(trainer, model_args, distill_args, data_args, aug_args)))
     for result in card.data.eval_results or []:  # the run's own measurement (a run card has no paper figure)
         if data_args.validation_dir is not None:
             result.dataset_type = result.dataset_name = data_args.validation_dir
         else:
             result.dataset_split = data_args.validation_split
-    if not config.use_distillation_token:
-        card.text = _FUSED_ROW.sub("", card.text).replace("the fused top-1 in %", "the class head's top-1 in %")
     return card
 
 
