@@ -1,4 +1,4 @@
-"""The cost of the replay's pixel digest (`training.teacher_record.digest`) against the replayed training step.
+"""The cost of the replay's pixel digest (`training.teacher.store.digest`) against the replayed training step.
 
     python -m benchmarks.digest_cost
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 from benchmarks.training_step import TrainerLoop, TrainSettings
-from training.teacher_record import digest
+from training.teacher.store import digest
 
 
 def digest_seconds(pixel_values: torch.Tensor, calls: int = 200) -> float:

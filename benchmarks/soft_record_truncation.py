@@ -17,7 +17,7 @@ difference it makes to the soft loss's gradient in the student's logits, up to 1
   run's temperature, which the fingerprint then holds).
 
 Bytes per view at 1,000 classes: `TeacherRecord.size_per_view` of one epoch part of random logits, 100 batches of 128,
-as `training.teacher_record.encode` stores them.
+as `training.teacher.store.encode` stores them.
 Prints one JSON line per row.
 """
 
@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from training.teacher_record import TeacherRecord, encode, part_name
+from training.teacher.store import TeacherRecord, encode, part_name
 
 
 def truncated(logits: torch.Tensor, k: int, tau: float, variant: str) -> torch.Tensor:

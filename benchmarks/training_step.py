@@ -62,9 +62,9 @@ from deit_hf import DeiTForImageClassificationWithTeacher
 from deit_hf.convert import convert_timm_model
 from training.args import AugmentationArguments
 from training.collator import DistillationCollator
-from training.teacher import load_teacher
-from training.teacher_record import TeacherRecord
-from training.teacher_targets import OnlineTeacher, RecordedTeacher
+from training.teacher.model import load_teacher
+from training.teacher.store import TeacherRecord
+from training.teacher.targets import OnlineTeacher, RecordedTeacher
 from training.trainer import DistillationTrainer
 from training.transforms import BatchTransform, build_mixup
 
@@ -162,7 +162,7 @@ def _peer_teacher(settings: TrainSettings) -> torch.nn.Module:
 
 
 class TeacherForward(StepLoop):
-    """The Trainer's teacher (`training.teacher.Teacher`, as `OnlineTeacher` runs it) alone on the batch: the time
+    """The Trainer's teacher (`training.teacher.model.Teacher`, as `OnlineTeacher` runs it) alone on the batch: the time
     replaying saves per step, measured beside the FLOPs."""
 
     def __init__(self, settings: TrainSettings):

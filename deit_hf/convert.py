@@ -12,7 +12,7 @@
 models with timm, so both share timm's parameter names. The conversion is checked: the converted model must
 reproduce timm's logits.
 
-`load_state_dict_file` and `load_state_dict_strict` are also the checkpoint loaders of `training.teacher`.
+`load_state_dict_file` and `load_state_dict_strict` are also the checkpoint loaders of `training.teacher.model`.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Errors found while parsing are argparse's usage errors (`training.train.parse_args`). Those found later, while the
 data, the teacher or its record load, are `USER_ERRORS`: the project's own refusals (`ValueError`, with
-`training.teacher_record.TeacherRecordError` among them), inputs that cannot be fetched or read (`OSError`:
+`training.teacher.store.TeacherRecordError` among them), inputs that cannot be fetched or read (`OSError`:
 a dataset not found, the hub unreachable; `InputUnavailableError`) and a run stopped by its data or its numbers.
 `python -m training.X` prints their message in one line and exits with status 1; `DEIT_HF_TRACEBACK=1` shows the
 traceback instead. Called from Python, the entry points raise them as they are.

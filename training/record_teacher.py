@@ -19,8 +19,8 @@ import logging
 
 import torch
 
-from .teacher_record import TeacherRecordError, part_name
-from .teacher_targets import RecordedTeacher, needed_steps
+from .teacher.store import TeacherRecordError, part_name
+from .teacher.targets import RecordedTeacher, needed_steps
 from .train import build_trainer, parse_args
 
 logger = logging.getLogger(__spec__.name)  # under `python -m`, "training.record_teacher" rather than "__main__"

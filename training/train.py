@@ -50,9 +50,9 @@ from .preemption import Preemption
 from .run_card import write_run_card
 from .skipped_images import SkippedImageCounter
 from .student import build_student, check_checkpoint_arguments
-from .teacher import check_class_names, input_size_hint, load_teacher
-from .teacher_check import preflight
-from .teacher_targets import check_cache_flags, open_teacher_targets
+from .teacher.model import check_class_names, input_size_hint, load_teacher
+from .teacher.preflight import preflight
+from .teacher.targets import check_cache_flags, open_teacher_targets
 from .trainer import DistillationTrainer
 from .transforms import ImageTransform, build_batch_transform, build_eval_transform, build_train_transform
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> DistillationTrainer:
         raise ValueError(f"{teacher_args.teacher_model}'s config has image_size {own_size}, not --input_size "
                          f"{aug_args.input_size}: train it at {own_size}, or choose a timm model.")
     # What `DistillationTrainer` reads of a model's config (blank rows, no teacher); image_size stays in the folder
-    # as the size the teacher was trained at (`training.teacher.load_teacher` reads it).
+    # as the size the teacher was trained at (`training.teacher.model.load_teacher` reads it).
     model.config.update({"image_size": aug_args.input_size, "num_channels": 3, "distillation_type": "none"})
     processor = DeiTHfImageProcessorPil.for_input_size(aug_args.input_size, aug_args.eval_crop_pct,
                                                        image_mean=list(mean), image_std=list(std))

@@ -17,7 +17,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
-from .check_images import check_images
 from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoint, writing_checkpoint
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
@@ -31,9 +30,10 @@ from .step_guard import (
     poison_if_nonfinite,
     weights_are_finite,
 )
-from .teacher import Teacher
-from .teacher_check import normalisations, normalised_as
-from .teacher_targets import TeacherTargets, targets_for
+from .teacher.model import Teacher
+from .teacher.preflight import normalisations, normalised_as
+from .teacher.preflight_images import check_images
+from .teacher.targets import TeacherTargets, targets_for
 from .transforms import BatchTransform
 
 # DeiT excludes these from weight decay, besides norms and biases (timm's `no_weight_decay`).
@@ -62,10 +62,10 @@ class DistillationTrainer(Trainer):
     appears complete or not at all.
 
     Args:
-        teacher: the frozen teacher (`training.teacher.load_teacher`), run on every batch; it or `teacher_targets`
+        teacher: the frozen teacher (`training.teacher.model.load_teacher`), run on every batch; it or `teacher_targets`
             is required when the model's `config.distillation_type` is hard or soft, refused otherwise.
         teacher_targets: where the teacher's targets come from, called once per batch
-            (`training.teacher_targets`: the teacher online, or a record of its targets, `--teacher_cache`).
+            (`training.teacher.targets`: the teacher online, or a record of its targets, `--teacher_cache`).
         batch_transform: the per-batch steps (`training.transforms.build_batch_transform`); by default ImageNet
             normalization of uint8 batches only.
         num_repeats: repeated augmentation (`training.randomness.RepeatedViewSampler`): an epoch is as many views
@@ -134,8 +134,8 @@ class DistillationTrainer(Trainer):
 
     def teacher_confusions(self, num_batches: int, label_column: str) -> dict[str, torch.Tensor]:
         """The teacher's counts of (true class, predicted class) on the pre-flight's images (`check_batches`), for
-        each normalisation of `training.teacher_check.normalisations`, summed over processes so that every rank
-        reaches the same verdict (`training.teacher_check.check_teacher`)."""
+        each normalisation of `training.teacher.preflight.normalisations`, summed over processes so that every rank
+        reaches the same verdict (`training.teacher.preflight.check_teacher`)."""
         statistics = normalisations(self.teacher)
         num_labels = self.teacher.num_labels
         counts = torch.zeros(len(statistics), num_labels * num_labels, dtype=torch.int64, device=self.args.device)
@@ -151,7 +151,7 @@ class DistillationTrainer(Trainer):
     def check_batches(self, num_batches: int, label_column: str) -> Iterator[dict]:
         """The decoded rows of the pre-flight's batches, on this process: its part of as many images as
         `num_batches` evaluation batches of every process hold, drawn from every class of the evaluation split
-        (`training.check_images`); for a stream, its first `num_batches` evaluation batches."""
+        (`training.teacher.preflight_images`); for a stream, its first `num_batches` evaluation batches."""
         args = self.args
         images = check_images(self.eval_dataset, label_column, num_batches * args.eval_batch_size * args.world_size)
         if images is None:

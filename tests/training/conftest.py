@@ -11,7 +11,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from deit_hf import DeiTHfImageProcessorPil
 from training.digits import load_digits_dataset
-from training.teacher import Teacher
+from training.teacher.model import Teacher
 
 IMAGE_SIZE = 32
 TINY_STUDENT = "patch_size=8,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"

@@ -10,10 +10,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import TrainerState
 
-from training import teacher_record
 from training.checkpoints import STAGING_DIR, CheckpointWriteError, last_complete_checkpoint, resume_argument
-from training.teacher_record import STAGING_DIR as RECORD_STAGING_DIR
-from training.teacher_record import TeacherRecord, TeacherRecordWriteError, encode, part_name
+from training.teacher import store as teacher_record
+from training.teacher.store import STAGING_DIR as RECORD_STAGING_DIR
+from training.teacher.store import TeacherRecord, TeacherRecordWriteError, encode, part_name
 from training.train import main, parse_args
 
 from .conftest import tiny_run_args

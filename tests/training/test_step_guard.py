@@ -19,7 +19,7 @@ from training.args import AugmentationArguments
 from training.collator import DistillationCollator
 from training.skipped_images import SkippedImageCounter
 from training.step_guard import NonFiniteStepGuard, NonFiniteTrainingError, largest_magnitude
-from training.teacher import Teacher
+from training.teacher.model import Teacher
 from training.trainer import DistillationTrainer
 from training.transforms import ImageTransform, build_train_transform
 

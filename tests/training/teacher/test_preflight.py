@@ -9,12 +9,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from deit_hf import DeiTHfImageProcessorPil
 from training.args import AugmentationArguments
-from training.teacher import Teacher
-from training.teacher_check import DECLARED, check_teacher
+from training.teacher.model import Teacher
+from training.teacher.preflight import DECLARED, check_teacher
 from training.transforms import build_batch_transform, build_eval_transform
 
-from .conftest import IMAGE_SIZE, PooledLinearClassifier
-from .test_trainer import make_trainer, prepared, student
+from ..conftest import IMAGE_SIZE, PooledLinearClassifier
+from ..test_trainer import make_trainer, prepared, student
 
 NAMES = [str(digit) for digit in range(10)]
 

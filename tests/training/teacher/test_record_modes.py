@@ -11,14 +11,15 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from training import teacher_identity, train
-from training.teacher_record import TeacherRecordError, digest, digests_match, part_name
+from training import train
+from training.teacher import identity as teacher_identity
+from training.teacher.store import TeacherRecordError, digest, digests_match, part_name
 from training.train import main
 from training.transforms import BatchTransform
 
-from .conftest import tiny_run_args
-from .test_distributed import REPO, probe_env
-from .test_teacher_cache import TWO_EPOCHS, losses
+from ..conftest import tiny_run_args
+from ..test_distributed import REPO, probe_env
+from .test_record import TWO_EPOCHS, losses
 
 ONE_EPOCH_NO_EVAL = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no"]
 

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from deit_hf import DistillationLoss
-from training.teacher import Teacher, check_class_names, load_teacher
+from training.teacher.model import Teacher, check_class_names, load_teacher
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -173,7 +173,7 @@ def test_hf_teacher_directory(hf_teacher_dirs, name, own_mean, own_std, channels
 
 def test_hf_teacher_without_image_processor_takes_batches_as_they_are(tmp_path, caplog):
     ViTForImageClassification(ViTConfig(**TINY_VIT, num_labels=3)).save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="training.teacher"):
+    with caplog.at_level(logging.WARNING, logger="training.teacher.model"):
         teacher = load_teacher(tmp_path, num_labels=3, student_mean=HALF, student_std=HALF)
     assert "No image processor with image_mean/image_std" in caplog.text
     assert not teacher.renormalizes
@@ -228,7 +228,7 @@ def test_checkpoint_and_pretrained_together_are_refused(tmp_path):
 
 
 def test_explicit_statistics_replace_the_architectures_and_are_logged(caplog):
-    caplog.set_level(logging.INFO, logger="training.teacher")
+    caplog.set_level(logging.INFO, logger="training.teacher.model")
     teacher = load_teacher("resnet10t", num_labels=10, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD,
                            teacher_mean=HALF, teacher_std=HALF, pretrained=False)
     images = raw_images()

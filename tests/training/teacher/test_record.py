@@ -11,12 +11,12 @@ from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
 from training import record_teacher, train
-from training.teacher_record import TeacherRecord, TeacherRecordError, decode, encode, part_name
-from training.teacher_targets import record_fingerprint
+from training.teacher.store import TeacherRecord, TeacherRecordError, decode, encode, part_name
+from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
 from training.transforms import BatchTransform
 
-from .conftest import tiny_run_args
+from ..conftest import tiny_run_args
 
 # 48 digits in batches of 8: 6 steps per epoch
 TWO_EPOCHS = ["--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
@@ -60,7 +60,7 @@ def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
     small_digits_dir, random_teacher_dir, tmp_path, caplog, monkeypatch
 ):
     cache = str(tmp_path / "cache")
-    caplog.set_level(logging.INFO, logger="training.teacher_targets")
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
     online = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "online", *TWO_EPOCHS))
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *TWO_EPOCHS,
                                    "--teacher_cache", cache))
@@ -95,7 +95,7 @@ def test_a_longer_run_extends_the_record_and_a_resumed_run_records_the_rest(
                        "--teacher_cache", str(tmp_path / "cache")))
     assert _recorded_steps(tmp_path / "cache", 1) == "6-7"
     shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "c" / "checkpoint-8")
-    caplog.set_level(logging.INFO, logger="training.teacher_targets")
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
     resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "c", *common,
                                  "--teacher_cache", str(tmp_path / "cache"), "--resume_from_checkpoint", "last"))
     assert any(message.startswith("recording teacher targets") for message in caplog.messages)
@@ -313,7 +313,7 @@ def test_a_pass_without_student_records_what_the_students_replay(small_digits_di
                                    "--teacher_cache", str(tmp_path / "online_cache")))
     record_teacher.main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "r", *ONE_EPOCH, *FULL_RECIPE,
                                       "--teacher_cache", cache))
-    caplog.set_level(logging.INFO, logger="training.teacher_targets")
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *ONE_EPOCH, *FULL_RECIPE,
                                    "--teacher_cache", cache, "--teacher_cache_check", "2"))
     assert any("teacher loaded to check steps" in message for message in caplog.messages)

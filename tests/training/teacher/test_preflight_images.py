@@ -13,16 +13,16 @@ from hypothesis import strategies as st
 
 import training.train
 from training.args import AugmentationArguments, DataArguments
-from training.check_images import CHECK_SEED, check_images, stratified_sample
 from training.data import attach_transform, load_image_datasets
-from training.teacher_check import DECLARED, MIN_IMAGES_PER_CLASS, check_teacher
+from training.teacher.preflight import DECLARED, MIN_IMAGES_PER_CLASS, check_teacher
+from training.teacher.preflight_images import CHECK_SEED, check_images, stratified_sample
 from training.train import build_trainer
 from training.transforms import ImageTransform, build_batch_transform, build_eval_transform
 
-from .conftest import IMAGE_SIZE, tiny_run_args
-from .test_data import write_imagefolder
-from .test_distributed import REPO, probe_env, two_processes
-from .test_trainer import make_trainer, student
+from ..conftest import IMAGE_SIZE, tiny_run_args
+from ..test_data import write_imagefolder
+from ..test_distributed import REPO, probe_env, two_processes
+from ..test_trainer import make_trainer, student
 
 NAMES = [str(digit) for digit in range(10)]
 

@@ -1,4 +1,4 @@
-"""The validation images the pre-flight reads (`training.teacher_check`): drawn from every class of the whole split.
+"""The validation images the pre-flight reads (`training.teacher.preflight`): drawn from every class of the whole split.
 
 A validation split is often sorted by class (an imagefolder directory, ImageNet's in class folders): its first batches
 hold its first classes only, and a teacher with two later classes swapped would pass the check. So the check's images
@@ -12,8 +12,8 @@ import logging
 import datasets
 import numpy as np
 
-from .labels import label_array
-from .teacher_check import MIN_IMAGES_PER_CLASS
+from ..labels import label_array
+from .preflight import MIN_IMAGES_PER_CLASS
 
 logger = logging.getLogger(__name__)
 

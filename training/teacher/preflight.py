@@ -1,7 +1,7 @@
 """The pre-flight, before step 1: refuse a teacher that would teach the wrong thing, or validation images that do not
 decode.
 
-It reads validation images drawn from every class of the split (`training.check_images`), as many as
+It reads validation images drawn from every class of the split (`training.teacher.preflight_images`), as many as
 `--teacher_check_batches` evaluation batches hold. `DistillationTrainer.teacher_confusions` runs the teacher on them,
 transformed as the student's evaluation batches are, with the input normalisation it declares and with each common one
 (`COMMON_NORMALISATIONS`), and counts (true class, predicted class) pairs; `check_teacher` reads those counts and
@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .teacher import Teacher, _affine_between
+from .model import Teacher, _affine_between
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def check_teacher(confusions: dict[str, torch.Tensor], label_names: Sequence[str
                   show: int = 5) -> float:
     """The teacher's top-1 with its declared normalisation, after refusing (`ValueError`) a teacher that the check
     batches show to be fed wrongly or to predict other classes. `confusions` maps each normalisation of
-    `normalisations` to its counts (true class × predicted class); `size_hint` (`training.teacher.input_size_hint`),
-    when the teacher sees another size than it was trained at, is the first likely cause of a top-1 near chance."""
+    `normalisations` to its counts (true class × predicted class); `size_hint` (`model.input_size_hint`), when the
+    teacher sees another size than it was trained at, is the first likely cause of a top-1 near chance."""
     declared = confusions[DECLARED].double()
     total = int(declared.sum())
     refuse_if_nothing_decoded(total, "the teacher cannot be checked", _WAY_OUT)

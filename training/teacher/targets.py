@@ -4,7 +4,7 @@
 result as the teacher's logits; it does not know which source it has:
 
 - `OnlineTeacher`: the frozen teacher runs on the batch (under the accelerator's autocast);
-- `RecordedTeacher`: targets from a `training.teacher_record.TeacherRecord`, keyed by (global step, micro-batch,
+- `RecordedTeacher`: targets from a `training.teacher.store.TeacherRecord`, keyed by (global step, micro-batch,
   process) for training batches and by batch number for evaluation batches. With a teacher, the batches the record
   lacks are run through it and recorded (a recording run, or one that extends a record to more epochs); without one,
   every batch must be in the record (a replaying run: the teacher is not even loaded), and so with
@@ -27,15 +27,15 @@ from transformers import TrainerCallback
 
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
-from .argument_checks import TEACHER_IDENTITY_FLAGS
-from .teacher import Teacher
-from .teacher_identity import (
+from ..argument_checks import TEACHER_IDENTITY_FLAGS
+from .identity import (
     confirm_recorded_teacher,
     resolve_teacher,
     teacher_flags,
     teacher_identity,
 )
-from .teacher_record import (
+from .model import Teacher
+from .store import (
     PART_PATTERN,
     TeacherRecord,
     TeacherRecordError,
@@ -296,7 +296,7 @@ def _describe(name: str, key: tuple[int, int] | None) -> str:
 def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std,
                        teacher: str | None = None) -> dict:
     """What decides the views and the teacher's targets; a record made under other values is refused. `teacher`: the
-    teacher's identity (`training.teacher_identity`), when known without hashing its weights again."""
+    teacher's identity (`training.teacher.identity`), when known without hashing its weights again."""
     items = {
         "dataset": {split: getattr(dataset, "_fingerprint", None) for split, dataset in datasets.items()},
         "seed": training_args.seed,
@@ -332,7 +332,7 @@ def needed_steps(num_examples: int, training_args) -> tuple[int, dict[int, range
 
 def check_cache_flags(given: set[str], distill_args, data_args) -> None:
     """Refuse `--teacher_cache*` flags that would not be read. With `--teacher_cache` and no flag naming the teacher,
-    `teacher_model` becomes None: the record's teacher (`training.teacher_identity.resolve_teacher`)."""
+    `teacher_model` becomes None: the record's teacher (`training.teacher.identity.resolve_teacher`)."""
     if distill_args.teacher_cache is None:
         if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
             raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from deit_hf.convert import load_state_dict_file, load_state_dict_strict
 
-from .command_line import InputUnavailableError
+from ..command_line import InputUnavailableError
 
 logger = logging.getLogger(__name__)
 
