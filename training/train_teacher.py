@@ -15,7 +15,8 @@ input size in `config.image_size`, and a card with the teacher's held-out top-1.
 """
 
 import logging
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, fields
 
 import timm
 import torch
@@ -183,9 +184,16 @@ def teacher_card(teacher_args: TeacherArguments, data_args: DataArguments, aug_a
         f"Fine-tuned by `training.train_teacher` from {start} on {dataset} at {aug_args.input_size} px, with a new "
         f"head for its {num_labels} classes. Held-out top-1: {top1:.2f} % on {evaluated_on} "
         f"({metrics['eval_images']} images, {metrics['eval_skipped_images']} skipped).\n\n"
-        f"Distil a DeiT from it: `python -m training.train --dataset_name {dataset} --teacher_model <this folder>`."
+        f"Distil a DeiT from it: `python -m training.train {data_flags(data_args)} --teacher_model <this folder>`."
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}\n")
+
+
+def data_flags(data_args: DataArguments) -> str:
+    """The flags that chose the teacher's data (those not at their defaults), for the student's command."""
+    chosen = [(flag.name, value) for flag in fields(data_args)
+              if (value := getattr(data_args, flag.name)) != flag.default]
+    return shlex.join(word for name, value in chosen for word in (f"--{name}", str(value)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard
 
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher
 from training import train_teacher
+from training.args import AugmentationArguments, DataArguments
 from training.teacher.model import Teacher, input_size_hint
 from training.teacher.preflight import DECLARED, check_teacher
 from training.teacher.targets import record_fingerprint
@@ -107,3 +108,15 @@ def test_flags_the_teacher_would_not_read_are_refused(model, flags, message, cap
     with pytest.raises(SystemExit):
         train_teacher.parse_args(["--teacher_model", model, "--dataset_name", "x", *flags])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, flags", [
+    ({"train_dir": "my_images/train", "validation_dir": "my_images/val"},
+     "--train_dir my_images/train --validation_dir my_images/val"),
+    ({"dataset_name": "user/flowers", "image_column": "photo"}, "--dataset_name user/flowers --image_column photo"),
+])
+def test_the_teacher_card_names_the_data_the_student_command_needs(data, flags):
+    card = train_teacher.teacher_card(train_teacher.TeacherArguments("resnet18"), DataArguments(**data),
+                                      AugmentationArguments(), 10,
+                                      {"eval_top1": 0.5, "eval_images": 20, "eval_skipped_images": 0})
+    assert f"`python -m training.train {flags} --teacher_model <this folder>`" in card.text
