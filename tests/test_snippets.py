@@ -65,8 +65,9 @@ TINY_SCALE = [
 # The student's: the tests' random teachers are at chance, which the teacher pre-flight refuses.
 TINY_DISTILLATION = [*TINY_SCALE, "--teacher_check_batches", "0"]
 TINY_RUN = ["--config_overrides", TINY_STUDENT, "--drop_path_rate", "0", *TINY_DISTILLATION]
-# The journey's teacher: the paper's RegNetY-16GF (84 M parameters) becomes timm's 374 k-parameter test ResNet.
-JOURNEY_STAND_INS = {"regnety_160.deit_in1k": "test_resnet"}
+# The journey's teacher: the paper's RegNetY-16GF (84 M parameters) becomes timm's 470 k-parameter test ResNet, named
+# with its pretrained tag as the RegNetY is.
+JOURNEY_STAND_INS = {"regnety_160.deit_in1k": "test_resnet.r160_in1k"}
 # What the journey's blocks do, in order: a change of step here or in the README fails the journey's test.
 JOURNEY_STEPS = ["training.train_teacher", "wget", "deit_hf.convert", "training.train", "python"]
 
@@ -281,8 +282,9 @@ def test_the_journey_runs(snippet_folder, digits, local_hub):  # noqa: F811
     teacher = snippet_folder / "outputs" / "teacher"
     config = json.loads((teacher / "config.json").read_text())
     assert config["label_names"] == names and config["image_size"] == IMAGE_SIZE
+    assert config["architecture"] == JOURNEY_STAND_INS["regnety_160.deit_in1k"]
     assert (teacher / "model.safetensors").is_file()
-    timm_normalisation = timm.data.resolve_model_data_config(timm.create_model("test_resnet"))
+    timm_normalisation = timm.data.resolve_model_data_config(timm.create_model(config["architecture"]))
     processor = json.loads((teacher / "preprocessor_config.json").read_text())
     assert (processor["image_mean"], processor["image_std"]) == (list(timm_normalisation["mean"]),
                                                                  list(timm_normalisation["std"]))
