@@ -160,7 +160,9 @@ def test_a_record_of_another_run_is_refused_naming_what_differs(flags, item, sma
 
 
 def _fingerprint(argv, datasets=None, **training_changes):
-    _, distill_args, data_args, aug_args, training_args = parse_args(argv)
+    arguments = parse_args(argv)
+    distill_args, data_args, aug_args = arguments.distillation, arguments.data, arguments.augmentation
+    training_args = arguments.training
     for name, value in training_changes.items():
         setattr(training_args, name, value)
     splits = datasets or {"train": _Split(str(data_args.max_train_samples)), "validation": _Split("v")}
@@ -186,7 +188,7 @@ def test_other_processes_teacher_weights_and_top_k_are_refused(random_teacher_di
     for argv, item in cases:
         with pytest.raises(TeacherRecordError, match=rf"\({item}: recorded"):
             TeacherRecord(tmp_path / "cache", _fingerprint(argv)).check_fingerprint()
-    monkeypatch.setattr(type(parse_args(base)[-1]), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(parse_args(base).training), "world_size", property(lambda self: 2))
     with pytest.raises(TeacherRecordError, match=r"\(processes: recorded 1, now 2\)"):
         TeacherRecord(tmp_path / "cache", _fingerprint(base)).check_fingerprint()
 
