@@ -14,7 +14,7 @@ from transformers import pipeline
 
 from deit_hf import DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
 from deit_hf.distillation_types import get_distillation_type
-from training import train
+from training import build, train
 from training.build import apply_recipe_schedule
 from training.train import main, parse_args
 
@@ -47,14 +47,14 @@ def test_fine_tuning_at_a_higher_resolution_with_the_teacher_at_that_size(
         small_digits_dir, random_teacher_dir, checkpoint_at_32, tmp_path, monkeypatch, caplog):
     path, stored = checkpoint_at_32
     teacher_sizes = []
-    load_teacher = train.load_teacher
+    load_teacher = build.load_teacher
 
     def recording_teacher(*args, **kwargs):  # records the size of every batch the teacher is given
         teacher = load_teacher(*args, **kwargs)
         teacher.register_forward_pre_hook(lambda module, inputs: teacher_sizes.append(tuple(inputs[0].shape[-2:])))
         return teacher
 
-    monkeypatch.setattr(train, "load_teacher", recording_teacher)
+    monkeypatch.setattr(build, "load_teacher", recording_teacher)
     args = without(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--max_steps", "2",
                                  "--do_eval", "true", "--model_name_or_path", str(path), "--blr", "1e-7"),
                    "--model_preset", "--config_overrides", "--input_size")

@@ -218,7 +218,7 @@ def test_the_schedule_used_is_shown_at_the_default_log_level(small_digits_dir, r
     main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--max_steps", "2",
                        "--learning_rate", "1e-3", "--warmup_steps", "0"))
     assert "Global batch 8: learning rate 0.001, 0 warm-up steps, 2 steps in all." in caplog.text
-    assert logging.getLogger("training.train").isEnabledFor(logging.INFO)
+    assert logging.getLogger("training.build").isEnabledFor(logging.INFO)
 
 
 def test_a_teacher_near_chance_stops_the_run_before_step_1(small_digits_dir, random_teacher_dir, tmp_path):
@@ -353,7 +353,7 @@ def test_fine_tuning_refuses_a_checkpoint_whose_weights_do_not_load(small_digits
 
 def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, random_teacher_dir, tmp_path,
                                                               monkeypatch):
-    import training.train
+    import training.build
 
     main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "run", "--max_steps", "1"))
     def without(args, *flags):  # the flags and their values
@@ -369,11 +369,11 @@ def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, 
     without_teacher = without(evaluate, "--teacher_model", "--teacher_check_batches")
     # the paper's default teacher (regnety_160, fetched from the Hub) stays the default of training runs only
     assert parse_args(["--dataset_name", "x"]).distillation.teacher_model == "regnety_160.deit_in1k"
-    load_teacher = training.train.load_teacher
-    monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: pytest.fail("a teacher was loaded"))
+    load_teacher = training.build.load_teacher
+    monkeypatch.setattr(training.build, "load_teacher", lambda *args, **kwargs: pytest.fail("a teacher was loaded"))
     metrics = main(without_teacher).evaluate()
     assert "eval_top1" in metrics and not any("teacher" in name for name in metrics)
-    monkeypatch.setattr(training.train, "load_teacher", load_teacher)
+    monkeypatch.setattr(training.build, "load_teacher", load_teacher)
     assert "eval_teacher_top1" in main(evaluate).evaluate()
 
 

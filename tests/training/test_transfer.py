@@ -24,7 +24,7 @@ def test_the_transfer_recipe_is_the_authors():
     optimizer, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
     assert optimizer is torch.optim.SGD and kwargs == {"lr": pytest.approx(0.01, rel=1e-4), "momentum": 0.9,
                                                        "nesterov": True}
-    assert (training_args.weight_decay, aug_args.reprob, arguments[0].drop_path_rate) == (1e-4, 0.0, 0.0)
+    assert (training_args.weight_decay, aug_args.reprob, arguments.model.drop_path_rate) == (1e-4, 0.0, 0.0)
     assert distill_args.distillation_type == "hard" and distill_args.distillation_alpha == 0.5
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
-from training import record_teacher, train
+from training import build, record_teacher
 from training.teacher.store import TeacherRecord, TeacherRecordError, decode, encode, part_name
 from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
@@ -47,7 +47,7 @@ def test_with_the_whole_recipe_a_replayed_run_equals_the_recording_run(small_dig
     cache = str(tmp_path / "cache")
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *TWO_EPOCHS, *FULL_RECIPE,
                                    "--teacher_cache", cache))
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS, *FULL_RECIPE,
                                    "--teacher_cache", cache))
     assert replaying.teacher is None and len(losses(replaying)) == 12
@@ -68,7 +68,7 @@ def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [
         "epoch-00000.process-0.safetensors", "epoch-00001.process-0.safetensors", "eval.process-0.safetensors"]
 
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     caplog.clear()
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS,
                                    "--teacher_cache", cache))
@@ -113,7 +113,7 @@ def test_resuming_mid_epoch_under_replay(small_digits_dir, random_teacher_dir, t
               "--save_total_limit", "3", "--eval_strategy", "no", "--teacher_cache", str(tmp_path / "cache")]
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *common))
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")  # mid-epoch 0 (6 steps)
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common,
                                  "--resume_from_checkpoint", "last"))
     assert resumed.state.global_step == 12 and resumed.teacher is None
