@@ -74,7 +74,7 @@ def settle_run_arguments(arguments: RunArguments, given: set[str]) -> None:
             raise ValueError("--model_preset and --model_name_or_path both describe the student: the checkpoint's "
                              "architecture is used, drop one of them.")
         check_checkpoint_arguments(model, augmentation, "input_size" in given)
-    check_arguments(model, distillation, augmentation, training)
+    check_settings_train_together(model, distillation, augmentation, training)
 
 
 def check_model_source(model_args: ModelArguments) -> None:
@@ -116,7 +116,7 @@ def keep_no_idle_workers(training_args: TrainingArguments) -> None:
         training_args.dataloader_persistent_workers = False
 
 
-def check_arguments(
+def check_settings_train_together(
     model_args: ModelArguments,
     distill_args: DistillationArguments,
     aug_args: AugmentationArguments,
