@@ -341,8 +341,8 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
 def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
     """Each process records and replays its own part; with the whole recipe on, the replaying run's losses are the
     recording run's."""
-    from .test_distributed import PROBE, half_batches, launch, two_processes
-    from .test_distributed import losses as logged_losses
+    from ..test_distributed import PROBE, half_batches, launch, two_processes
+    from ..test_distributed import losses as logged_losses
 
     cache = str(tmp_path / "cache")
     common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
