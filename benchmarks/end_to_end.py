@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 
 import training.train
 from training.args import AugmentationArguments
-from training.train import share_cpu_threads
+from training.build import share_cpu_threads
 from training.transforms import zero_bit_posterize
 
 from . import DTYPE_NAMES, ForeignCpu, Measurement, autocast, keep_quiet_rounds, rotating_orders, synchronize

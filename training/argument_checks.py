@@ -1,13 +1,25 @@
-"""Settings that each argument dataclass of `training.args` accepts alone but that would not train together."""
+"""How the flags of a run go together: every rule that relates two of them, in one place.
 
+Each argument dataclass refuses a value outside its own field's range as `HfArgumentParser` builds it (`training.args`,
+`training.data_args`); everything else is here: settings each dataclass accepts alone but that would not train
+together, flags the run would not read, what a flag given settles over the recipe or a checkpoint, and the commands'
+own rules (`training.train_teacher`, `training.record_teacher`). Each refusal is a `ValueError` in one line naming the
+option; the commands turn it into argparse's usage error (`training.train.parse_args`).
+"""
+
+import logging
 import os
 
+import timm
 from transformers import TrainingArguments
 
 from deit_hf import DeiTConfig
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
-from .args import OFF_VALUES, AugmentationArguments, DistillationArguments, ModelArguments
+from .args import DistillationArguments, ModelArguments, RunArguments
+from .data_args import OFF_VALUES, AugmentationArguments, DataArguments
+
+logger = logging.getLogger(__name__)
 
 # What each optimiser transformers builds reads besides the learning rate and --weight_decay: whether it reads the
 # --adam_* flags, and the --optim_args keys it reads (transformers' `trainer_optimizer` handlers). The weight decay of
@@ -23,9 +35,88 @@ ADAM_FLAGS = ("adam_beta1", "adam_beta2", "adam_epsilon")
 # The flags that say which teacher, and so which targets: a `--teacher_cache` replay given none adopts the record's.
 TEACHER_IDENTITY_FLAGS = ("teacher_model", "teacher_checkpoint", "teacher_mean", "teacher_std", "teacher_input_size")
 TEACHER_FLAGS = (*TEACHER_IDENTITY_FLAGS, "teacher_check_batches")
+# A flag of the recipe's rule and the TrainingArguments value it derives: the one the user gave wins.
+RECIPE_RULES = (("blr", "learning_rate"), ("warmup_epochs", "warmup_steps"))
+# Augmentations that make soft targets, which a classifier's own loss (`training.train_teacher`) does not read.
+SOFT_TARGET_FLAGS = ("mixup", "cutmix", "smoothing")
 
 
-def check_arguments(
+def settle_run_arguments(arguments: RunArguments, given: set[str]) -> None:
+    """Refuse what the flags of a training run would not train together, and apply what the user gave explicitly
+    (`given`: the flags named) over what the recipe or a checkpoint would decide.
+
+    An explicit `--learning_rate` or `--warmup_steps` turns the recipe's rule that would derive it off (`--blr`,
+    `--warmup_epochs` set to 0); giving both of a pair is refused. Evaluation only (`--do_train false`) with no
+    teacher flag distils nothing. A checkpoint to fine-tune gives the architecture and, unless `--input_size` says
+    another, the input size."""
+    model, distillation, data = arguments.model, arguments.distillation, arguments.data
+    augmentation, training = arguments.augmentation, arguments.training
+    check_model_source(model)
+    check_teacher_is_named(distillation)
+    check_data_source(data)
+    for rule, derived in RECIPE_RULES:
+        if rule in given and derived in given:
+            raise ValueError(f"--{rule} and --{derived} both set the {derived.replace('_', ' ')}: give one of them.")
+        if derived in given:
+            setattr(distillation, rule, 0)  # 0 turns the rule off and keeps the value given
+    keep_no_idle_workers(training)
+    if not training.do_train and not given & {"teacher_model", "teacher_checkpoint", "distillation_type"}:
+        distillation.distillation_type = "none"  # evaluation only: the paper's default teacher is for training
+    if "label_smoothing_factor" in given:
+        raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
+                         "the class targets, Mixup's soft targets included).")
+    check_stream_dispatch(data, training)
+    check_cache_flags(given, distillation, data)
+    check_distillation_flags_are_read(given, distillation)
+    check_optimizer_flags(given, training)
+    if model.model_name_or_path is not None:
+        if "model_preset" in given:
+            raise ValueError("--model_preset and --model_name_or_path both describe the student: the checkpoint's "
+                             "architecture is used, drop one of them.")
+        check_checkpoint_arguments(model, augmentation, "input_size" in given)
+    check_settings_train_together(model, distillation, augmentation, training)
+
+
+def check_model_source(model_args: ModelArguments) -> None:
+    """`--config_overrides` changes a preset only, and each of its fields must be one of the preset's, of its type
+    (refused now, not after loading the data)."""
+    if model_args.model_name_or_path is not None and model_args.config_overrides:
+        raise ValueError(
+            "--config_overrides changes a --model_preset; a --model_name_or_path checkpoint keeps its own "
+            "configuration."
+        )
+    model_args.config_overrides_dict()
+
+
+def check_teacher_is_named(distill_args: DistillationArguments) -> None:
+    """A distillation type that uses a teacher needs one named, and only such a type has a teacher to record."""
+    uses_teacher = get_distillation_type(distill_args.distillation_type).uses_teacher
+    if distill_args.teacher_cache is not None and not uses_teacher:
+        raise ValueError(f"--teacher_cache with --distillation_type {distill_args.distillation_type}: there is no "
+                         "teacher to record.")
+    if uses_teacher and (distill_args.teacher_model or "").strip().lower() in OFF_VALUES:
+        raise ValueError(
+            f"--distillation_type {distill_args.distillation_type} needs a teacher but --teacher_model is "
+            f"{distill_args.teacher_model!r}: name a timm model or a local Hugging Face classifier, or pass "
+            "--distillation_type none or labels."
+        )
+
+
+def check_data_source(data_args: DataArguments) -> None:
+    """The images come from one of `--dataset_name` or `--train_dir`, and `--validation_dir` goes with the latter."""
+    if (data_args.dataset_name is None) == (data_args.train_dir is None):
+        raise ValueError("Pass exactly one of `dataset_name` or `train_dir`.")
+    if data_args.validation_dir is not None and data_args.train_dir is None:
+        raise ValueError("`validation_dir` needs `train_dir`; a `dataset_name` dataset has its own splits.")
+
+
+def keep_no_idle_workers(training_args: TrainingArguments) -> None:
+    """Without DataLoader workers there are none to keep alive between epochs (torch refuses the pair)."""
+    if training_args.dataloader_num_workers == 0:
+        training_args.dataloader_persistent_workers = False
+
+
+def check_settings_train_together(
     model_args: ModelArguments,
     distill_args: DistillationArguments,
     aug_args: AugmentationArguments,
@@ -108,3 +199,109 @@ def check_optimizer_flags(given: set[str], training_args: TrainingArguments) -> 
             readable = f"it reads {', '.join(keys)}" if keys else "it reads none (use --adam_beta1/2, --adam_epsilon)"
             hint = "; the weight decay is --weight_decay" if key == "weight_decay" else ""
             raise ValueError(f"--optim_args {key}: not read by --optim {optim} ({readable}{hint}).")
+
+
+def check_stream_dispatch(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Refuse accelerate's `dispatch_batches` settings that would lose or repeat streamed examples on N processes."""
+    if not data_args.streaming or training_args.world_size == 1:
+        return
+    dispatch = training_args.accelerator_config.dispatch_batches
+    # The evaluation stream stays with accelerate's dispatching (process 0 reads it, and `gather_for_metrics` drops
+    # the padding of its last batch); undispatched, accelerate would give the processes unequal or overlapping parts.
+    evaluates = training_args.do_eval or training_args.eval_strategy != "no"
+    if dispatch is False and evaluates:
+        raise ValueError(
+            "--accelerator_config dispatch_batches=false with --streaming on several processes: the evaluation stream "
+            "would count some examples twice or not at all. Leave dispatch_batches unset (the train stream is split "
+            "among the processes anyway), or do not evaluate (--eval_strategy no --do_eval false)."
+        )
+    # A dispatched train batch is split evenly with the remainder dropped (accelerate's `DataLoaderDispatcher`): once
+    # an image fails to decode, the global batch no longer divides among the processes and decoded images are lost.
+    if dispatch:
+        raise ValueError(
+            "--accelerator_config dispatch_batches=true with --streaming on several processes: accelerate splits each "
+            "dispatched train batch evenly and drops the remainder, so every batch with an undecodable image would "
+            "lose decoded ones without a word. Leave dispatch_batches unset: each process reads and decodes its own "
+            "part of the train stream."
+        )
+
+
+def check_cache_flags(given: set[str], distill_args, data_args) -> None:
+    """Refuse `--teacher_cache*` flags that would not be read. With `--teacher_cache` and no flag naming the teacher,
+    `teacher_model` becomes None: the record's teacher (`training.teacher.identity.resolve_teacher`)."""
+    if distill_args.teacher_cache is None:
+        if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
+            raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")
+        return
+    if not given & set(TEACHER_IDENTITY_FLAGS):
+        distill_args.teacher_model = None
+    keeps_logits = get_distillation_type(distill_args.distillation_type).uses_teacher_distribution
+    if "teacher_cache_top_k" in given and not keeps_logits:
+        raise ValueError("--teacher_cache_top_k is for soft distillation; hard records the teacher's class only.")
+    if data_args.streaming:
+        raise ValueError("--teacher_cache needs a dataset of known length and order: it cannot record a --streaming "
+                         "one.")
+
+
+def check_checkpoint_arguments(model_args: ModelArguments, aug_args: AugmentationArguments, input_size_given: bool):
+    """Settle the flags a checkpoint to fine-tune decides: its architecture (`--distillation_token` may only repeat
+    it) and the input size (its own unless `--input_size` is given: a multiple of its patch, downsampling warned)."""
+    try:
+        config = DeiTConfig.from_pretrained(model_args.model_name_or_path)
+    except OSError as error:
+        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
+    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    if height != width:
+        raise ValueError(f"The checkpoint takes {height}x{width} images; training supports square inputs only.")
+    _check_distillation_token(model_args, config)
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    if not input_size_given:
+        aug_args.input_size = height
+    elif aug_args.input_size % patch:
+        raise ValueError(f"--input_size {aug_args.input_size} is not a multiple of the checkpoint's patch size "
+                         f"{patch} ({model_args.model_name_or_path} takes {height}x{width} images).")
+    elif aug_args.input_size < height:
+        logger.warning("--input_size %d is below the %d px the checkpoint was trained at: its position embeddings are "
+                       "downsampled.", aug_args.input_size, height)
+
+
+def _check_distillation_token(model_args: ModelArguments, config: DeiTConfig) -> None:
+    """A checkpoint keeps its architecture: `--distillation_token` may only say what it already is."""
+    given, stored = model_args.distillation_token, config.use_distillation_token
+    if given is False and stored:
+        heads = (config.architectures or [])[:1] == ["DeiTForImageClassificationWithTeacher"]
+        extra = "deit.embeddings.distillation_token" + (", distillation_classifier.weight and .bias" if heads else "")
+        raise ValueError(f"--distillation_token false but {model_args.model_name_or_path} has a distillation token "
+                         f"({extra}), which a model without one would drop: drop --distillation_token, or train a "
+                         "preset with --distillation_token false.")
+    if given is True and not stored:
+        raise ValueError(f"--distillation_token true but {model_args.model_name_or_path} has none (a DeiT without "
+                         "distillation token): drop --distillation_token.")
+    model_args.distillation_token = stored
+
+
+def check_recording_arguments(arguments: RunArguments) -> None:
+    """`training.record_teacher` records a teacher's targets into `--teacher_cache`, which it needs; it checks none."""
+    if arguments.distillation.teacher_cache is None:
+        raise ValueError("training.record_teacher needs --teacher_cache DIR: where to record the teacher's targets.")
+    if arguments.distillation.teacher_cache_check:
+        raise ValueError("training.record_teacher records: --teacher_cache_check is read by a training run that "
+                         "replays the record (python -m training.train).")
+
+
+def settle_teacher_training_arguments(teacher_args, data_args: DataArguments, aug_args: AugmentationArguments,
+                                      training_args: TrainingArguments) -> None:
+    """Refuse what `training.train_teacher` would not read: starting weights for a classifier that carries its own,
+    two sources of them, soft targets (the classifier's own loss takes class ids) and the student's `--model_ema`."""
+    if not timm.is_model(teacher_args.teacher_model) and (teacher_args.pretrained or teacher_args.teacher_checkpoint):
+        raise ValueError(f"--pretrained and --teacher_checkpoint are for timm models; {teacher_args.teacher_model!r} "
+                         "is not one (a Hugging Face classifier carries its own weights).")
+    if teacher_args.pretrained and teacher_args.teacher_checkpoint:
+        raise ValueError("--pretrained and --teacher_checkpoint both give the starting weights: give one.")
+    check_data_source(data_args)
+    soft = [name for name in SOFT_TARGET_FLAGS if getattr(aug_args, name) > 0]
+    if soft:
+        raise ValueError(f"--{soft[0]} makes soft targets, which the classifier's own loss does not read.")
+    if training_args.model_ema:
+        raise ValueError("--model_ema is training.train's (the student's weights' average), not the teacher's.")
+    keep_no_idle_workers(training_args)

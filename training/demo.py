@@ -26,10 +26,10 @@ from transformers import ResNetConfig, ResNetForImageClassification, pipeline
 
 from deit_hf import DeiTForImageClassificationWithTeacher, DeiTHfImageProcessorPil
 
+from .build import share_cpu_threads
 from .digits import DIGIT_NAMES, load_digits_dataset
 from .plots import plot_run, token_cosine_per_layer
 from .train import main as train_student
-from .train import share_cpu_threads
 from .train_teacher import main as train_teacher
 
 IMAGE_SIZE = 32

@@ -4,7 +4,7 @@
         --num_train_epochs 300 [the students' flags]
     accelerate launch --multi_gpu --num_processes 8 -m training.record_teacher args.json --teacher_cache records/x
 
-Takes `training.train`'s flags and builds the same run (`training.train.build_trainer`): the same batches on the same
+Takes `training.train`'s flags and builds the same run (`training.build.build_trainer`): the same batches on the same
 processes, the same per-batch augmentation, keyed as the students' runs will look them up. Instead of training, each
 process runs the teacher alone on its views, several of the students' batches at a time (at least
 `--per_device_eval_batch_size` views per forward), and writes its parts of the record; epochs already recorded are
@@ -19,9 +19,11 @@ import logging
 
 import torch
 
+from .argument_checks import check_recording_arguments
+from .build import build_trainer
 from .teacher.store import TeacherRecordError, part_name
 from .teacher.targets import RecordedTeacher, needed_steps
-from .train import build_trainer, parse_args
+from .train import parse_args
 
 logger = logging.getLogger(__spec__.name)  # under `python -m`, "training.record_teacher" rather than "__main__"
 
@@ -97,13 +99,13 @@ def record(trainer, training_args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Record the targets of the run `argv` describes (training.train's flags, `--teacher_cache` required)."""
-    distill_args = parse_args(argv)[1]  # `--help` exits here; a refused flag exits as training.train's do
-    if distill_args.teacher_cache is None:
-        raise SystemExit("training.record_teacher needs --teacher_cache DIR: where to record the teacher's targets.")
-    if distill_args.teacher_cache_check:
-        raise SystemExit("training.record_teacher records: --teacher_cache_check is read by a training run that "
-                         "replays the record (python -m training.train).")
-    trainer, (_, _, _, _, training_args) = build_trainer(argv)
+    arguments = parse_args(argv)  # `--help` exits here; a refused flag exits as training.train's do
+    try:
+        check_recording_arguments(arguments)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    training_args = arguments.training
+    trainer = build_trainer(arguments)
     targets = trainer.teacher_targets
     if not isinstance(targets, RecordedTeacher):
         raise TeacherRecordError("training.record_teacher records a teacher: --distillation_type none or labels has "

@@ -11,43 +11,6 @@ from .args import AugmentationArguments, DistillationArguments, ModelArguments
 logger = logging.getLogger(__name__)
 
 
-def check_checkpoint_arguments(model_args: ModelArguments, aug_args: AugmentationArguments, input_size_given: bool):
-    """Settle the flags a checkpoint to fine-tune decides: its architecture (`--distillation_token` may only repeat
-    it) and the input size (its own unless `--input_size` is given: a multiple of its patch, downsampling warned)."""
-    try:
-        config = DeiTConfig.from_pretrained(model_args.model_name_or_path)
-    except OSError as error:
-        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
-    height, width = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-    if height != width:
-        raise ValueError(f"The checkpoint takes {height}x{width} images; training supports square inputs only.")
-    _check_distillation_token(model_args, config)
-    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    if not input_size_given:
-        aug_args.input_size = height
-    elif aug_args.input_size % patch:
-        raise ValueError(f"--input_size {aug_args.input_size} is not a multiple of the checkpoint's patch size "
-                         f"{patch} ({model_args.model_name_or_path} takes {height}x{width} images).")
-    elif aug_args.input_size < height:
-        logger.warning("--input_size %d is below the %d px the checkpoint was trained at: its position embeddings are "
-                       "downsampled.", aug_args.input_size, height)
-
-
-def _check_distillation_token(model_args: ModelArguments, config: DeiTConfig) -> None:
-    """A checkpoint keeps its architecture: `--distillation_token` may only say what it already is."""
-    given, stored = model_args.distillation_token, config.use_distillation_token
-    if given is False and stored:
-        heads = (config.architectures or [])[:1] == ["DeiTForImageClassificationWithTeacher"]
-        extra = "deit.embeddings.distillation_token" + (", distillation_classifier.weight and .bias" if heads else "")
-        raise ValueError(f"--distillation_token false but {model_args.model_name_or_path} has a distillation token "
-                         f"({extra}), which a model without one would drop: drop --distillation_token, or train a "
-                         "preset with --distillation_token false.")
-    if given is True and not stored:
-        raise ValueError(f"--distillation_token true but {model_args.model_name_or_path} has none (a DeiT without "
-                         "distillation token): drop --distillation_token.")
-    model_args.distillation_token = stored
-
-
 def build_student(
     model_args: ModelArguments, distill_args: DistillationArguments, aug_args: AugmentationArguments, id2label: dict
 ) -> DeiTForImageClassification | DeiTForImageClassificationWithTeacher:

@@ -35,12 +35,14 @@ from transformers import (
 from deit_hf import DeiTHfImageProcessorPil
 
 from .args import AugmentationArguments, DataArguments, DeiTTrainingArguments
+from .argument_checks import SOFT_TARGET_FLAGS, settle_teacher_training_arguments
+from .build import prepare_datasets, share_cpu_threads
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
 from .command_line import run_command, set_up_logging
 from .metrics import compute_metrics, preprocess_logits_for_metrics
 from .skipped_images import SkippedImageCounter
-from .train import RECIPE_TRAINING_DEFAULTS, prepare_datasets, share_cpu_threads
+from .train import RECIPE_TRAINING_DEFAULTS
 from .trainer import DistillationTrainer
 from .transforms import build_batch_transform
 
@@ -53,7 +55,7 @@ TEACHER_TRAINING_DEFAULTS = {
     "warmup_steps": 0.05, "save_strategy": "no",
 }
 # The classifier's own loss reads class ids: no soft targets (Mixup, CutMix, smoothing), and no erasing either.
-TEACHER_AUGMENTATION_DEFAULTS = {"mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0, "reprob": 0.0, "repeated_aug": False}
+TEACHER_AUGMENTATION_DEFAULTS = {**dict.fromkeys(SOFT_TARGET_FLAGS, 0.0), "reprob": 0.0, "repeated_aug": False}
 
 
 @dataclass
@@ -68,33 +70,32 @@ class TeacherArguments:
         default=None, metadata={"help": "Start a timm model from these weights (a .pth/.safetensors state dict)."}
     )
 
-    def __post_init__(self):
-        if not timm.is_model(self.teacher_model) and (self.pretrained or self.teacher_checkpoint):
-            raise ValueError(f"--pretrained and --teacher_checkpoint are for timm models; {self.teacher_model!r} is "
-                             "not one (a Hugging Face classifier carries its own weights).")
-        if self.pretrained and self.teacher_checkpoint:
-            raise ValueError("--pretrained and --teacher_checkpoint both give the starting weights: give one.")
+
+@dataclass(frozen=True)
+class TeacherRunArguments:
+    """The parsed arguments of `training.train_teacher`, each dataclass by its name."""
+
+    teacher: TeacherArguments
+    data: DataArguments
+    augmentation: AugmentationArguments
+    training: DeiTTrainingArguments
 
 
-def parse_args(argv: list[str] | None = None):
-    """The four argument dataclasses; a refused value exits as argparse does, in one line naming the option."""
-    parser = HfArgumentParser((TeacherArguments, DataArguments, AugmentationArguments, DeiTTrainingArguments),
+def parse_args(argv: list[str] | None = None) -> TeacherRunArguments:
+    """The command's arguments; a refused value exits as argparse does, in one line naming the option (the rules
+    between flags: `training.argument_checks.settle_teacher_training_arguments`)."""
+    parser = HfArgumentParser(tuple(part.type for part in fields(TeacherRunArguments)),
                               usage="%(prog)s --teacher_model NAME (--dataset_name D | --train_dir D) [--option ...]")
     has_accelerator = torch.accelerator.is_available()
     parser.set_defaults(**TEACHER_TRAINING_DEFAULTS, **TEACHER_AUGMENTATION_DEFAULTS, use_cpu=not has_accelerator,
                         dataloader_pin_memory=has_accelerator)
     try:
-        teacher_args, data_args, aug_args, training_args = parser.parse_args_into_dataclasses(argv)
-        soft = [name for name in ("mixup", "cutmix", "smoothing") if getattr(aug_args, name) > 0]
-        if soft:
-            raise ValueError(f"--{soft[0]} makes soft targets, which the classifier's own loss does not read.")
-        if training_args.model_ema:
-            raise ValueError("--model_ema is training.train's (the student's weights' average), not the teacher's.")
+        arguments = TeacherRunArguments(*parser.parse_args_into_dataclasses(argv))
+        settle_teacher_training_arguments(arguments.teacher, arguments.data, arguments.augmentation,
+                                          arguments.training)
     except ValueError as error:
         parser.error(str(error))
-    if training_args.dataloader_num_workers == 0:
-        training_args.dataloader_persistent_workers = False  # no workers to keep (torch refuses the pair)
-    return teacher_args, data_args, aug_args, training_args
+    return arguments
 
 
 def build_classifier(teacher_args: TeacherArguments, label_names: list[str]) -> tuple[PreTrainedModel, tuple, tuple]:
@@ -125,7 +126,9 @@ def build_classifier(teacher_args: TeacherArguments, label_names: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> DistillationTrainer:
     """Fine-tune the classifier as `argv` says, save it with its processor and card; returns the trainer."""
-    teacher_args, data_args, aug_args, training_args = parse_args(argv)
+    arguments = parse_args(argv)
+    teacher_args, data_args = arguments.teacher, arguments.data
+    aug_args, training_args = arguments.augmentation, arguments.training
     set_up_logging(training_args)
     transformers.set_seed(training_args.seed)
     share_cpu_threads(training_args.dataloader_num_workers)

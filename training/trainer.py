@@ -1,9 +1,7 @@
 """`DistillationTrainer`: transformers' Trainer with DeiT's teacher, Mixup/CutMix and repeated augmentation."""
 
-import itertools
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 
@@ -11,7 +9,6 @@ import torch
 import torch.distributed as dist
 from accelerate.data_loader import prepare_data_loader
 from torch import nn
-from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_gather
@@ -31,8 +28,6 @@ from .step_guard import (
     weights_are_finite,
 )
 from .teacher.model import Teacher
-from .teacher.preflight import normalisations, normalised_as
-from .teacher.preflight_images import check_images
 from .teacher.targets import TeacherTargets, targets_for
 from .transforms import BatchTransform
 
@@ -132,42 +127,10 @@ class DistillationTrainer(Trainer):
         self._run_loss_totals = [0.0, 0.0]
         return super().train(*args, **kwargs)
 
-    def teacher_confusions(self, num_batches: int, label_column: str) -> dict[str, torch.Tensor]:
-        """The teacher's counts of (true class, predicted class) on the pre-flight's images (`check_batches`), for
-        each normalisation of `training.teacher.preflight.normalisations`, summed over processes so that every rank
-        reaches the same verdict (`training.teacher.preflight.check_teacher`)."""
-        statistics = normalisations(self.teacher)
-        num_labels = self.teacher.num_labels
-        counts = torch.zeros(len(statistics), num_labels * num_labels, dtype=torch.int64, device=self.args.device)
-        for inputs in self.check_batches(num_batches, label_column):
-            inputs = self._transform_batch(inputs, training=False)
-            for row, normalisation in enumerate(statistics.values()):
-                with normalised_as(self.teacher, normalisation), self.accelerator.autocast():
-                    predictions = self.teacher(inputs["pixel_values"]).argmax(dim=1)
-                counts[row] += torch.bincount(inputs["labels"] * num_labels + predictions, minlength=num_labels ** 2)
-        counts = self.accelerator.reduce(counts, reduction="sum").cpu().view(-1, num_labels, num_labels)
-        return dict(zip(statistics, counts, strict=True))
-
-    def check_batches(self, num_batches: int, label_column: str) -> Iterator[dict]:
-        """The decoded rows of the pre-flight's batches, on this process: its part of as many images as
-        `num_batches` evaluation batches of every process hold, drawn from every class of the evaluation split
-        (`training.teacher.preflight_images`); for a stream, its first `num_batches` evaluation batches."""
-        args = self.args
-        images = check_images(self.eval_dataset, label_column, num_batches * args.eval_batch_size * args.world_size)
-        if images is None:
-            batches = itertools.islice(self.get_eval_dataloader(), num_batches)
-        else:  # not the Trainer's evaluation loader, which it keeps for the evaluations (persistent workers)
-            workers = min(args.dataloader_num_workers, num_batches)
-            batches = DataLoader(
-                images.select(range(args.process_index, len(images), args.world_size)), args.eval_batch_size,
-                collate_fn=self.data_collator, num_workers=workers, pin_memory=args.dataloader_pin_memory,
-                multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
-                prefetch_factor=args.dataloader_prefetch_factor if workers else None,
-            )
-        for inputs in batches:
-            decoded = inputs["labels"] != IGNORE_INDEX  # a stream's evaluation batches keep blank rows
-            if decoded.any():
-                yield {"pixel_values": inputs["pixel_values"][decoded], "labels": inputs["labels"][decoded]}
+    def prepare_evaluation_batch(self, inputs: dict) -> dict:
+        """An evaluation batch on the device, transformed as the student's evaluation batches are (the pre-flight's:
+        `training.teacher.preflight`)."""
+        return self._transform_batch(inputs, training=False)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()

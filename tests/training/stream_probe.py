@@ -13,14 +13,14 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from training import train, trainer, transforms
+from training import build, train, trainer, transforms
 
 PROBE_DIR = os.environ["STREAM_PROBE_DIR"]
 RANK = os.environ.get("RANK", "0")  # inherited by the DataLoader workers
 _image_transform = transforms.ImageTransform.__call__
 _init = trainer.DistillationTrainer.__init__
 _training_step = trainer.DistillationTrainer.training_step
-_compute_metrics = train.compute_metrics
+_compute_metrics = build.compute_metrics
 
 
 def record(name: str, lines: list[str]) -> None:
@@ -65,5 +65,5 @@ if __name__ == "__main__":
     transforms.ImageTransform.__call__ = image_transform
     trainer.DistillationTrainer.__init__ = init
     trainer.DistillationTrainer.training_step = training_step
-    train.compute_metrics = compute_metrics
+    build.compute_metrics = compute_metrics
     train.main(sys.argv[1:])

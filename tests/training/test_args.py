@@ -1,11 +1,17 @@
 """Misconfiguration is refused while the arguments are parsed, in one line naming the option."""
 
+import argparse
 import json
+import sys
+import traceback
+from pathlib import Path
 
 import pytest
 
 from deit_hf import DeiTConfig
-from training.train import build_student, parse_args
+from training import record_teacher, train_teacher
+from training.student import build_student
+from training.train import parse_args
 
 REFUSED = [
     (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
@@ -94,9 +100,8 @@ def test_what_is_accepted():
 def test_a_checkpoint_that_does_not_load_names_the_option(tmp_path):
     DeiTConfig.from_preset("deit-tiny-distilled-patch16-224").save_pretrained(tmp_path)  # a config, no weights
     arguments = parse_args(["--dataset_name", "x", "--model_name_or_path", str(tmp_path)])
-    model_args, distill_args, _, aug_args, _ = arguments
     with pytest.raises(ValueError, match=rf"--model_name_or_path '{tmp_path}': .*model.safetensors"):
-        build_student(model_args, distill_args, aug_args, {0: "a", 1: "b"})
+        build_student(arguments.model, arguments.distillation, arguments.augmentation, {0: "a", 1: "b"})
 
 
 def test_help_shows_where_the_learning_rate_comes_from_and_hides_refused_flags(capsys):
@@ -118,3 +123,72 @@ def test_fsdp_on_the_cpu_is_refused_rather_than_trained_as_plain_data_parallel(f
         parse_args(["--dataset_name", "x", "--use_cpu", "true", *flags])
     assert "FSDP is asked for (--fsdp, or an accelerate config's FSDP section) but the run is on the CPU" in (
         capsys.readouterr().err)
+
+
+# Refusals that relate two flags, and the command that parses them ({checkpoint}: a saved DeiT config).
+CROSS_FLAG_REFUSED = [
+    (parse_args, ["--blr", "1", "--learning_rate", "1"], "--blr and --learning_rate both set"),
+    (parse_args, ["--teacher_model", ""], "--distillation_type hard needs a teacher"),
+    (parse_args, ["--distillation_type", "labels", "--teacher_cache", "r"], "--teacher_cache with --distillation_type"),
+    (parse_args, ["--distillation_type", "none", "--teacher_model", "resnet18"], "--teacher_model is not read with"),
+    (parse_args, ["--distillation_type", "labels", "--teacher_model", "none", "--distillation_token", "false"],
+     "--distillation_type labels trains the distillation token"),
+    (parse_args, ["--config_overrides", "patch_size=5", "--input_size", "32"], "--config_overrides 'patch_size=5' at"),
+    (parse_args, ["--label_smoothing_factor", "0.1"], "--label_smoothing_factor is not read"),
+    (parse_args, ["--teacher_cache_top_k", "5"], "--teacher_cache_top_k is read with --teacher_cache only"),
+    (parse_args, ["--teacher_cache", "r", "--streaming", "true"], "it cannot record a --streaming one"),
+    (parse_args, ["--optim", "sgd", "--adam_beta1", "0.8"], "--adam_beta1 is not read by --optim sgd"),
+    (parse_args, ["--use_cpu", "true", "--fsdp", "full_shard"], "FSDP is asked for"),
+    (parse_args, ["--model_ema", "true", "--resume_from_checkpoint", "last"], "--model_ema with --resume_from"),
+    (parse_args, ["--validation_dir", "v"], "`validation_dir` needs `train_dir`"),
+    (parse_args, ["--train_dir", "t"], "Pass exactly one of `dataset_name` or `train_dir`"),
+    (parse_args, ["--model_name_or_path", "{checkpoint}", "--config_overrides", "hidden_size=64"],
+     "--config_overrides changes a --model_preset"),
+    (parse_args, ["--model_name_or_path", "{checkpoint}", "--model_preset", "deit-tiny-distilled-patch16-224"],
+     "--model_preset and --model_name_or_path both describe the student"),
+    (parse_args, ["--model_name_or_path", "{checkpoint}", "--input_size", "33"], "is not a multiple of the checkpoint"),
+    (train_teacher.parse_args, ["--teacher_model", "resnet18", "--mixup", "0.8"], "--mixup makes soft targets"),
+    (train_teacher.parse_args, ["--teacher_model", "resnet18", "--pretrained", "true", "--teacher_checkpoint", "t"],
+     "--pretrained and --teacher_checkpoint both give the starting weights"),
+    (train_teacher.parse_args, ["--teacher_model", "resnet18", "--train_dir", "t"], "Pass exactly one of"),
+]
+
+
+def refusal(parse, argv: list[str], monkeypatch) -> tuple[str, str]:
+    """The file whose code raised the refusal of `argv` (the last frame of its traceback), and its message."""
+    raised = []
+
+    def error(parser, message):  # argparse's exit, called while the refusal is being handled
+        raised.append(sys.exc_info()[1])
+        raise SystemExit(2)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "error", error)
+    with pytest.raises(SystemExit):
+        parse(argv)
+    (exception,) = raised
+    return Path(traceback.extract_tb(exception.__traceback__)[-1].filename).name, str(exception)
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(flags) for flags, _ in REFUSED])
+def test_each_refusal_is_raised_by_the_checks_or_by_a_dataclass_of_its_field(flags, message, monkeypatch):
+    site, text = refusal(parse_args, ["--dataset_name", "x", *flags], monkeypatch)
+    assert message in text and site in ("argument_checks.py", "args.py", "data_args.py"), (site, text)
+
+
+@pytest.mark.parametrize("parse, flags, message", CROSS_FLAG_REFUSED,
+                         ids=[" ".join(flags) for _, flags, _ in CROSS_FLAG_REFUSED])
+def test_a_rule_between_flags_is_raised_by_the_checks_module(parse, flags, message, tmp_path, monkeypatch):
+    DeiTConfig.from_preset("deit-tiny-distilled-patch16-224").save_pretrained(tmp_path)
+    argv = ["--dataset_name", "x", *(flag.format(checkpoint=tmp_path) for flag in flags)]
+    site, text = refusal(parse, argv, monkeypatch)
+    assert message in text and site == "argument_checks.py", (site, text)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "training.record_teacher needs --teacher_cache DIR: where to record the teacher's targets."),
+    (["--teacher_cache", "r", "--teacher_cache_check", "2"], "--teacher_cache_check is read by a training run"),
+])
+def test_the_recording_command_refuses_what_it_would_not_do_in_one_line(flags, message):
+    with pytest.raises(SystemExit, match=message) as exit_info:
+        record_teacher.main(["--dataset_name", "x", *flags])
+    assert "\n" not in str(exit_info.value.code)

@@ -75,7 +75,7 @@ def test_a_damaged_checkpoint_is_skipped_by_last_and_refused_when_named(tmp_path
     if name != "model.safetensors" or "tensors" not in problem:
         assert str(damaged / name) in caplog.text  # the file is named
     training_args = parse_args(["--dataset_name", "x", "--output_dir", str(tmp_path),
-                                "--resume_from_checkpoint", str(damaged)])[-1]
+                                "--resume_from_checkpoint", str(damaged)]).training
     with pytest.raises(ValueError, match=f"Cannot resume from {re.escape(str(damaged))}: .*{re.escape(problem)}"):
         resume_argument(training_args, WEIGHTS)
     assert damaged_files(str(tmp_path / "checkpoint-4"), WEIGHTS) == []
@@ -99,7 +99,7 @@ def test_the_newest_complete_checkpoint_is_found_and_newer_incomplete_ones_are_s
 def test_resume_last_without_a_complete_checkpoint_starts_from_step_0_and_a_named_incomplete_one_is_refused(tmp_path):
     fake_checkpoint(tmp_path / "checkpoint-8", [name for name in COMPLETE if not name.startswith("rng")])
     training_args = parse_args(["--dataset_name", "x", "--output_dir", str(tmp_path),
-                                "--resume_from_checkpoint", "last"])[-1]
+                                "--resume_from_checkpoint", "last"]).training
     assert resume_argument(training_args) is None
     training_args.resume_from_checkpoint = str(tmp_path / "checkpoint-8")
     with pytest.raises(ValueError, match="Cannot resume from .*checkpoint-8: it has no RNG state"):

@@ -65,4 +65,4 @@ def test_the_schedule_line_is_logged_under_python_m(small_digits_dir, tmp_path):
     result = run_train(tiny_run_args(small_digits_dir, None, tmp_path / "run", "--distillation_type", "none",
                                      "--max_steps", "1", "--eval_strategy", "no", "--do_eval", "false"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "INFO training.train: Global batch 8: learning rate" in result.stderr
+    assert "INFO training.build: Global batch 8: learning rate" in result.stderr

@@ -6,6 +6,7 @@ import datasets
 import pytest
 
 from training.args import DataArguments
+from training.argument_checks import check_data_source
 from training.data import VALIDATION_SPLIT_SEED, load_image_datasets
 from training.digits import DIGIT_NAMES
 
@@ -133,8 +134,8 @@ def test_unknown_split_is_named(few_digits, tmp_path):
 
 def test_data_arguments_need_one_source():
     with pytest.raises(ValueError, match="Pass exactly one of `dataset_name` or `train_dir`"):
-        DataArguments()
+        check_data_source(DataArguments())
     with pytest.raises(ValueError, match="Pass exactly one of `dataset_name` or `train_dir`"):
-        DataArguments(dataset_name="ILSVRC/imagenet-1k", train_dir="train")
+        check_data_source(DataArguments(dataset_name="ILSVRC/imagenet-1k", train_dir="train"))
     with pytest.raises(ValueError, match=r"`validation_split_percentage` must be in \(0, 100\)"):
         DataArguments(dataset_name="ILSVRC/imagenet-1k", validation_split_percentage=100)

@@ -64,7 +64,7 @@ def test_a_full_disk_while_saving_a_checkpoint_names_it_and_leaves_the_last_whol
     assert f"rerun with --resume_from_checkpoint last to continue from {output_dir / 'checkpoint-2'}." in message
     assert not (output_dir / STAGING_DIR / "checkpoint-4").exists()  # its space freed
     assert not (output_dir / "checkpoint-4").exists()
-    training_args = parse_args(argv)[-1]
+    training_args = parse_args(argv).training
     assert resume_argument(training_args) == str(output_dir / "checkpoint-2")
     assert last_complete_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
 

@@ -8,8 +8,9 @@ import pytest
 from transformers import TrainingArguments
 
 from deit_hf import DeiTConfig
+from training.build import build_trainer
 from training.memory_check import activation_bytes, check_activation_memory
-from training.train import build_trainer, main
+from training.train import main, parse_args
 
 from .conftest import tiny_run_args
 from .test_collator import GARBAGE
@@ -85,11 +86,11 @@ def test_deit_base_at_224_px_and_batch_128_passes_on_a_gpu(monkeypatch):
 def test_an_input_size_whose_activations_cannot_fit_is_refused_before_the_model_runs(small_digits_dir, tmp_path,
                                                                                      monkeypatch):
     args = tiny_run_args(small_digits_dir, None, tmp_path / "out", "--distillation_type", "none", "--max_steps", "1")
-    build_trainer(args)  # 32 px: far below what this machine has
+    build_trainer(parse_args(args))  # 32 px: far below what this machine has
     # the 4000 px run the kernel killed at 20.8 GB
     monkeypatch.setattr("training.memory_check.available_memory", lambda device: 16 * GiB)
-    monkeypatch.setattr("training.train.preflight", lambda *args: pytest.fail("the model ran"))
+    monkeypatch.setattr("training.build.preflight", lambda *args: pytest.fail("the model ran"))
     with pytest.raises(ValueError, match=r"^At 4000 px \(250002 tokens of patch 8\) the student's activations for "
                                          r"a training batch of 8 need at least 24\.8 GiB, and cpu has 16\.0 GiB "
                                          r"available\. Lower --input_size"):
-        build_trainer([*args, "--input_size", "4000"])
+        build_trainer(parse_args([*args, "--input_size", "4000"]))

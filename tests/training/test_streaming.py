@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import datasets
 import pytest
 
+from training.argument_checks import check_stream_dispatch
 from training.data import shuffle_stream, split_stream_by_process
-from training.train import check_stream_dispatch
 
 from .conftest import tiny_run_args
 from .test_distributed import launch, two_processes

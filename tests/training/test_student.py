@@ -14,8 +14,9 @@ from transformers import pipeline
 
 from deit_hf import DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
 from deit_hf.distillation_types import get_distillation_type
-from training import train
-from training.train import apply_recipe_schedule, main, parse_args
+from training import build, train
+from training.build import apply_recipe_schedule
+from training.train import main, parse_args
 
 from .conftest import tiny_run_args
 
@@ -46,14 +47,14 @@ def test_fine_tuning_at_a_higher_resolution_with_the_teacher_at_that_size(
         small_digits_dir, random_teacher_dir, checkpoint_at_32, tmp_path, monkeypatch, caplog):
     path, stored = checkpoint_at_32
     teacher_sizes = []
-    load_teacher = train.load_teacher
+    load_teacher = build.load_teacher
 
     def recording_teacher(*args, **kwargs):  # records the size of every batch the teacher is given
         teacher = load_teacher(*args, **kwargs)
         teacher.register_forward_pre_hook(lambda module, inputs: teacher_sizes.append(tuple(inputs[0].shape[-2:])))
         return teacher
 
-    monkeypatch.setattr(train, "load_teacher", recording_teacher)
+    monkeypatch.setattr(build, "load_teacher", recording_teacher)
     args = without(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--max_steps", "2",
                                  "--do_eval", "true", "--model_name_or_path", str(path), "--blr", "1e-7"),
                    "--model_preset", "--config_overrides", "--input_size")
@@ -80,8 +81,8 @@ def test_fine_tuning_at_a_higher_resolution_with_the_teacher_at_that_size(
 
 def test_the_384_preset_is_facebookresearch_readme_recipe_with_hard_distillation(checkpoint_at_32):
     path, _ = checkpoint_at_32
-    _, distill_args, _, aug_args, training_args = parse_args(
-        [str(FINE_TUNE_384), "--model_name_or_path", str(path), "--dataset_name", "x"])
+    arguments = parse_args([str(FINE_TUNE_384), "--model_name_or_path", str(path), "--dataset_name", "x"])
+    distill_args, aug_args, training_args = arguments.distillation, arguments.augmentation, arguments.training
     assert aug_args.input_size == 384
     assert (training_args.num_train_epochs, training_args.weight_decay, distill_args.warmup_epochs) == (30, 1e-8, 5)
     assert (distill_args.distillation_type, distill_args.distillation_alpha) == ("hard", 0.5)
@@ -93,7 +94,7 @@ def test_the_384_preset_is_facebookresearch_readme_recipe_with_hard_distillation
 
 def test_downsampling_a_checkpoint_works_with_a_warning(checkpoint_at_32, caplog):
     path, _ = checkpoint_at_32
-    _, _, _, aug_args, _ = parse_args(["--model_name_or_path", str(path), "--dataset_name", "x", "--input_size", "16"])
+    aug_args = parse_args(["--model_name_or_path", str(path), "--dataset_name", "x", "--input_size", "16"]).augmentation
     assert aug_args.input_size == 16
     assert "--input_size 16 is below the 32 px the checkpoint was trained at" in caplog.text
 

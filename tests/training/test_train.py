@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import get_scheduler, pipeline
 
 from deit_hf import DeiTForImageClassificationWithTeacher
-from training.train import apply_recipe_schedule, main, parse_args, share_cpu_threads
+from training.build import apply_recipe_schedule, share_cpu_threads
+from training.train import main, parse_args
 
 from .conftest import tiny_run_args
 
@@ -31,7 +32,9 @@ def write_imagefolder(split, root):
 
 
 def test_recipe_defaults():
-    model_args, distill_args, data_args, aug_args, training_args = parse_args(["--dataset_name", "x"])
+    arguments = parse_args(["--dataset_name", "x"])
+    model_args, distill_args, aug_args = arguments.model, arguments.distillation, arguments.augmentation
+    training_args = arguments.training
     assert (distill_args.teacher_model, distill_args.distillation_type, distill_args.distillation_alpha) == (
         "regnety_160.deit_in1k", "hard", 0.5)
     assert (distill_args.blr, distill_args.warmup_epochs, model_args.drop_path_rate) == (5e-4, 5, 0.1)
@@ -50,7 +53,8 @@ def test_json_config_file(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"dataset_name": "x", "distillation_type": "soft", "distillation_tau": 3.0,
                                 "output_dir": str(tmp_path), "mixup": 0.0}))
-    _, distill_args, _, aug_args, training_args = parse_args([str(path)])
+    arguments = parse_args([str(path)])
+    distill_args, aug_args, training_args = arguments.distillation, arguments.augmentation, arguments.training
     assert (distill_args.distillation_type, distill_args.distillation_tau, aug_args.mixup) == ("soft", 3.0, 0.0)
     assert training_args.output_dir == str(tmp_path)
 
@@ -141,10 +145,10 @@ def test_nonsense_student_config_is_refused(small_digits_dir, random_teacher_dir
 
 def _schedule(*flags, train_size=1000):
     """The learning rate and warm-up `main` would train with, from the given flags (batch 8 on one process)."""
-    _, distill_args, _, _, training_args = parse_args(
+    arguments = parse_args(
         ["--dataset_name", "x", "--per_device_train_batch_size", "8", "--num_train_epochs", "10", *flags])
-    apply_recipe_schedule(training_args, distill_args, train_size)
-    return training_args
+    apply_recipe_schedule(arguments.training, arguments.distillation, train_size)
+    return arguments.training
 
 
 def _learning_rates(training_args, total_steps):
@@ -183,9 +187,9 @@ def test_an_explicit_learning_rate_or_warmup_wins_over_the_recipe_rule(flags, le
 def test_an_explicit_learning_rate_in_a_json_file_wins_too(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"dataset_name": "x", "learning_rate": 2e-3, "per_device_train_batch_size": 8}))
-    model_args, distill_args, data_args, aug_args, training_args = parse_args([str(path)])
-    apply_recipe_schedule(training_args, distill_args, 1000)
-    assert training_args.learning_rate == 2e-3
+    arguments = parse_args([str(path)])
+    apply_recipe_schedule(arguments.training, arguments.distillation, 1000)
+    assert arguments.training.learning_rate == 2e-3
 
 
 @pytest.mark.parametrize("pair", [("--blr", "--learning_rate"), ("--warmup_epochs", "--warmup_steps")])
@@ -214,7 +218,7 @@ def test_the_schedule_used_is_shown_at_the_default_log_level(small_digits_dir, r
     main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "out", "--max_steps", "2",
                        "--learning_rate", "1e-3", "--warmup_steps", "0"))
     assert "Global batch 8: learning rate 0.001, 0 warm-up steps, 2 steps in all." in caplog.text
-    assert logging.getLogger("training.train").isEnabledFor(logging.INFO)
+    assert logging.getLogger("training.build").isEnabledFor(logging.INFO)
 
 
 def test_a_teacher_near_chance_stops_the_run_before_step_1(small_digits_dir, random_teacher_dir, tmp_path):
@@ -259,7 +263,8 @@ def test_cpu_threads_are_shared_with_the_workers_and_other_processes(monkeypatch
 def test_yaml_config_file_with_flags_that_override_it(tmp_path):
     path = tmp_path / "args.yaml"
     path.write_text("dataset_name: x\nmixup: 0.0\ndistillation_type: soft\nscale: [0.5, 1.0]\n")
-    _, distill_args, data_args, aug_args, _ = parse_args([str(path), "--mixup", "0.5", "--blr", "1e-3"])
+    arguments = parse_args([str(path), "--mixup", "0.5", "--blr", "1e-3"])
+    distill_args, data_args, aug_args = arguments.distillation, arguments.data, arguments.augmentation
     assert (data_args.dataset_name, distill_args.distillation_type, aug_args.scale) == ("x", "soft", [0.5, 1.0])
     assert (aug_args.mixup, distill_args.blr) == (0.5, 1e-3)  # the flags win over the file
 
@@ -267,7 +272,8 @@ def test_yaml_config_file_with_flags_that_override_it(tmp_path):
 def test_json_config_file_with_an_extra_flag(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"dataset_name": "x", "learning_rate": 1e-3}))
-    _, distill_args, _, _, training_args = parse_args([str(path), "--num_train_epochs", "3"])
+    arguments = parse_args([str(path), "--num_train_epochs", "3"])
+    distill_args, training_args = arguments.distillation, arguments.training
     assert (training_args.num_train_epochs, training_args.learning_rate, distill_args.blr) == (3, 1e-3, 0)
 
 
@@ -347,7 +353,7 @@ def test_fine_tuning_refuses_a_checkpoint_whose_weights_do_not_load(small_digits
 
 def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, random_teacher_dir, tmp_path,
                                                               monkeypatch):
-    import training.train
+    import training.build
 
     main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "run", "--max_steps", "1"))
     def without(args, *flags):  # the flags and their values
@@ -362,22 +368,22 @@ def test_evaluation_only_needs_no_teacher_unless_one_is_named(small_digits_dir, 
                        "--model_preset", "--config_overrides")
     without_teacher = without(evaluate, "--teacher_model", "--teacher_check_batches")
     # the paper's default teacher (regnety_160, fetched from the Hub) stays the default of training runs only
-    assert parse_args(["--dataset_name", "x"])[1].teacher_model == "regnety_160.deit_in1k"
-    load_teacher = training.train.load_teacher
-    monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: pytest.fail("a teacher was loaded"))
+    assert parse_args(["--dataset_name", "x"]).distillation.teacher_model == "regnety_160.deit_in1k"
+    load_teacher = training.build.load_teacher
+    monkeypatch.setattr(training.build, "load_teacher", lambda *args, **kwargs: pytest.fail("a teacher was loaded"))
     metrics = main(without_teacher).evaluate()
     assert "eval_top1" in metrics and not any("teacher" in name for name in metrics)
-    monkeypatch.setattr(training.train, "load_teacher", load_teacher)
+    monkeypatch.setattr(training.build, "load_teacher", load_teacher)
     assert "eval_teacher_top1" in main(evaluate).evaluate()
 
 
 @pytest.mark.parametrize("interval, strategy", [("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")])
 def test_an_interval_given_alone_switches_its_strategy_to_steps(interval, strategy):
-    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7"])[-1]
+    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7"]).training
     assert getattr(training_args, strategy) == "steps" and getattr(training_args, interval) == 7
-    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7", f"--{strategy}", "epoch"])[-1]
+    training_args = parse_args(["--dataset_name", "x", f"--{interval}", "7", f"--{strategy}", "epoch"]).training
     assert getattr(training_args, strategy) == "epoch"  # the strategy given wins
-    assert parse_args(["--dataset_name", "x"])[-1].save_strategy == "epoch"  # the recipe's
+    assert parse_args(["--dataset_name", "x"]).training.save_strategy == "epoch"  # the recipe's
 
 
 def test_resume_from_checkpoint_help_mentions_last(capsys):

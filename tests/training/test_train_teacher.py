@@ -94,7 +94,8 @@ def test_a_teacher_near_chance_at_a_size_it_was_not_trained_at_hears_of_the_size
 
 def test_the_teacher_input_size_is_part_of_a_record_s_identity():
     fingerprints = [
-        record_fingerprint({}, *(arguments[i] for i in (1, 3, 4)), (0.5,) * 3, (0.5,) * 3)
+        record_fingerprint({}, arguments.distillation, arguments.augmentation, arguments.training, (0.5,) * 3,
+                           (0.5,) * 3)
         for arguments in (parse_args(["--dataset_name", "x", *flags]) for flags in ([], ["--teacher_input_size", "32"]))
     ]
     assert (fingerprints[0]["teacher_input_size"], fingerprints[1]["teacher_input_size"]) == (None, 32)

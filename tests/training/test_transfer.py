@@ -9,7 +9,8 @@ import torch
 from transformers import Trainer
 
 from training import train
-from training.train import apply_recipe_schedule, main, parse_args
+from training.build import apply_recipe_schedule
+from training.train import main, parse_args
 
 from .conftest import tiny_run_args
 
@@ -17,13 +18,13 @@ TRANSFER = Path(train.__file__).parent / "configs" / "transfer.yaml"
 
 
 def test_the_transfer_recipe_is_the_authors():
-    _, distill_args, _, aug_args, training_args = arguments = parse_args(
-        [str(TRANSFER), "--dataset_name", "x", "--per_device_train_batch_size", "768"])
+    arguments = parse_args([str(TRANSFER), "--dataset_name", "x", "--per_device_train_batch_size", "768"])
+    distill_args, aug_args, training_args = arguments.distillation, arguments.augmentation, arguments.training
     apply_recipe_schedule(training_args, distill_args, 768 * 10)
     optimizer, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
     assert optimizer is torch.optim.SGD and kwargs == {"lr": pytest.approx(0.01, rel=1e-4), "momentum": 0.9,
                                                        "nesterov": True}
-    assert (training_args.weight_decay, aug_args.reprob, arguments[0].drop_path_rate) == (1e-4, 0.0, 0.0)
+    assert (training_args.weight_decay, aug_args.reprob, arguments.model.drop_path_rate) == (1e-4, 0.0, 0.0)
     assert distill_args.distillation_type == "hard" and distill_args.distillation_alpha == 0.5
 
 
@@ -49,7 +50,7 @@ def test_an_optimiser_flag_that_would_not_be_read_is_refused(flags, message, cap
 
 
 def test_the_authors_adamw_alternative_is_honoured():
-    *_, training_args = parse_args([str(TRANSFER), "--dataset_name", "x", "--optim", "adamw_torch_fused",
-                                    "--optim_args", "", "--adam_beta2", "0.99", "--weight_decay", "0.05"])
+    training_args = parse_args([str(TRANSFER), "--dataset_name", "x", "--optim", "adamw_torch_fused",
+                                "--optim_args", "", "--adam_beta2", "0.99", "--weight_decay", "0.05"]).training
     optimizer, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
     assert optimizer is torch.optim.AdamW and kwargs["betas"] == (0.9, 0.99) and kwargs["fused"]

@@ -63,7 +63,7 @@ def teacher_flags(distill_args) -> dict:
 
 def resolve_teacher(distill_args, recorded: dict | None) -> str | None:
     """The identity of the run's teacher. Named by a flag: hashed now. Named by none (`teacher_model` None, set by
-    `training.teacher.targets.check_cache_flags`): the `recorded` one's flags are adopted into `distill_args` and
+    `training.argument_checks.check_cache_flags`): the `recorded` one's flags are adopted into `distill_args` and
     its identity returned, nothing read; with no record yet, the default teacher. Logs the teacher's name and
     identity."""
     if distill_args.teacher_model is None and recorded is not None:

@@ -1,8 +1,8 @@
 """The pre-flight, before step 1: refuse a teacher that would teach the wrong thing, or validation images that do not
 decode.
 
-It reads validation images drawn from every class of the split (`training.teacher.preflight_images`), as many as
-`--teacher_check_batches` evaluation batches hold. `DistillationTrainer.teacher_confusions` runs the teacher on them,
+It reads validation images drawn from every class of the split, as many as `--teacher_check_batches` evaluation
+batches hold (`training.teacher.preflight_images.check_batches`). `teacher_confusions` runs the teacher on them,
 transformed as the student's evaluation batches are, with the input normalisation it declares and with each common one
 (`COMMON_NORMALISATIONS`), and counts (true class, predicted class) pairs; `check_teacher` reads those counts and
 refuses:
@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .model import Teacher, _affine_between
+from .model import Teacher, _affine_between, input_size_hint
+from .preflight_images import MIN_IMAGES_PER_CLASS, check_batches
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ COMMON_NORMALISATIONS = {
     "0.5/0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "[0, 1]": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-# A class is taken as swapped when at least this many of its check images went mostly to one other class.
-MIN_IMAGES_PER_CLASS = 4
 _WAY_OUT = "To train with it anyway, pass --teacher_check_batches 0."
 
 
@@ -66,13 +65,13 @@ def normalised_as(teacher: Teacher, statistics: tuple[Sequence[float], Sequence[
         teacher.input_scale, teacher.input_shift = saved
 
 
-def preflight(trainer, num_batches: int, label_column: str, label_names: Sequence[str],
-              size_hint: str | None = None) -> None:
+def preflight(trainer, num_batches: int, label_column: str, label_names: Sequence[str], input_size: int) -> None:
     """The pre-flight of a `DistillationTrainer` on `num_batches` batches' worth of validation images (0: none): its
     teacher checked (`check_teacher`); without one (no distillation, or its targets replayed), when it trains and
     evaluates, that some image decodes (an epoch would be lost before its evaluation found none). The RNG is left
     untouched (the loader draws a seed): a run that replays the teacher's targets draws the same augmentations and
-    drop paths as the run that recorded them. `size_hint`: see `check_teacher`."""
+    drop paths as the run that recorded them. `input_size`: the student's, which the teacher may not have been
+    trained at (`model.input_size_hint`)."""
     args = trainer.args
     check_the_teacher = trainer.teacher is not None
     if num_batches == 0 or not (check_the_teacher or args.do_train and args.eval_strategy != "no"):
@@ -80,16 +79,34 @@ def preflight(trainer, num_batches: int, label_column: str, label_names: Sequenc
     device = trainer.accelerator.device
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         if check_the_teacher:
-            confusions = trainer.teacher_confusions(num_batches, label_column)
+            confusions = teacher_confusions(trainer, num_batches, label_column)
         else:
-            decoded = sum(len(inputs["labels"]) for inputs in trainer.check_batches(num_batches, label_column))
+            decoded = sum(len(inputs["labels"]) for inputs in check_batches(trainer, num_batches, label_column))
             decoded = int(trainer.accelerator.reduce(torch.tensor(decoded, device=args.device), reduction="sum"))
     if check_the_teacher:
-        check_teacher(confusions, label_names, size_hint)
+        check_teacher(confusions, label_names, input_size_hint(trainer.teacher, input_size))
     else:
         refuse_if_nothing_decoded(decoded, "every evaluation would measure nothing",
                                   "Fix the validation split, or train without evaluating (--eval_strategy no).")
         logger.info("Pre-flight: %d validation images decoded.", decoded)
+
+
+def teacher_confusions(trainer, num_batches: int, label_column: str) -> dict[str, torch.Tensor]:
+    """The `trainer`'s teacher's counts of (true class, predicted class) on the pre-flight's images (`check_batches`),
+    for each normalisation of `normalisations`, summed over processes so that every rank reaches the same verdict
+    (`check_teacher`)."""
+    teacher, accelerator = trainer.teacher, trainer.accelerator
+    statistics = normalisations(teacher)
+    num_labels = teacher.num_labels
+    counts = torch.zeros(len(statistics), num_labels * num_labels, dtype=torch.int64, device=trainer.args.device)
+    for inputs in check_batches(trainer, num_batches, label_column):
+        inputs = trainer.prepare_evaluation_batch(inputs)
+        for row, normalisation in enumerate(statistics.values()):
+            with normalised_as(teacher, normalisation), accelerator.autocast():
+                predictions = teacher(inputs["pixel_values"]).argmax(dim=1)
+            counts[row] += torch.bincount(inputs["labels"] * num_labels + predictions, minlength=num_labels ** 2)
+    counts = accelerator.reduce(counts, reduction="sum").cpu().view(-1, num_labels, num_labels)
+    return dict(zip(statistics, counts, strict=True))
 
 
 def refuse_if_nothing_decoded(decoded: int, consequence: str, way_out: str) -> None:

@@ -7,15 +7,22 @@ as many as the check's batches hold, the same cost as reading its first batches.
 access: its first batches are read, with a warning that they hold only the classes they hold.
 """
 
+import itertools
 import logging
+from collections.abc import Iterator
 
 import datasets
 import numpy as np
+from torch.utils.data import DataLoader
 
+from ..collator import IGNORE_INDEX
 from ..labels import label_array
-from .preflight import MIN_IMAGES_PER_CLASS
 
 logger = logging.getLogger(__name__)
+
+# A class is taken as swapped when at least this many of its check images went mostly to one other class
+# (`training.teacher.preflight`): the sample holds that many of each class first.
+MIN_IMAGES_PER_CLASS = 4
 
 # Fixed, not --seed: every run on a split checks the same images.
 CHECK_SEED = 0
@@ -53,3 +60,25 @@ def check_images(dataset: datasets.Dataset | datasets.IterableDataset, label_col
     logger.info("The pre-flight reads %d of the %d validation images, from %d of its %d classes.", len(chosen),
                 len(labels), len(np.unique(labels[chosen])), len(np.unique(labels)))
     return dataset.select(chosen)
+
+
+def check_batches(trainer, num_batches: int, label_column: str) -> Iterator[dict]:
+    """The decoded rows of the pre-flight's batches, on this process: its part of as many images as `num_batches`
+    evaluation batches of every process hold, drawn from every class of the `trainer`'s evaluation split
+    (`check_images`); for a stream, its first `num_batches` evaluation batches."""
+    args = trainer.args
+    images = check_images(trainer.eval_dataset, label_column, num_batches * args.eval_batch_size * args.world_size)
+    if images is None:
+        batches = itertools.islice(trainer.get_eval_dataloader(), num_batches)
+    else:  # not the Trainer's evaluation loader, which it keeps for the evaluations (persistent workers)
+        workers = min(args.dataloader_num_workers, num_batches)
+        batches = DataLoader(
+            images.select(range(args.process_index, len(images), args.world_size)), args.eval_batch_size,
+            collate_fn=trainer.data_collator, num_workers=workers, pin_memory=args.dataloader_pin_memory,
+            multiprocessing_context=args.dataloader_multiprocessing_context if workers else None,
+            prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+        )
+    for inputs in batches:
+        decoded = inputs["labels"] != IGNORE_INDEX  # a stream's evaluation batches keep blank rows
+        if decoded.any():
+            yield {"pixel_values": inputs["pixel_values"][decoded], "labels": inputs["labels"][decoded]}

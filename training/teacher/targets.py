@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
-from ..argument_checks import TEACHER_IDENTITY_FLAGS
 from .identity import (
     confirm_recorded_teacher,
     resolve_teacher,
@@ -328,22 +327,6 @@ def needed_steps(num_examples: int, training_args) -> tuple[int, dict[int, range
     for epoch in range(math.ceil(total / per_epoch)):
         epochs[epoch] = range(epoch * per_epoch, min((epoch + 1) * per_epoch, total))
     return per_epoch, epochs
-
-
-def check_cache_flags(given: set[str], distill_args, data_args) -> None:
-    """Refuse `--teacher_cache*` flags that would not be read. With `--teacher_cache` and no flag naming the teacher,
-    `teacher_model` becomes None: the record's teacher (`training.teacher.identity.resolve_teacher`)."""
-    if distill_args.teacher_cache is None:
-        if unread := sorted({"teacher_cache_top_k", "teacher_cache_check"} & given):
-            raise ValueError(f"--{unread[0]} is read with --teacher_cache only.")
-        return
-    if not given & set(TEACHER_IDENTITY_FLAGS):
-        distill_args.teacher_model = None
-    if "teacher_cache_top_k" in given and not uses_distribution(distill_args):
-        raise ValueError("--teacher_cache_top_k is for soft distillation; hard records the teacher's class only.")
-    if data_args.streaming:
-        raise ValueError("--teacher_cache needs a dataset of known length and order: it cannot record a --streaming "
-                         "one.")
 
 
 def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, student_statistics: tuple,

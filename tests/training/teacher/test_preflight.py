@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from deit_hf import DeiTHfImageProcessorPil
 from training.args import AugmentationArguments
 from training.teacher.model import Teacher
-from training.teacher.preflight import DECLARED, check_teacher
+from training.teacher.preflight import DECLARED, check_teacher, teacher_confusions
 from training.transforms import build_batch_transform, build_eval_transform
 
 from ..conftest import IMAGE_SIZE, PooledLinearClassifier
@@ -32,7 +32,7 @@ def check_batches(tmp_path, digits, teacher):
     held_out = prepared(digits["validation"], build_eval_transform(augmentation))
     trainer = make_trainer(tmp_path, student(), None, held_out, teacher,
                            batch_transform=build_batch_transform(augmentation, 10))
-    return trainer.teacher_confusions(num_batches=2, label_column="label")
+    return teacher_confusions(trainer, num_batches=2, label_column="label")
 
 
 @pytest.mark.parametrize("correct, refused", [(20, True), (27, True), (29, False), (95, False)])

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import training.train
+import training.build
 from training.args import AugmentationArguments, DataArguments
 from training.data import attach_transform, load_image_datasets
-from training.teacher.preflight import DECLARED, MIN_IMAGES_PER_CLASS, check_teacher
+from training.teacher.preflight import DECLARED, MIN_IMAGES_PER_CLASS, check_teacher, teacher_confusions
 from training.teacher.preflight_images import CHECK_SEED, check_images, stratified_sample
-from training.train import build_trainer
+from training.train import parse_args
 from training.transforms import ImageTransform, build_batch_transform, build_eval_transform
 
 from ..conftest import IMAGE_SIZE, tiny_run_args
@@ -90,22 +90,22 @@ def sorted_trainer(tmp_path, directory, teacher, streaming=False):
 def test_on_a_class_sorted_split_a_swap_of_the_last_classes_is_refused(tmp_path, sorted_digits_dir, fitted_teacher,
                                                                        caplog):
     with caplog.at_level(logging.INFO, logger="training"):
-        confusions = sorted_trainer(tmp_path, sorted_digits_dir, swapped(fitted_teacher, 8, 9)).teacher_confusions(
-            num_batches=2, label_column="label")
+        confusions = teacher_confusions(sorted_trainer(tmp_path, sorted_digits_dir, swapped(fitted_teacher, 8, 9)),
+                                        num_batches=2, label_column="label")
     assert "reads 256 of the 360 validation images, from 10 of its 10 classes" in caplog.text
     assert confusions[DECLARED].sum() == 256 and (confusions[DECLARED].sum(dim=1) >= 25).all()
     with pytest.raises(ValueError, match=r"predicts 2 class\(es\) mostly as another one on 256 validation images: "
                                          r"'8' as '9' \(\d+ of 2\d\); '9' as '8'"):
         check_teacher(confusions, NAMES)
-    right = sorted_trainer(tmp_path, sorted_digits_dir, fitted_teacher).teacher_confusions(2, "label")
+    right = teacher_confusions(sorted_trainer(tmp_path, sorted_digits_dir, fitted_teacher), 2, "label")
     assert check_teacher(right, NAMES) > 0.9
 
 
 def test_a_streamed_split_is_read_from_its_start_and_says_so(tmp_path, sorted_digits_dir, fitted_teacher, caplog):
     # No random access: its first batches, a warning, and the log line counting the classes they held.
     with caplog.at_level(logging.INFO, logger="training"):
-        confusions = sorted_trainer(tmp_path, sorted_digits_dir, swapped(fitted_teacher, 8, 9),
-                                    streaming=True).teacher_confusions(num_batches=2, label_column="label")
+        confusions = teacher_confusions(sorted_trainer(tmp_path, sorted_digits_dir, swapped(fitted_teacher, 8, 9),
+                                                       streaming=True), num_batches=2, label_column="label")
         check_teacher(confusions, NAMES)  # the swap is out of its sight
     assert "is streamed (no random access): the pre-flight reads its first 256 images" in caplog.text
     assert confusions[DECLARED][8:].sum() == 0
@@ -127,11 +127,11 @@ def test_a_run_on_a_class_sorted_validation_dir_refuses_a_teacher_with_its_last_
     # Its first 8 batches of 32 held classes 0-7 only: the swapped teacher passed (97.7 %) and trained.
     args = ["--train_dir", sorted_digits_dir, "--validation_dir", sorted_digits_dir, "--teacher_model", "fitted",
             *tiny_run_args("unused", None, tmp_path / "out", "--max_steps", "1")[2:]]
-    monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: swapped(fitted_teacher, 8, 9))
+    monkeypatch.setattr(training.build, "load_teacher", lambda *args, **kwargs: swapped(fitted_teacher, 8, 9))
     with pytest.raises(ValueError, match=r"mostly as another one on 256 validation images: '8' as '9' .*'9' as '8'"):
-        build_trainer(args)
-    monkeypatch.setattr(training.train, "load_teacher", lambda *args, **kwargs: fitted_teacher)
-    build_trainer(args)
+        training.build.build_trainer(parse_args(args))
+    monkeypatch.setattr(training.build, "load_teacher", lambda *args, **kwargs: fitted_teacher)
+    training.build.build_trainer(parse_args(args))
 
 
 @pytest.mark.slow

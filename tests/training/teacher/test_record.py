@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
-from training import record_teacher, train
+from training import build, record_teacher
 from training.teacher.store import TeacherRecord, TeacherRecordError, decode, encode, part_name
 from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
@@ -47,7 +47,7 @@ def test_with_the_whole_recipe_a_replayed_run_equals_the_recording_run(small_dig
     cache = str(tmp_path / "cache")
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *TWO_EPOCHS, *FULL_RECIPE,
                                    "--teacher_cache", cache))
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS, *FULL_RECIPE,
                                    "--teacher_cache", cache))
     assert replaying.teacher is None and len(losses(replaying)) == 12
@@ -68,7 +68,7 @@ def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [
         "epoch-00000.process-0.safetensors", "epoch-00001.process-0.safetensors", "eval.process-0.safetensors"]
 
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     caplog.clear()
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *TWO_EPOCHS,
                                    "--teacher_cache", cache))
@@ -113,7 +113,7 @@ def test_resuming_mid_epoch_under_replay(small_digits_dir, random_teacher_dir, t
               "--save_total_limit", "3", "--eval_strategy", "no", "--teacher_cache", str(tmp_path / "cache")]
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *common))
     shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")  # mid-epoch 0 (6 steps)
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common,
                                  "--resume_from_checkpoint", "last"))
     assert resumed.state.global_step == 12 and resumed.teacher is None
@@ -160,7 +160,9 @@ def test_a_record_of_another_run_is_refused_naming_what_differs(flags, item, sma
 
 
 def _fingerprint(argv, datasets=None, **training_changes):
-    _, distill_args, data_args, aug_args, training_args = parse_args(argv)
+    arguments = parse_args(argv)
+    distill_args, data_args, aug_args = arguments.distillation, arguments.data, arguments.augmentation
+    training_args = arguments.training
     for name, value in training_changes.items():
         setattr(training_args, name, value)
     splits = datasets or {"train": _Split(str(data_args.max_train_samples)), "validation": _Split("v")}
@@ -186,7 +188,7 @@ def test_other_processes_teacher_weights_and_top_k_are_refused(random_teacher_di
     for argv, item in cases:
         with pytest.raises(TeacherRecordError, match=rf"\({item}: recorded"):
             TeacherRecord(tmp_path / "cache", _fingerprint(argv)).check_fingerprint()
-    monkeypatch.setattr(type(parse_args(base)[-1]), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(parse_args(base).training), "world_size", property(lambda self: 2))
     with pytest.raises(TeacherRecordError, match=r"\(processes: recorded 1, now 2\)"):
         TeacherRecord(tmp_path / "cache", _fingerprint(base)).check_fingerprint()
 
@@ -339,8 +341,8 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
 def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
     """Each process records and replays its own part; with the whole recipe on, the replaying run's losses are the
     recording run's."""
-    from .test_distributed import PROBE, half_batches, launch, two_processes
-    from .test_distributed import losses as logged_losses
+    from ..test_distributed import PROBE, half_batches, launch, two_processes
+    from ..test_distributed import losses as logged_losses
 
     cache = str(tmp_path / "cache")
     common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",

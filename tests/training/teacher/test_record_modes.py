@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from training import train
+from training import build
 from training.teacher import identity as teacher_identity
 from training.teacher.store import TeacherRecordError, digest, digests_match, part_name
 from training.train import main
@@ -47,7 +47,7 @@ def test_the_record_names_its_teacher_by_its_weights_not_its_folder(small_digits
 
     renamed = tmp_path / "renamed"
     teacher.rename(renamed)
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     caplog.clear()
     copied = main(tiny_run_args(small_digits_dir, renamed, tmp_path / "b", *ONE_EPOCH_NO_EVAL, "--logging_steps",
                                 "1", "--teacher_cache", cache))
@@ -158,7 +158,7 @@ def test_the_recording_pass_as_a_module_answers_help_and_logs_its_progress(small
     assert recorded.returncode == 0, recorded.stderr[-3000:]
     # its progress, under its module's name rather than "__main__" (whose level no one sets)
     assert "training.record_teacher: Recorded epoch 0." in recorded.stderr
-    assert "training.train: Global batch 8" in recorded.stderr
+    assert "training.build: Global batch 8" in recorded.stderr
 
 
 def test_a_soft_record_replays_exactly(small_digits_dir, random_teacher_dir, tmp_path, monkeypatch):
@@ -166,6 +166,6 @@ def test_a_soft_record_replays_exactly(small_digits_dir, random_teacher_dir, tmp
     flags = [*ONE_EPOCH_NO_EVAL, "--logging_steps", "1", "--distillation_type", "soft", "--distillation_tau", "3",
              "--teacher_cache_top_k", "3", "--teacher_cache", str(tmp_path / "cache")]
     recording = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "a", *flags))
-    monkeypatch.setattr(train, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *flags))
     assert len(losses(replaying)) == 6 and losses(replaying) == losses(recording)
