@@ -126,4 +126,5 @@ def write_run_card(trainer: DistillationTrainer, *arguments) -> Path | None:
         return None
     path = Path(trainer.args.output_dir) / "README.md"
     run_card(trainer, *arguments).save(path)
+    trainer.run_card = str(path)  # what `push_to_hub` uploads as the card (`DistillationTrainer.create_model_card`)
     return path

@@ -190,6 +190,9 @@ def main(
     elif training_args.do_train:
         logger.info("No run card: the trained model is a %s, not a DeiT (an adapter's save describes it).",
                     type(model).__name__)
+    if training_args.push_to_hub and training_args.do_train:
+        # transformers pushed at `save_model`, before evaluation; this push carries the metrics and the run card
+        trainer.push_to_hub(commit_message="End of training: the run card")
     # Trackers finished, process group destroyed: a gloo group left to the interpreter's exit sometimes aborts it
     # ("terminate called without an active exception"), failing a finished run.
     trainer.end()

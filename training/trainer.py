@@ -117,6 +117,7 @@ class DistillationTrainer(Trainer):
         self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
         self.add_callback(self.skipped_images)
         self.eval_tally = EvaluationTally()
+        self.run_card: str | None = None  # the run card's path once `training.run_card` wrote it
         # Per-batch values kept on the device and averaged at each logging step: no host sync per step.
         self._batch_means: dict[str, list[torch.Tensor]] = {
             name: [] for name in ("loss", "base_loss", "distillation_loss", "cls_top1", "dist_top1", "token_cosine")
@@ -331,6 +332,11 @@ class DistillationTrainer(Trainer):
             if count:
                 means[name] = value_sum / count if name == "loss" else round(value_sum / count, 4)
         return means
+
+    def create_model_card(self, **kwargs) -> None:
+        # `push_to_hub` uploads the run card `training.train` wrote after evaluating, not transformers' draft
+        if self.run_card is None:
+            super().create_model_card(**kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not weights_are_finite(self.model):

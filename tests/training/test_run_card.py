@@ -1,7 +1,10 @@
 """The model card a training run leaves in its output_dir: the run's measured metrics per head, teacher and recipe."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
+import transformers.trainer
 from huggingface_hub import ModelCard
 
 from training.run_card import last_evaluation
@@ -11,13 +14,31 @@ from ..test_snippets import PYTHON, blocks, run_python, snippet_folder  # noqa: 
 from .conftest import tiny_run_args
 
 
+class FakeHub:
+    """transformers' `hf_api()` offline: each upload keeps the card the folder held when it was pushed."""
+
+    def __init__(self):
+        self.uploaded_cards = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        self.uploaded_cards.append((repo_id, (Path(folder_path) / "README.md").read_text()))
+
+
 def test_a_training_run_writes_a_card_with_its_own_facts(
-    small_digits_dir, random_teacher_dir, tmp_path, snippet_folder  # noqa: F811
+    small_digits_dir, random_teacher_dir, tmp_path, snippet_folder, monkeypatch  # noqa: F811
 ):
-    output = tmp_path / "run"
-    main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--max_steps", "3", "--learning_rate", "1e-3"))
+    output, hub = tmp_path / "run", FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, output, "--max_steps", "3", "--learning_rate", "1e-3",
+                       "--push_to_hub", "true", "--hub_model_id", "me/tiny", "--save_strategy", "no"))
     measured = json.loads((output / "eval_results.json").read_text())
     card = ModelCard.load(output / "README.md")
+    # --push_to_hub is honoured: the last push carries the run card, metrics included
+    assert [repo for repo, _ in hub.uploaded_cards] == ["me/tiny", "me/tiny"]
+    assert hub.uploaded_cards[-1][1] == (output / "README.md").read_text() != hub.uploaded_cards[0][1]
 
     (result,) = card.data.eval_results  # the run's own top-1, not the paper's
     assert result.metric_value == round(100 * measured["eval_top1"], 2) and result.source_url is None
