@@ -41,6 +41,11 @@ def check_arguments(
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(training_args, name)}.")
+    batch = training_args.per_device_train_batch_size
+    if batch % (group := aug_args.mix_group(batch)):
+        raise ValueError(f"--per_device_train_batch_size {batch} would split mix groups of {group} "
+                         f"(--mix_group_size): make it a multiple of {group}, keeping the global batch with fewer "
+                         "processes or more --gradient_accumulation_steps.")
     fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp and training_args.use_cpu:
         raise ValueError(

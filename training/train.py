@@ -182,6 +182,9 @@ def _resolve_given(given: set[str], model_args, distill_args, data_args, aug_arg
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
     check_stream_dispatch(data_args, training_args)
+    if data_args.streaming and "mix_group_size" in given:
+        raise ValueError("--mix_group_size is read for a dataset of known length: a --streaming run mixes each "
+                         "micro-batch whole.")
     check_cache_flags(given, distill_args, data_args)
     check_distillation_flags_are_read(given, distill_args)
     check_optimizer_flags(given, training_args)
@@ -345,6 +348,7 @@ def build_trainer(
         teacher_targets=teacher_targets,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
+        mix_group_size=aug_args.mix_group(training_args.per_device_train_batch_size),
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,
