@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 
 from .randomness import MixGroup
+from .teacher.fingerprint import global_batch, needed_groups
 from .teacher.store import TeacherRecordError, steps_per_epoch
-from .teacher.targets import RecordedTeacher, global_batch, needed_groups
+from .teacher.targets import RecordedTeacher
 from .train import build_trainer, parse_args
 
 logger = logging.getLogger(__spec__.name)  # under `python -m`, "training.record_teacher" rather than "__main__"

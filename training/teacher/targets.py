@@ -17,9 +17,7 @@ place and the other classes' shared logit elsewhere. A recording run trains on t
 replaying run with the same seed computes the same losses.
 """
 
-import json
 import logging
-import math
 import os
 import random
 from collections.abc import Callable
@@ -30,12 +28,12 @@ from transformers import TrainerCallback
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
 from ..argument_checks import TEACHER_IDENTITY_FLAGS
-from ..randomness import MixGroup, MixGroups
+from ..randomness import MixGroup
+from .fingerprint import needed_groups, record_fingerprint, uses_distribution
 from .identity import (
     confirm_recorded_teacher,
     resolve_teacher,
     teacher_flags,
-    teacher_identity,
 )
 from .model import Teacher
 from .store import (
@@ -49,16 +47,12 @@ from .store import (
     encode,
     eval_part_name,
     part_name,
-    steps_per_epoch,
 )
 
 logger = logging.getLogger(__name__)
 
 EXACT_FIELDS = ("classes", "indices")  # the others are fp16 logits, compared with a tolerance
-# What the views depend on: every augmentation setting but the label smoothing (it changes the class targets only).
-VIEW_SETTINGS = ("input_size", "auto_augment", "color_jitter", "train_interpolation", "reprob", "remode", "recount",
-                 "hflip", "scale", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "repeated_aug",
-                 "num_repeats", "eval_crop_pct")
+
 
 
 class TeacherTargets(TrainerCallback):
@@ -333,11 +327,6 @@ def targets_for(config, teacher: Teacher | None, teacher_targets: TeacherTargets
     return teacher_targets
 
 
-def uses_distribution(distill_args) -> bool:
-    """Whether the record keeps the teacher's logits (top k), not only its class."""
-    return get_distillation_type(distill_args.distillation_type).uses_teacher_distribution
-
-
 def _describe(name: str, key: int | None) -> str:
     """Mix group or evaluation batch `key` of part `name` in words; None: the part's."""
     process = name.rsplit(".", 2)[1]
@@ -347,45 +336,6 @@ def _describe(name: str, key: int | None) -> str:
         return f"{what} of {process} (on {layout} per device)"
     epoch = int(PART_PATTERN.match(name).group(1))
     return f"epoch {epoch} of {process}" if key is None else f"mix group {key} of epoch {epoch}"
-
-
-def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std,
-                       teacher: str | None = None) -> dict:
-    """What decides the views and the teacher's targets; a record made under other values is refused. `teacher`: the
-    teacher's identity (`training.teacher.identity`), when known without hashing its weights again."""
-    items = {
-        "dataset": {split: getattr(dataset, "_fingerprint", None) for split, dataset in datasets.items()},
-        "seed": training_args.seed,
-        **{name: getattr(aug_args, name) for name in VIEW_SETTINGS},
-        "global_batch": global_batch(training_args),
-        "mix_group_size": aug_args.mix_group(training_args.per_device_train_batch_size),
-        "dataloader_drop_last": training_args.dataloader_drop_last,
-        "teacher": teacher or teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
-        "teacher_input_size": distill_args.teacher_input_size,
-        "teacher normalisation": {"teacher": [distill_args.teacher_mean, distill_args.teacher_std],
-                                  "student": [list(student_mean), list(student_std)]},
-        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
-        "distillation_type": distill_args.distillation_type,
-        **{name: getattr(distill_args, name) if uses_distribution(distill_args) else None
-           for name in ("teacher_cache_top_k", "distillation_tau")},
-    }
-    return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
-
-
-def global_batch(training_args) -> int:
-    """The views of one optimizer step, over all processes and accumulated micro-batches."""
-    return (training_args.per_device_train_batch_size * training_args.world_size
-            * training_args.gradient_accumulation_steps)
-
-
-def needed_groups(num_examples: int, aug_args, training_args) -> dict[int, range]:
-    """{epoch: the mix groups of it to train} for a run's whole length (groups numbered in their epoch)."""
-    per_epoch = steps_per_epoch(num_examples, global_batch(training_args), training_args.dataloader_drop_last)
-    groups = MixGroups(global_batch(training_args), aug_args.mix_group(training_args.per_device_train_batch_size))
-    total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
-        training_args.num_train_epochs * per_epoch)
-    return {epoch: groups.groups_of_steps(range(min(per_epoch, total - epoch * per_epoch)))
-            for epoch in range(math.ceil(total / per_epoch))}
 
 
 def check_cache_flags(given: set[str], distill_args, data_args) -> None:

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
 from training import record_teacher, train
+from training.teacher.fingerprint import record_fingerprint
 from training.teacher.store import TeacherRecord, TeacherRecordError, decode, encode, part_name
-from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
 from training.transforms import BatchTransform
 
