@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from datasets import DatasetDict
 from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
@@ -19,6 +20,7 @@ from training.transforms import BatchTransform
 from ..conftest import tiny_run_args
 from ..test_distributed import PROBE, launch, two_processes
 from ..test_distributed import losses as logged_losses
+from ..test_skipped_images import with_garbage
 
 # 48 digits in batches of 8: 6 steps per epoch
 TWO_EPOCHS = ["--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
@@ -272,6 +274,29 @@ def test_views_that_differ_from_the_recorded_ones_are_refused(small_digits_dir, 
     monkeypatch.setattr(BatchTransform, "__call__", flipping)
     with pytest.raises(TeacherRecordError, match=r"The views of mix group 0 of epoch 0 differ"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--logging_steps", "1"])
+
+
+def test_mix_groups_that_undecodable_images_shrink_or_empty_replay_on_another_layout(digits, random_teacher_dir,
+                                                                                      tmp_path, caplog):
+    """42 of 48 images do not decode: groups of 4 shrink, some to nothing, some micro-batches hold no image at all.
+    Recorded on 1 x 8, replayed on 1 x 4 with accumulation 2: every group, empty ones too, is found, its views alike."""
+    DatasetDict({"train": with_garbage(digits["train"].select(range(48)), set(range(48)) - {3, 10, 11, 20, 33, 41}),
+                 "validation": digits["validation"].select(range(32))}).save_to_disk(str(tmp_path / "data"))
+    common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+              "--do_eval", "false", "--min_decodable_fraction", "0", "--mix_group_size", "4", "--reprob", "0.25",
+              "--mixup", "0.8", "--cutmix", "1.0", "--teacher_cache", str(tmp_path / "cache")]
+    main(tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "a", *common))
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
+    replaying = main(without_teacher_flags(tiny_run_args(
+        tmp_path / "data", random_teacher_dir, tmp_path / "b", *common, "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2")))
+    assert replaying.teacher is None and any("teacher not loaded" in message for message in caplog.messages)
+    assert replaying.state.global_step == 6 and losses(replaying)
+    fingerprint = json.loads((tmp_path / "cache" / "fingerprint.json").read_text())["items"]
+    groups = TeacherRecord(tmp_path / "cache", fingerprint).load(part_name(0, 0))
+    sizes = [len(stored["classes"]) for _, (_, stored) in sorted(groups.items())]
+    assert len(sizes) == 12 and 0 < sum(sizes) < 48  # 48 views in groups of 4, recorded though shrunk
+    assert any(sizes[group] == sizes[group + 1] == 0 for group in range(0, 12, 2))  # a micro-batch of 8 held none
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
