@@ -218,6 +218,18 @@ def test_unread_cache_flags_are_refused(small_digits_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_layout_that_splits_a_mix_group_is_refused_in_one_line(small_digits_dir, capsys):
+    for flags, message in [
+        (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--mix_group_size", "8"],
+         "--per_device_train_batch_size 4 would split mix groups of 8 (--mix_group_size): make it a multiple of 8"),
+        (["--streaming", "true", "--mix_group_size", "4"], "--mix_group_size is read for a dataset of known length"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(["--dataset_name", str(small_digits_dir), *flags])
+        error = capsys.readouterr().err
+        assert message in error.strip().splitlines()[-1], error  # the refusal, whole, on its one line
+
+
 def _saved_part(tmp_path, entries=None) -> TeacherRecord:
     record = TeacherRecord(tmp_path, {"seed": 0})
     entries = entries or {0: (torch.tensor([1.0, 2.0]), encode(torch.randn(8, 10), "hard", 0)),
