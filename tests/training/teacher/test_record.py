@@ -288,6 +288,7 @@ def test_views_that_differ_from_the_recorded_ones_are_refused(small_digits_dir, 
         main([*args, "--output_dir", str(tmp_path / "b"), "--logging_steps", "1"])
 
 
+@pytest.mark.slow
 def test_mix_groups_that_undecodable_images_shrink_or_empty_replay_on_another_layout(digits, random_teacher_dir,
                                                                                       tmp_path, caplog):
     """42 of 48 images do not decode: groups of 4 shrink, some to nothing, some micro-batches hold no image at all.
