@@ -16,6 +16,7 @@ import functools
 import itertools
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,9 +104,8 @@ def _busy_cpu_seconds() -> float:
 class ForeignCpu:
     """Context manager measuring the average number of cores other processes kept busy during its block.
 
-    With `include_children`, the CPU time of this process's live child processes (DataLoader workers) counts as its
-    own; a child that ends within the block takes its time with it, so the block should lie within the children's
-    lifetime.
+    With `include_children`, the CPU time of this process's child processes counts as its own: of the live ones
+    (DataLoader workers), and of those waited for (a launched run).
     """
 
     cores: float = 0.0
@@ -116,6 +116,8 @@ class ForeignCpu:
     def _own_cpu_seconds(self) -> float:
         own = time.process_time()
         if self.include_children:
+            waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own += waited.ru_utime + waited.ru_stime
             for child in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     times = child.cpu_times()

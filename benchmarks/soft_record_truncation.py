@@ -59,7 +59,7 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> float:
 def bytes_per_view(num_labels: int, k: int, batches: int = 100, batch_size: int = 128) -> float:
     with tempfile.TemporaryDirectory() as directory:
         record = TeacherRecord(directory, {"classes": num_labels})
-        entries = {(step, 0): (torch.zeros(2), encode(torch.randn(batch_size, num_labels), "soft", k))
+        entries = {step: (torch.zeros(2), encode(torch.randn(batch_size, num_labels), "soft", k))
                    for step in range(batches)}
         record.save(part_name(0, 0), entries)
         return record.size_per_view()

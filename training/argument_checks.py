@@ -66,6 +66,9 @@ def settle_run_arguments(arguments: RunArguments, given: set[str]) -> None:
         raise ValueError("--label_smoothing_factor is not read by DistillationTrainer: use --smoothing (it smooths "
                          "the class targets, Mixup's soft targets included).")
     check_stream_dispatch(data, training)
+    if data.streaming and "mix_group_size" in given:
+        raise ValueError("--mix_group_size is read for a dataset of known length: a --streaming run mixes each "
+                         "micro-batch whole.")
     check_cache_flags(given, distillation, data)
     check_distillation_flags_are_read(given, distillation)
     check_optimizer_flags(given, training)
@@ -132,6 +135,11 @@ def check_settings_train_together(
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(training_args, name)}.")
+    batch = training_args.per_device_train_batch_size
+    if batch % (group := aug_args.mix_group(batch)):
+        raise ValueError(f"--per_device_train_batch_size {batch} would split mix groups of {group} "
+                         f"(--mix_group_size): make it a multiple of {group}, keeping the global batch with fewer "
+                         "processes or more --gradient_accumulation_steps.")
     fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp and training_args.use_cpu:
         raise ValueError(

@@ -161,6 +161,7 @@ def build_trainer(
         teacher_targets=teacher_targets,
         batch_transform=build_batch_transform(aug_args, len(data.label_names), mean, std),
         num_repeats=aug_args.num_repeats if aug_args.repeated_aug else 0,
+        mix_group_size=aug_args.mix_group(training_args.per_device_train_batch_size),
         skipped_images=SkippedImageCounter(data_args.min_decodable_fraction),
         max_consecutive_nonfinite=training_args.max_consecutive_nonfinite,
         own_stream_part=own_stream_part,

@@ -26,6 +26,10 @@ class DistillationCollator:
     image becomes a row of zeros of that shape labelled `IGNORE_INDEX`, so the batch keeps the DataLoader's size and
     order, which accelerate's gathering over processes needs (`DistillationTrainer.prediction_step` runs the model on
     the other rows only), and there is no `skipped_images`: the ignored labels are the count.
+
+    Training samples read through `training.randomness.SeededViews` carry their mix group, `(epoch, group)`; the
+    batch then says which rows form each group, in order: `mix_groups`, a tuple of `(epoch, group, rows)` (rows that
+    decoded; a group none of whose images decoded has 0), plain ints, read on the host without a device sync.
     """
 
     blank_shape: tuple[int, ...] | None = None
@@ -35,15 +39,17 @@ class DistillationCollator:
             return self._keep_size(samples)
         kept = [sample for sample in samples if sample["pixel_values"] is not None]
         skipped_images = torch.tensor([len(samples) - len(kept)], dtype=torch.int64)
+        groups = {"mix_groups": _mix_groups(samples)} if samples and "mix_group" in samples[0] else {}
         if not kept:
             return {
                 "pixel_values": torch.empty(0),
                 "labels": torch.empty(0, dtype=torch.int64),
                 "skipped_images": skipped_images,
+                **groups,
             }
         labels = torch.tensor([sample["labels"] for sample in kept], dtype=torch.int64)
         return {"pixel_values": _stack([sample["pixel_values"] for sample in kept]), "labels": labels,
-                "skipped_images": skipped_images}
+                "skipped_images": skipped_images, **groups}
 
     def _keep_size(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values = [sample["pixel_values"] for sample in samples]
@@ -52,6 +58,17 @@ class DistillationCollator:
         labels = [IGNORE_INDEX if sample["pixel_values"] is None else sample["labels"] for sample in samples]
         return {"pixel_values": _stack([blank if values is None else values for values in pixel_values]),
                 "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+def _mix_groups(samples: list[dict]) -> tuple[tuple[int, int, int], ...]:
+    """`(epoch, group, rows that decoded)` of each run of samples of one mix group, in order."""
+    groups: list[list[int]] = []
+    for sample in samples:
+        epoch, group = sample["mix_group"]
+        if not groups or groups[-1][:2] != [epoch, group]:
+            groups.append([epoch, group, 0])
+        groups[-1][2] += sample["pixel_values"] is not None
+    return tuple(tuple(group) for group in groups)
 
 
 def _stack(pixel_values: list) -> torch.Tensor:

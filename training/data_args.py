@@ -166,6 +166,17 @@ class AugmentationArguments:
                   "the processes."},
     )
     num_repeats: int = field(default=3, metadata={"help": "Views per image with `repeated_aug`."})
+    mix_group_size: int = field(
+        default=0,
+        metadata={"help": "Views of an optimizer step's global batch erased and mixed together (Mixup/CutMix pairs "
+                  "and λ), drawn from one seed; 0: the per-device train batch, as facebookresearch/deit mixes per GPU. "
+                  "The per-device batch must be a multiple of it; with the global batch, it decides the views, so a "
+                  "--teacher_cache record replays on any layout with the same two."},
+    )
+
+    def mix_group(self, per_device_train_batch_size: int) -> int:
+        """The mix group size, `mix_group_size` or by default the per-device train batch."""
+        return self.mix_group_size or per_device_train_batch_size
 
     def __post_init__(self):
         if self.auto_augment is not None and self.auto_augment.strip().lower() in OFF_VALUES:
@@ -186,8 +197,9 @@ class AugmentationArguments:
                 f"384 px): evaluation would resize to {self.input_size / self.eval_crop_pct:.0f} px and keep only the "
                 f"central {self.eval_crop_pct:.0%} of each side."
             )
-        if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1:
-            raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers.")
+        if self.input_size < 1 or self.recount < 1 or self.num_repeats < 1 or self.mix_group_size < 0:
+            raise ValueError("`input_size`, `recount` and `num_repeats` must be positive integers, `mix_group_size` "
+                             "one or 0.")
         if self.auto_augment is not None:
             try:  # timm parses the policy string only when it builds it
                 create_transform(self.input_size, is_training=True, auto_augment=self.auto_augment)

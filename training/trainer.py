@@ -18,7 +18,7 @@ from .checkpoints import STAGING_DIR, last_complete_checkpoint, publish_checkpoi
 from .collator import IGNORE_INDEX, DistillationCollator
 from .evaluation import EvaluationTally, fill_rows, rows_kept_by_gather
 from .preemption import ignore_sigterm_in_workers
-from .randomness import RepeatedViewSampler, SeededViews, StepSeeder
+from .randomness import MixGroup, RepeatedViewSampler, SeededViews, StepSeeder, group_seed
 from .skipped_images import SkippedImageCounter, slice_dispatched_batch
 from .step_guard import (
     MAX_CONSECUTIVE_NONFINITE,
@@ -68,15 +68,19 @@ class DistillationTrainer(Trainer):
             of each of `1 / num_repeats` of them, the views of an image spread over the processes as
             facebookresearch/deit's `RASampler` does; 0 or 1 turns it off. A global batch holds the same views on
             1 or N processes, and a resumed run replays the same order.
+        mix_group_size: how many views of an optimizer step's global batch are erased and mixed together, from one
+            seed (`training.randomness.MixGroups`); None: the per-device batch, as facebookresearch/deit mixes per
+            GPU. The per-device batch must be a multiple of it.
         skipped_images: counts the images the collator dropped, into the logs and metrics, and stops a run in which
             too few decode (`training.skipped_images.SkippedImageCounter`); by default at 90 %.
         max_consecutive_nonfinite: how many non-finite steps in a row stop the run.
         own_stream_part: whether the train dataset is this process's part of a stream (see above).
 
-    Randomness (`training.randomness`): the epoch's order, each view of an image and each micro-batch's random
-    erasing, Mixup/CutMix and drop path are drawn from seeds derived from `args.seed` and the epoch, the view's
-    position, or the step, micro-batch and process (`step_seeder.key`, read by what needs the micro-batch's
-    identity): each process draws its own, and the same ones in a rerun or a resumed run.
+    Randomness (`training.randomness`): the epoch's order, each view of an image, each mix group's random erasing and
+    Mixup/CutMix, and each micro-batch's drop path are drawn from seeds derived from `args.seed` and the epoch, the
+    view's position, the group, or the step, micro-batch and process: the same ones in a rerun or a resumed run, and
+    the same views and groups on any layout with the same global batch and mix group size. The teacher's targets are
+    asked for with the micro-batch's mix groups (`training.randomness.MixGroup`).
 
     With `own_stream_part`, the train dataset is this process's own part of a stream split among the processes
     (`training.data.split_stream_by_process`): its DataLoader is not split again, and the processes end each epoch
@@ -95,6 +99,7 @@ class DistillationTrainer(Trainer):
         skipped_images: SkippedImageCounter | None = None,
         max_consecutive_nonfinite: int = MAX_CONSECUTIVE_NONFINITE,
         own_stream_part: bool = False,
+        mix_group_size: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -112,6 +117,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.batch_transform = batch_transform if batch_transform is not None else BatchTransform()
         self.num_repeats = num_repeats
+        self.mix_group_size = mix_group_size or self._train_batch_size
         self.step_seeder = StepSeeder(self.args.seed, self.args.process_index)
         self._view_sampler: RepeatedViewSampler | None = None
         self.skipped_images = skipped_images if skipped_images is not None else SkippedImageCounter()
@@ -198,7 +204,7 @@ class DistillationTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         self._view_sampler = RepeatedViewSampler(
             len(dataset), max(self.num_repeats, 1), self.args.seed, self.args.world_size, self._train_batch_size,
-            self.args.dataloader_drop_last,
+            self.args.gradient_accumulation_steps, self.mix_group_size, self.args.dataloader_drop_last,
         )
         return self._view_sampler
 
@@ -213,19 +219,34 @@ class DistillationTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith(NO_DECAY_PARAMETERS)]
 
-    def _transform_batch(self, inputs: dict, training: bool) -> dict:
+    def _transform_batch(self, inputs: dict, training: bool, groups: tuple[MixGroup, ...] = ()) -> dict:
         if inputs["labels"].numel() == 0:  # nothing decoded in this batch
             return inputs
         inputs = self._prepare_inputs(inputs)  # on the device before the per-batch steps
-        pixel_values, labels = self.batch_transform(inputs["pixel_values"], inputs["labels"], training)
+        seeds = [(group.size, group_seed(self.args.seed, group)) for group in groups]
+        pixel_values, labels = self.batch_transform(inputs["pixel_values"], inputs["labels"], training, seeds)
         return {**inputs, "pixel_values": pixel_values, "labels": labels}
+
+    def prepare_training_batch(self, inputs: dict, step: int) -> dict:
+        """Training micro-batch `inputs` of optimizer step `step` (the next of this process), as the student and
+        its teacher see it: on the device, normalised, each mix group erased and mixed from its own seed; the global
+        RNGs are then seeded from the micro-batch's `StepKey` for the student's own draws (drop path). Its
+        `mix_groups` (`training.randomness.MixGroup`s, or none for a stream's batch, mixed whole from the `StepKey`)
+        are what its teacher targets are asked for with."""
+        self.step_seeder.seed_micro_batch(step)
+        groups = tuple(MixGroup(*group) for group in inputs.pop("mix_groups", ()))
+        inputs = self._transform_batch(inputs, training=True, groups=groups)
+        if groups:
+            self.step_seeder.reseed()
+        return {**inputs, "mix_groups": tuple(tuple(group) for group in groups)}  # plain tuples: `_prepare_input`
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.skipped_images.record(inputs)
-        self.step_seeder.seed_micro_batch(self.state.global_step)
-        return super().training_step(model, self._transform_batch(inputs, training=True), num_items_in_batch)
+        inputs = self.prepare_training_batch(inputs, self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        groups = tuple(MixGroup(*group) for group in inputs.pop("mix_groups", ()))
         if inputs["labels"].numel() == 0 and not return_outputs:
             # Every image of this batch failed to decode (the collator dropped them). The loss of one blank image,
             # times zero, gives zero gradients through the DDP wrapper's own forward, so this process joins the
@@ -236,11 +257,13 @@ class DistillationTrainer(Trainer):
             labels = torch.zeros(1, dtype=torch.int64, device=self.args.device)
             # distillation_type none or labels refuses teacher logits; a replayed run has targets but no teacher
             no_targets = self.teacher_targets is None
+            if not no_targets:
+                self.teacher_targets.skip(groups)  # a record notes the groups none of whose images decoded
             teacher_logits = None if no_targets else torch.zeros(1, config.num_labels, device=self.args.device)
             return model(pixel_values=blank, labels=labels, **_given(teacher_logits=teacher_logits)).loss * 0.0
         teacher_logits = None
         if self.teacher_targets is not None:
-            teacher_logits = self.teacher_targets(inputs["pixel_values"], training=model.training)
+            teacher_logits = self.teacher_targets(inputs["pixel_values"], training=model.training, groups=groups)
         outputs = model(**inputs, **_given(teacher_logits=teacher_logits))
         loss = outputs.loss
         if model.training:

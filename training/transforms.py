@@ -9,7 +9,7 @@ whole batches: normalization, then, when training, random erasing and Mixup/CutM
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -24,6 +24,7 @@ from timm.data.random_erasing import RandomErasing
 from deit_hf.image_processing_deit import convert_to_rgb
 
 from .args import AugmentationArguments, DataArguments
+from .randomness import seed_global_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,9 @@ class BatchTransform:
     uint8 pixel values (what `build_train_transform` / `build_eval_transform` make) become floats normalized with
     `mean` and `std`; floating-point pixel values are taken as normalized already (an image processor's output, say).
     Training batches then get random erasing (timm's, in normalized space: `erasing_probability` per image) and
-    `mixup`, which turns the labels into soft targets. Evaluation batches are only normalized.
+    `mixup`, which turns the labels into soft targets; given `group_seeds` (`(rows, seed)` of each mix group, in
+    order: `training.randomness.MixGroups`), each group is erased and mixed on its own, its draws from its seed, so
+    that a group is mixed alike in whichever micro-batch holds it. Evaluation batches are only normalized.
     """
 
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
@@ -222,7 +225,8 @@ class BatchTransform:
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
 
     def __call__(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor, training: bool
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, training: bool,
+        group_seeds: Sequence[tuple[int, int]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std, random_erasing = self._for_device(pixel_values.device)
         if pixel_values.dtype == torch.uint8:
@@ -232,11 +236,25 @@ class BatchTransform:
             raise TypeError(
                 f"pixel_values of dtype {pixel_values.dtype}: expected uint8 pixels (0-255) or normalized floats."
             )
-        if training:
-            if random_erasing is not None:
-                pixel_values = random_erasing(pixel_values)
-            if self.mixup is not None:
-                pixel_values, labels = self.mixup(pixel_values, labels)
+        if not training or (random_erasing is None and self.mixup is None):
+            return pixel_values, labels
+        if not group_seeds:
+            return self._augment(pixel_values, labels, random_erasing)
+        targets, start = [], 0
+        for rows, seed in group_seeds:
+            if rows:
+                seed_global_rngs(seed, devices=True)
+                group = slice(start, start + rows)
+                pixel_values[group], group_targets = self._augment(pixel_values[group], labels[group], random_erasing)
+                targets.append(group_targets)
+            start += rows
+        return pixel_values, torch.cat(targets)
+
+    def _augment(self, pixel_values: torch.Tensor, labels: torch.Tensor, random_erasing) -> tuple:
+        if random_erasing is not None:
+            pixel_values = random_erasing(pixel_values)
+        if self.mixup is not None:
+            pixel_values, labels = self.mixup(pixel_values, labels)
         return pixel_values, labels
 
     def _for_device(self, device: torch.device) -> tuple:

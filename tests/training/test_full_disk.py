@@ -70,7 +70,7 @@ def test_a_full_disk_while_saving_a_checkpoint_names_it_and_leaves_the_last_whol
 
 
 def entries(rows: int) -> dict:
-    return {(0, 0): (torch.tensor([1.0, 2.0]), encode(torch.randn(rows, 10), "hard", 0))}
+    return {0: (torch.tensor([1.0, 2.0]), encode(torch.randn(rows, 10), "hard", 0))}
 
 
 def test_a_full_disk_while_writing_the_teacher_record_names_the_file_and_the_flag(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_a_full_disk_while_writing_the_teacher_record_names_the_file_and_the_fla
                               f"(--teacher_cache {tmp_path / 'cache'}): Error while serializing")
     assert "No space left on device" in message and "--resume_from_checkpoint last" in message
     assert (tmp_path / "cache" / name).read_bytes() == published  # the published version untouched
-    assert len(record.load(name)[0, 0][1]["classes"]) == 8
+    assert len(record.load(name)[0][1]["classes"]) == 8
     assert not list((tmp_path / "cache" / RECORD_STAGING_DIR).iterdir())
 
     monkeypatch.setattr(teacher_record, "open", lambda path, mode: half_written(path, NO_SPACE), raising=False)

@@ -46,19 +46,53 @@ def global_batches(sampler: RepeatedViewSampler) -> list[Counter]:
     return [Counter(key for batch in step for key in batch) for step in zip(*process_batches(sampler), strict=True)]
 
 
+def step_groups(sampler: RepeatedViewSampler) -> list[dict[int, list]]:
+    """Each optimizer step's mix groups (group -> its views in order), from the micro-batches of every process, each
+    of which must hold whole groups."""
+    batches = process_batches(sampler)
+    steps = []
+    for step in range(len(batches[0]) // sampler.accumulation):
+        groups: dict[int, list] = {}
+        for micro_batch in range(sampler.accumulation):
+            for process in range(sampler.num_processes):
+                batch = batches[process][step * sampler.accumulation + micro_batch]
+                held = {key.group for key in batch}
+                assert not held & set(groups), "a mix group split over micro-batches"
+                for key in batch:
+                    groups.setdefault(key.group, []).append(key)
+        steps.append(groups)
+    return steps
+
+
 @settings(max_examples=40, deadline=None)
-@given(num_images=st.integers(1, 60), num_repeats=st.integers(1, 4), global_batch=st.sampled_from([4, 8, 12, 16]),
-       epoch=st.integers(0, 5), seed=st.integers(0, 2**70))
-def test_a_global_batch_holds_the_same_views_on_1_2_or_4_processes(num_images, num_repeats, global_batch, epoch, seed):
-    batches = []
-    for processes in (1, 2, 4):
-        sampler = RepeatedViewSampler(num_images, num_repeats, seed, processes, global_batch // processes)
+@given(num_images=st.integers(1, 60), num_repeats=st.integers(1, 4), global_batch=st.sampled_from([4, 8, 16]),
+       group_size=st.sampled_from([1, 2, 4]), epoch=st.integers(0, 5), seed=st.integers(0, 2**70))
+def test_a_step_holds_the_same_mix_groups_on_any_layout_of_its_global_batch(num_images, num_repeats, global_batch,
+                                                                             group_size, epoch, seed):
+    """1 process x G, 2 x G/2, 1 x G/2 with accumulation 2, 4 x G/4, 2 x G/4 x 2: the same groups of the same views,
+    each micro-batch holding whole groups."""
+    layouts = [(1, global_batch, 1), (2, global_batch // 2, 1), (1, global_batch // 2, 2), (4, global_batch // 4, 1),
+               (2, global_batch // 4, 2)]
+    steps = []
+    for processes, batch_size, accumulation in layouts:
+        if batch_size % group_size:
+            continue
+        sampler = RepeatedViewSampler(num_images, num_repeats, seed, processes, batch_size, accumulation, group_size)
         sampler.set_epoch(epoch)
-        batches.append(global_batches(sampler))
-    assert batches[0] == batches[1] == batches[2]
-    # an epoch: as many views as images, rounded up to whole global batches; every process gets whole batches
-    assert sum(batch.total() for batch in batches[0]) == len(batches[0]) * global_batch
-    assert len(batches[0]) == -(-num_images // global_batch)
+        steps.append(step_groups(sampler))
+    assert all(layout == steps[0] for layout in steps[1:])
+    # an epoch: as many views as images, rounded up to whole global batches, in groups of `group_size`
+    assert len(steps[0]) == -(-num_images // global_batch)
+    assert all(len(views) == group_size for groups in steps[0] for views in groups.values())
+
+
+def test_the_copies_of_an_image_go_to_different_mix_groups():
+    """As RASampler spreads them over processes: with 4 groups per step or more, never two views of an image in one
+    group, whichever process or micro-batch holds it."""
+    for layout in [(4, 8, 1), (1, 16, 2), (2, 8, 2)]:
+        sampler = RepeatedViewSampler(960, 3, 0, *layout, group_size=8)
+        for groups in step_groups(sampler):
+            assert all(len({key.index for key in views}) == len(views) for views in groups.values())
 
 
 @settings(max_examples=40, deadline=None)

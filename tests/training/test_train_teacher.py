@@ -11,9 +11,9 @@ from huggingface_hub import ModelCard
 from deit_hf import DeiTConfig, DeiTForImageClassificationWithTeacher
 from training import train_teacher
 from training.args import AugmentationArguments, DataArguments
+from training.teacher.fingerprint import record_fingerprint
 from training.teacher.model import Teacher, input_size_hint
 from training.teacher.preflight import DECLARED, check_teacher
-from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
 
 from .conftest import IMAGE_SIZE, STILL_AUGMENTATION, tiny_run_args

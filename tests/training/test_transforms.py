@@ -63,6 +63,20 @@ def test_train_transform_is_the_deit_recipe():
     )
 
 
+def test_each_mix_group_is_erased_and_mixed_alike_whichever_batch_holds_it():
+    """Two groups in one micro-batch, or each alone in its own: the same pixels and targets (their draws come from
+    their seeds); the two groups' draws differ."""
+    transform = build_batch_transform(AugmentationArguments(reprob=1.0), num_classes=10)
+    torch.manual_seed(0)
+    pixels, labels = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    together = transform(pixels, labels, True, [(8, 11), (8, 12)])
+    alone = [transform(pixels[rows], labels[rows], True, [(8, seed)])
+             for rows, seed in [(slice(0, 8), 11), (slice(8, 16), 12)]]
+    assert torch.equal(together[0], torch.cat([pixels for pixels, _ in alone]))
+    assert torch.equal(together[1], torch.cat([targets for _, targets in alone]))
+    assert not torch.equal(transform(pixels[:8], labels[:8], True, [(8, 12)])[0], alone[0][0])
+
+
 def test_train_transform_pieces_turn_off():
     aug_args = AugmentationArguments(auto_augment="none", reprob=0, hflip=0, mixup=0, cutmix=0, input_size=32)
     transform = build_train_transform(aug_args)

@@ -1,9 +1,13 @@
 """The teacher's targets for every augmented view, on disk: recorded once, replayed by any number of students.
 
 A record directory holds `fingerprint.json` (what decides the views and the targets: the dataset, the seed, the
-augmentation, the batch layout, the teacher, the distillation type) and one file per epoch and process,
-`epoch-00003.process-1.safetensors`, plus `eval.process-1.safetensors` for the evaluation batches. Each file holds
-the targets of that process's batches, keyed by (global step, micro-batch) (the evaluation's by batch number):
+augmentation, the global batch and mix group size, the teacher, the distillation type; not the processes, per-device
+batch or accumulation, which change neither) and one file per epoch and recording process,
+`epoch-00003.process-1.safetensors`, holding the targets of the mix groups that process saw, keyed by the group's
+number in the epoch (`training.randomness.MixGroups`): a replay on any layout finds each group in whichever part of
+its epoch holds it. Evaluation batches depend on the evaluation layout, so their parts name it,
+`eval-2x64.process-1.safetensors` (2 processes x 64 per device), keyed by batch number: a run evaluating on another
+layout records its own (or, without a teacher, needs one). Per view:
 
 - hard distillation: the teacher's class per view, int16 (-1 for a view whose logits were not finite);
 - soft distillation: the teacher's top-k logits per view, shifted so that the largest is 0, in fp16, with their class
@@ -11,9 +15,9 @@ the targets of that process's batches, keyed by (global step, micro-batch) (the 
   the teacher's leftover mass, spread evenly, as TinyViT's sparse logits do (giving them probability 0 instead, or
   a logit exact at temperature 1 only, moves the targets further from the teacher's: BENCHMARKS.md, soft records).
 
-Beside each batch's targets, a digest of its pixels (a fixed random projection of each view, weighted by a fixed random
-factor per row position, and the norm) is kept: a batch whose views differ from the recorded ones, or come in another
-order, is refused instead of getting another view's targets. Files are written whole
+Beside each group's (or evaluation batch's) targets, a digest of its pixels (a fixed random projection of each view,
+weighted by a fixed random factor per row position, and the norm) is kept: a group whose views differ from the
+recorded ones, or come in another order, is refused instead of getting another view's targets. Files are written whole
 under `.staging/` and renamed into place (complete or invisible); each carries the SHA-256 of its tensors, so a
 truncated or corrupt file is an error naming it.
 """
@@ -33,9 +37,10 @@ from deit_hf.distillation_types import get_distillation_type
 
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_DIR = ".staging"
-RECORD_FORMAT = 2  # 2: the digest sees the order of the views; the fingerprint names the teacher by its weights
+RECORD_FORMAT = 3  # 3: keyed by mix group, any layout; 2: the digest sees the order, the teacher named by its weights
 DIGEST_TOLERANCE = 1e-4  # relative to the batch's norm: float rounding passes, a changed view does not
 PART_PATTERN = re.compile(r"^epoch-(\d+)\.process-(\d+)\.safetensors$")
+EMPTY_DIGEST = (0.0, 0.0)  # a mix group none of whose images decoded
 
 
 class TeacherRecordError(ValueError):
@@ -46,18 +51,19 @@ class TeacherRecordWriteError(OSError):
     """A part of the record that could not be written (a full disk, say), named with `--teacher_cache`."""
 
 
-def part_name(epoch: int | None, process_index: int) -> str:
-    """The file of one process's targets for `epoch` (None: the evaluation batches)."""
-    stem = "eval" if epoch is None else f"epoch-{epoch:05d}"
-    return f"{stem}.process-{process_index}.safetensors"
+def part_name(epoch: int, process_index: int | str) -> str:
+    """The file of one recording process's targets for training epoch `epoch`."""
+    return f"epoch-{epoch:05d}.process-{process_index}.safetensors"
 
 
-def steps_per_epoch(num_examples: int, per_device_batch: int, num_processes: int, accumulation: int,
-                    drop_last: bool = False) -> int:
-    """Optimizer steps per epoch as transformers counts them (each process's batches, grouped by accumulation)."""
-    batches = (num_examples // (per_device_batch * num_processes) if drop_last
-               else math.ceil(num_examples / (per_device_batch * num_processes)))
-    return math.ceil(batches / accumulation)
+def eval_part_name(num_processes: int, per_device_batch: int, process_index: int) -> str:
+    """The file of one process's targets for the evaluation batches of a layout."""
+    return f"eval-{num_processes}x{per_device_batch}.process-{process_index}.safetensors"
+
+
+def steps_per_epoch(num_examples: int, global_batch: int, drop_last: bool = False) -> int:
+    """Optimizer steps per epoch: `training.randomness.RepeatedViewSampler` makes an epoch whole global batches."""
+    return num_examples // global_batch if drop_last else math.ceil(num_examples / global_batch)
 
 
 def encode(logits: torch.Tensor, distillation_type: str, top_k: int, tau: float = 1.0) -> dict[str, torch.Tensor]:
@@ -104,6 +110,8 @@ def _probe(size: int, seed: int, device: torch.device) -> torch.Tensor:
 def digest(pixel_values: torch.Tensor) -> torch.Tensor:
     """(projection, norm) of a batch: its views projected on a fixed random vector and summed with a fixed random
     weight per row position (so that views swapped within the batch change it), and its norm."""
+    if len(pixel_values) == 0:
+        return torch.tensor(EMPTY_DIGEST, device=pixel_values.device)
     flat = pixel_values.detach().float().flatten(1)
     rows, size = flat.shape
     projection = _probe(rows, 1, flat.device) @ (flat @ _probe(size, 0, flat.device))
@@ -142,7 +150,7 @@ def _parse_ranges(text: str) -> set[int]:
     return steps
 
 
-Entries = dict[tuple[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Entries = dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class TeacherRecord:
@@ -202,19 +210,23 @@ class TeacherRecord:
             self._write(FINGERPRINT_FILE, json.dumps({"format": RECORD_FORMAT, "items": self.fingerprint,
                                                       "teacher": teacher}, indent=1).encode())
 
-    def missing(self, needed_steps: dict[int, range], num_processes: int, evaluation: bool) -> list[str]:
-        """The parts (file names) that are absent or lack some of `needed_steps` (epoch -> steps of it to train)."""
-        wanted = [(part_name(epoch, rank), set(steps)) for epoch, steps in needed_steps.items()
-                  for rank in range(num_processes)]
-        if evaluation:
-            wanted += [(part_name(None, rank), None) for rank in range(num_processes)]
-        return [name for name, steps in wanted if not self._covers(name, steps)]
+    def missing(self, needed_groups: dict[int, range], eval_parts: list[str]) -> list[str]:
+        """What is absent: for each epoch some of whose `needed_groups` no part holds, its parts' pattern
+        (`epoch-00003.process-*.safetensors`); and the `eval_parts` not there."""
+        missing = [part_name(epoch, "*") for epoch, groups in needed_groups.items()
+                   if not set(groups) <= self.recorded_groups(epoch)]
+        return missing + [name for name in eval_parts if self._metadata(name) is None]
 
-    def _covers(self, name: str, steps: set[int] | None) -> bool:
-        metadata = self._metadata(name)
-        if metadata is None:
-            return False
-        return steps is None or steps <= _parse_ranges(metadata["steps"])
+    def epoch_parts(self, epoch: int) -> list[str]:
+        """The part files of training epoch `epoch`, whichever processes recorded them."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(name for name in os.listdir(self.directory)
+                      if (match := PART_PATTERN.match(name)) and int(match.group(1)) == epoch)
+
+    def recorded_groups(self, epoch: int) -> set[int]:
+        """The mix groups of `epoch` that its parts hold."""
+        return set().union(*(_parse_ranges(self._metadata(name)["keys"]) for name in self.epoch_parts(epoch)))
 
     def _metadata(self, name: str) -> dict | None:
         path = self.path(name)
@@ -232,7 +244,7 @@ class TeacherRecord:
         return metadata
 
     def load(self, name: str) -> Entries:
-        """A part's targets by (step, micro-batch); empty when there is no such part."""
+        """A part's targets by key (mix group, or evaluation batch); empty when there is no such part."""
         if self._metadata(name) is None:
             return {}
         path = self.path(name)
@@ -247,8 +259,8 @@ class TeacherRecord:
                                      "remove it to record that part again.")
         index, digests = tensors.pop("index"), tensors.pop("digests")
         entries = {}
-        for (step, micro, start, count), batch_digest in zip(index.tolist(), digests, strict=True):
-            entries[step, micro] = batch_digest, {key: value[start:start + count] for key, value in tensors.items()}
+        for (key, start, count), batch_digest in zip(index.tolist(), digests, strict=True):
+            entries[key] = batch_digest, {field: value[start:start + count] for field, value in tensors.items()}
         return entries
 
     def save(self, name: str, entries: Entries) -> None:
@@ -261,15 +273,15 @@ class TeacherRecord:
         index, start = [], 0
         for key in keys:
             count = len(next(iter(entries[key][1].values())))
-            index.append([*key, start, count])
+            index.append([key, start, count])
             start += count
         tensors = {
-            "index": torch.tensor(index, dtype=torch.int64).reshape(-1, 4),
+            "index": torch.tensor(index, dtype=torch.int64).reshape(-1, 3),
             "digests": torch.stack([entries[key][0] for key in keys]).float(),
         }
         for tensor_name in entries[keys[0]][1]:
             tensors[tensor_name] = torch.cat([entries[key][1][tensor_name] for key in keys]).contiguous()
-        metadata = {"fingerprint": self.fingerprint_hash, "steps": _ranges(step for step, _ in keys),
+        metadata = {"fingerprint": self.fingerprint_hash, "keys": _ranges(keys),
                     "sha256": _sha256(tensors)}
         self._publish(name, lambda staged: save_file(tensors, staged, metadata=metadata))
 
@@ -298,10 +310,6 @@ class TeacherRecord:
                 "last: the targets since that checkpoint are recorded again."
             ) from error
 
-    def recorded_epochs(self) -> list[int]:
-        return sorted({int(match.group(1)) for name in os.listdir(self.directory)
-                       if (match := PART_PATTERN.match(name))}) if os.path.isdir(self.directory) else []
-
     def size_per_view(self) -> float:
         """Bytes on disk per recorded training view (all parts), headers included."""
         total_bytes = total_views = 0
@@ -309,5 +317,5 @@ class TeacherRecord:
             if PART_PATTERN.match(name):
                 total_bytes += os.path.getsize(self.path(name))
                 with safe_open(self.path(name), "pt") as file:
-                    total_views += int(file.get_tensor("index")[:, 3].sum())
+                    total_views += int(file.get_tensor("index")[:, 2].sum())
         return total_bytes / max(total_views, 1)

@@ -1,11 +1,13 @@
 """Where the distillation token's targets come from: the teacher online, or a record of its targets (`--teacher_cache`).
 
-`DistillationTrainer` calls its `TeacherTargets` once per batch, `targets(pixel_values, training)`, and reads the
-result as the teacher's logits; it does not know which source it has:
+`DistillationTrainer` calls its `TeacherTargets` once per batch, `targets(pixel_values, training, groups)`, with a
+training micro-batch's mix groups as its key, and reads the result as the teacher's logits; it does not know which
+source it has:
 
 - `OnlineTeacher`: the frozen teacher runs on the batch (under the accelerator's autocast);
-- `RecordedTeacher`: targets from a `training.teacher.store.TeacherRecord`, keyed by (global step, micro-batch,
-  process) for training batches and by batch number for evaluation batches. With a teacher, the batches the record
+- `RecordedTeacher`: targets from a `training.teacher.store.TeacherRecord`, keyed by (epoch, mix group) for training
+  batches, so that any layout with the record's global batch and mix group size replays it, and by batch number for
+  evaluation batches (per evaluation layout). With a teacher, the batches the record
   lacks are run through it and recorded (a recording run, or one that extends a record to more epochs); without one,
   every batch must be in the record (a replaying run: the teacher is not even loaded), and so with
   `--teacher_cache_check`, whose teacher only checks. A missing part or batch is an error naming it.
@@ -15,9 +17,7 @@ place and the other classes' shared logit elsewhere. A recording run trains on t
 replaying run with the same seed computes the same losses.
 """
 
-import json
 import logging
-import math
 import os
 import random
 from collections.abc import Callable
@@ -27,32 +27,31 @@ from transformers import TrainerCallback
 
 from deit_hf.distillation_types import TEACHER_TYPES, get_distillation_type
 
+from ..randomness import MixGroup
+from .fingerprint import needed_groups, record_fingerprint
 from .identity import (
     confirm_recorded_teacher,
     resolve_teacher,
     teacher_flags,
-    teacher_identity,
 )
 from .model import Teacher
 from .store import (
     PART_PATTERN,
+    Entries,
     TeacherRecord,
     TeacherRecordError,
     decode,
     digest,
     digests_match,
     encode,
+    eval_part_name,
     part_name,
-    steps_per_epoch,
 )
 
 logger = logging.getLogger(__name__)
 
 EXACT_FIELDS = ("classes", "indices")  # the others are fp16 logits, compared with a tolerance
-# What the views depend on: every augmentation setting but the label smoothing (it changes the class targets only).
-VIEW_SETTINGS = ("input_size", "auto_augment", "color_jitter", "train_interpolation", "reprob", "remode", "recount",
-                 "hflip", "scale", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode", "repeated_aug",
-                 "num_repeats", "eval_crop_pct")
+
 
 
 class TeacherTargets(TrainerCallback):
@@ -80,9 +79,13 @@ class TeacherTargets(TrainerCallback):
         with self.trainer.accelerator.autocast():
             return self.teacher(pixel_values)
 
-    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
-        """The teacher's logits (or targets read as such) for a batch normalised with the student's statistics."""
+    def __call__(self, pixel_values: torch.Tensor, training: bool, groups: tuple[MixGroup, ...] = ()) -> torch.Tensor:
+        """The teacher's logits (or targets read as such) for a batch normalised with the student's statistics;
+        `groups`: a training micro-batch's mix groups, its rows group after group (its key)."""
         raise NotImplementedError
+
+    def skip(self, groups: tuple[MixGroup, ...]) -> None:
+        """A training micro-batch none of whose images decoded: no targets are asked for its `groups`."""
 
 
 class OnlineTeacher(TeacherTargets):
@@ -92,13 +95,15 @@ class OnlineTeacher(TeacherTargets):
         self.teacher = teacher
         self.num_labels = teacher.num_labels
 
-    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
+    def __call__(self, pixel_values: torch.Tensor, training: bool, groups: tuple[MixGroup, ...] = ()) -> torch.Tensor:
         return self.run_teacher(pixel_values)
 
 
 class RecordedTeacher(TeacherTargets):
     """
-    Targets from `record`: each process reads (and, with a `teacher`, writes) its own parts.
+    Targets from `record`, keyed by mix group for training (`training.randomness.MixGroup`: any layout with the
+    record's global batch and group size finds them, in whichever process's part of the epoch holds them) and by
+    batch number for evaluation (in this evaluation layout's parts). Each process writes its own parts.
 
     Args:
         record: the record directory.
@@ -106,24 +111,28 @@ class RecordedTeacher(TeacherTargets):
         distillation_type: `hard` (the class) or `soft` (the top-k logits) is what is recorded.
         top_k: the logits kept per view with soft distillation.
         tau: the soft loss's temperature, at which the classes outside the top k keep the teacher's mass.
-        teacher: runs on the batches the record lacks, which are then recorded; None: replay only.
-        check_steps: steps on which the teacher (then required) is also run on recorded batches and its targets
-            compared with the record (`--teacher_cache_check`); with them, nothing is recorded: a batch the record
-            lacks is an error, as in a replay.
+        teacher: runs on the groups the record lacks, which are then recorded; None: replay only.
+        check_groups: `(epoch, group)`s on which the teacher (then required) is also run and its targets compared
+            with the record (`--teacher_cache_check`); with them, nothing is recorded: a group the record lacks is an
+            error, as in a replay.
+        eval_part: this process's evaluation part (`training.teacher.store.eval_part_name`).
     """
 
     def __init__(self, record: TeacherRecord, num_labels: int, distillation_type: str, top_k: int,
-                 teacher: Teacher | None = None, check_steps: frozenset[int] = frozenset(), tau: float = 1.0):
-        if check_steps and teacher is None:
-            raise ValueError("Checking recorded steps needs the teacher.")
+                 teacher: Teacher | None = None, check_groups: frozenset[tuple[int, int]] = frozenset(),
+                 tau: float = 1.0, eval_part: str = eval_part_name(1, 1, 0)):
+        if check_groups and teacher is None:
+            raise ValueError("Checking recorded groups needs the teacher.")
         self.record, self.num_labels, self.teacher = record, num_labels, teacher
         self.distillation_type, self.top_k, self.tau = distillation_type, top_k, tau
-        self.check_steps = check_steps
+        self.check_groups, self.eval_part = check_groups, eval_part
         self.process_index = 0
-        self._parts: dict[str, dict] = {}  # loaded parts by file name, each {(step, micro): (digest, targets)}
+        self._parts: dict[str, Entries] = {}  # loaded parts by file name
+        self._epoch: int | None = None  # the training epoch whose parts are loaded
+        self._present = set(os.listdir(record.directory)) if os.path.isdir(record.directory) else set()
         self._unchecked: set[str] = set()  # parts loaded whose first replayed batch's digest is not compared yet
         self._unsaved: set[str] = set()
-        self._pending: list[tuple[str, tuple[int, int], torch.Tensor, torch.Tensor]] = []  # digests to compare
+        self._pending: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # digests to compare
         self._eval_batches = 0
 
     def attach(self, trainer) -> None:
@@ -132,30 +141,79 @@ class RecordedTeacher(TeacherTargets):
 
     @property
     def records(self) -> bool:
-        """Whether batches the record lacks are recorded (else they are an error)."""
-        return self.teacher is not None and not self.check_steps
+        """Whether groups the record lacks are recorded (else they are an error)."""
+        return self.teacher is not None and not self.check_groups
 
-    def __call__(self, pixel_values: torch.Tensor, training: bool) -> torch.Tensor:
-        name, key = self._next_key(training)
-        stored = self.targets(name, key, pixel_values)
-        return decode(stored, self.num_labels, pixel_values.device)
-
-    def _next_key(self, training: bool) -> tuple[str, tuple[int, int]]:
+    def __call__(self, pixel_values: torch.Tensor, training: bool, groups: tuple[MixGroup, ...] = ()) -> torch.Tensor:
         if not training:
             self._eval_batches += 1
-            return part_name(None, self.process_index), (self._eval_batches - 1, 0)
-        return self.training_key()
+            stored = [self.targets(self.eval_part, self._eval_batches - 1, pixel_values)]
+        else:
+            if not groups:
+                raise TeacherRecordError("A teacher record keys training targets by mix group: this batch has none "
+                                         "(a stream's batches cannot be recorded).")
+            stored = self.group_targets(groups, pixel_values)
+        return torch.cat([decode(part, self.num_labels, pixel_values.device) for part in stored])
 
-    def training_key(self) -> tuple[str, tuple[int, int]]:
-        """The part and key of the training micro-batch the trainer seeded last: its identity, as it seeded its
-        random draws (`training.randomness.StepKey`)."""
-        key = self.trainer.step_seeder.key
-        return part_name(key.epoch, self.process_index), (key.step, key.micro_batch)
+    def group_targets(self, groups: tuple[MixGroup, ...], pixel_values: torch.Tensor,
+                      logits: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """The stored targets of each of `groups` (the rows of `pixel_values`, group after group): the record's, or
+        the teacher's (given as `logits`, or run now on the whole batch) recorded."""
+        if logits is None and self.records and not all(self.has(group) for group in groups):
+            logits = self.run_teacher(pixel_values)
+        stored, start = [], 0
+        for group in groups:
+            rows = slice(start, start + group.size)
+            name = self._holder(group)
+            stored.append(self.targets(name, group.index, pixel_values[rows], None if logits is None else logits[rows]))
+            start += group.size
+        return stored
 
-    def targets(self, name: str, key: tuple[int, int], pixel_values: torch.Tensor,
+    def skip(self, groups: tuple[MixGroup, ...]) -> None:
+        """Groups none of whose images decoded: recorded as such, so that the record covers them."""
+        for group in groups:
+            self.targets(self._holder(group), group.index, torch.empty(0, device=self.trainer.args.device),
+                         torch.zeros(0, self.num_labels, device=self.trainer.args.device))
+
+    def has(self, group: MixGroup) -> bool:
+        """Whether mix group `group` is recorded."""
+        return group.index in self._parts[self._holder(group)]
+
+    def has_eval(self, number: int) -> bool:
+        """Whether evaluation batch `number` is recorded (on this evaluation layout)."""
+        return number in self._part(self.eval_part)
+
+    def _holder(self, group: MixGroup) -> str:
+        """The part holding `group`, or this process's part of its epoch, where it is recorded."""
+        names = self._load_epoch(group.epoch)
+        return next((name for name in names if group.index in self._parts[name]), part_name(group.epoch,
+                                                                                            self.process_index))
+
+    def _load_epoch(self, epoch: int) -> list[str]:
+        """Load the parts of training epoch `epoch` (one epoch at a time in memory, the last one saved first)."""
+        own = part_name(epoch, self.process_index)
+        if self._epoch != epoch:
+            for old in [name for name in self._parts if PART_PATTERN.match(name)]:
+                self.save(old)
+                del self._parts[old]
+            self._epoch = epoch
+            names = self.record.epoch_parts(epoch)
+            if not self.records and (gone := sorted(name for name in self._present - set(names)
+                                                    if name.startswith(own.split(".")[0]))):
+                raise TeacherRecordError(
+                    f"Teacher record {self.record.path(gone[0])} is missing: this run's targets for "
+                    f"{_describe(gone[0], None)} are not there (removed since the run started?). Record it again."
+                )
+            for name in names:
+                self._parts[name] = self.record.load(name)
+                self._unchecked.add(name)
+            self._parts.setdefault(own, {})
+        return sorted(name for name in self._parts if PART_PATTERN.match(name))
+
+    def targets(self, name: str, key: int, pixel_values: torch.Tensor,
                 logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The stored targets of batch `key` of part `name`: the record's, or the teacher's (given as `logits`, or
-        run now) recorded."""
+        """The stored targets of `key` (a mix group, or an evaluation batch) of part `name`: the record's, or the
+        teacher's (given as `logits`, or run now) recorded."""
         part = self._part(name)
         batch_digest = digest(pixel_values)
         if key in part:
@@ -164,13 +222,13 @@ class RecordedTeacher(TeacherTargets):
             if name in self._unchecked:  # a part's first batch at once (a host sync): a wrong record stops at once
                 self._unchecked.discard(name)
                 self.verify()
-            if key[0] in self.check_steps and name.startswith("epoch-"):
+            if PART_PATTERN.match(name) and (self._epoch, key) in self.check_groups and len(pixel_values):
                 self._check(name, key, stored, self.run_teacher(pixel_values))
             return stored
         if not self.records:
             raise TeacherRecordError(
                 f"Teacher record {self.record.path(name)} has no targets for {_describe(name, key)}: it was recorded "
-                "with fewer batches (another evaluation set or run length?). Record it again."
+                "for fewer steps or evaluation batches (another evaluation set or run length?). Record it again."
             )
         stored = encode(self.run_teacher(pixel_values) if logits is None else logits, self.distillation_type,
                         self.top_k, self.tau)
@@ -178,16 +236,8 @@ class RecordedTeacher(TeacherTargets):
         self._unsaved.add(name)
         return stored
 
-    def has(self, name: str, key: tuple[int, int]) -> bool:
-        """Whether batch `key` of part `name` is recorded."""
-        return key in self._part(name)
-
-    def _part(self, name: str) -> dict:
-        if name not in self._parts:
-            if name.startswith("epoch-"):  # one training epoch at a time in memory
-                for old in [old for old in self._parts if old.startswith("epoch-")]:
-                    self.save(old)
-                    del self._parts[old]
+    def _part(self, name: str) -> Entries:
+        if name not in self._parts:  # an evaluation part (an epoch's are loaded by `_load_epoch`)
             if not self.records and not os.path.exists(self.record.path(name)):
                 raise TeacherRecordError(
                     f"Teacher record {self.record.path(name)} is missing: this run's targets for "
@@ -197,7 +247,7 @@ class RecordedTeacher(TeacherTargets):
             self._unchecked.add(name)
         return self._parts[name]
 
-    def _check(self, name: str, key: tuple[int, int], stored: dict, logits: torch.Tensor) -> None:
+    def _check(self, name: str, key: int, stored: dict, logits: torch.Tensor) -> None:
         recomputed = encode(logits, self.distillation_type, self.top_k, self.tau)
         same = all(torch.equal(recomputed[field], stored[field]) if field in EXACT_FIELDS else torch.allclose(
             recomputed[field].float(), stored[field].float(), atol=1e-2, rtol=1e-2, equal_nan=True) for field in stored)
@@ -276,57 +326,15 @@ def targets_for(config, teacher: Teacher | None, teacher_targets: TeacherTargets
     return teacher_targets
 
 
-def uses_distribution(distill_args) -> bool:
-    """Whether the record keeps the teacher's logits (top k), not only its class."""
-    return get_distillation_type(distill_args.distillation_type).uses_teacher_distribution
-
-
-def _describe(name: str, key: tuple[int, int] | None) -> str:
-    """The batch `key` of part `name` in words; None: the part's batches."""
+def _describe(name: str, key: int | None) -> str:
+    """Mix group or evaluation batch `key` of part `name` in words; None: the part's."""
     process = name.rsplit(".", 2)[1]
-    if key is None:
-        return f"the evaluation of {process}" if name.startswith("eval") else (
-            f"epoch {int(PART_PATTERN.match(name).group(1))} of {process}")
     if name.startswith("eval"):
-        return f"evaluation batch {key[0]} of {process}"
-    return f"step {key[0]} (micro-batch {key[1]}) of {process}"
-
-
-def record_fingerprint(datasets: dict, distill_args, aug_args, training_args, student_mean, student_std,
-                       teacher: str | None = None) -> dict:
-    """What decides the views and the teacher's targets; a record made under other values is refused. `teacher`: the
-    teacher's identity (`training.teacher.identity`), when known without hashing its weights again."""
-    items = {
-        "dataset": {split: getattr(dataset, "_fingerprint", None) for split, dataset in datasets.items()},
-        "seed": training_args.seed,
-        **{name: getattr(aug_args, name) for name in VIEW_SETTINGS},
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "processes": training_args.world_size,
-        "dataloader_drop_last": training_args.dataloader_drop_last,
-        "teacher": teacher or teacher_identity(distill_args.teacher_model, distill_args.teacher_checkpoint),
-        "teacher_input_size": distill_args.teacher_input_size,
-        "teacher normalisation": {"teacher": [distill_args.teacher_mean, distill_args.teacher_std],
-                                  "student": [list(student_mean), list(student_std)]},
-        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
-        "distillation_type": distill_args.distillation_type,
-        **{name: getattr(distill_args, name) if uses_distribution(distill_args) else None
-           for name in ("teacher_cache_top_k", "distillation_tau")},
-    }
-    return json.loads(json.dumps(items))  # as read back from the record's JSON (tuples become lists)
-
-
-def needed_steps(num_examples: int, training_args) -> tuple[int, dict[int, range]]:
-    """(steps per epoch, {epoch: the steps of it}) for a run's whole length."""
-    per_epoch = steps_per_epoch(num_examples, training_args.per_device_train_batch_size, training_args.world_size,
-                                training_args.gradient_accumulation_steps, training_args.dataloader_drop_last)
-    total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
-        training_args.num_train_epochs * per_epoch)
-    epochs = {}
-    for epoch in range(math.ceil(total / per_epoch)):
-        epochs[epoch] = range(epoch * per_epoch, min((epoch + 1) * per_epoch, total))
-    return per_epoch, epochs
+        layout = name.split(".")[0].removeprefix("eval-").replace("x", " x ")
+        what = "the evaluation" if key is None else f"evaluation batch {key}"
+        return f"{what} of {process} (on {layout} per device)"
+    epoch = int(PART_PATTERN.match(name).group(1))
+    return f"epoch {epoch} of {process}" if key is None else f"mix group {key} of epoch {epoch}"
 
 
 def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, student_statistics: tuple,
@@ -341,11 +349,14 @@ def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, 
     identity = resolve_teacher(distill_args, recorded)
     fingerprint = record_fingerprint(datasets, distill_args, aug_args, training_args, *student_statistics, identity)
     record = TeacherRecord(distill_args.teacher_cache, fingerprint)
-    _, epochs = needed_steps(len(datasets["train"]), training_args)
+    epochs = needed_groups(len(datasets["train"]), aug_args, training_args)
     evaluates = training_args.do_eval or training_args.eval_strategy != "no"
-    missing = record.missing(epochs, training_args.world_size, evaluates) if record.check_fingerprint() else ["all"]
+    eval_parts = [eval_part_name(training_args.world_size, training_args.per_device_eval_batch_size, rank)
+                  for rank in range(training_args.world_size)]
+    missing = record.missing(epochs, eval_parts if evaluates else []) if record.check_fingerprint() else ["all"]
     settings = dict(num_labels=num_labels, distillation_type=distill_args.distillation_type,
-                    top_k=distill_args.teacher_cache_top_k, tau=distill_args.distillation_tau)
+                    top_k=distill_args.teacher_cache_top_k, tau=distill_args.distillation_tau,
+                    eval_part=eval_parts[training_args.process_index])
     check = distill_args.teacher_cache_check
     if not missing and check == 0:
         logger.info("replaying teacher targets from %s; teacher not loaded", record.directory)
@@ -357,11 +368,11 @@ def open_teacher_targets(distill_args, aug_args, training_args, datasets: dict, 
         purpose = f"--teacher_cache_check {check}" if check else f"Recording the {len(missing)} parts it lacks"
         confirm_recorded_teacher(distill_args, identity, purpose)
     if check:
-        total = sum(len(steps) for steps in epochs.values())
-        check_steps = frozenset(random.Random(training_args.seed).sample(range(total), min(check, total)))
-        logger.info("replaying teacher targets from %s; teacher loaded to check steps %s (--teacher_cache_check)",
-                    record.directory, sorted(check_steps))
-        return RecordedTeacher(record, **settings, teacher=load_teacher(), check_steps=check_steps)
+        every = [(epoch, group) for epoch, groups in epochs.items() for group in groups]
+        check_groups = frozenset(random.Random(training_args.seed).sample(every, min(check, len(every))))
+        logger.info("replaying teacher targets from %s; teacher loaded to check (epoch, mix group) %s "
+                    "(--teacher_cache_check)", record.directory, sorted(check_groups))
+        return RecordedTeacher(record, **settings, teacher=load_teacher(), check_groups=check_groups)
     teacher = load_teacher()
     os.makedirs(record.directory, exist_ok=True)
     record.write_fingerprint(teacher_flags(distill_args))

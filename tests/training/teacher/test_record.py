@@ -7,16 +7,20 @@ import shutil
 
 import pytest
 import torch
+from datasets import DatasetDict
 from safetensors import safe_open
 
 from deit_hf.losses import DistillationLoss
 from training import build, record_teacher
+from training.teacher.fingerprint import record_fingerprint
 from training.teacher.store import TeacherRecord, TeacherRecordError, decode, encode, part_name
-from training.teacher.targets import record_fingerprint
 from training.train import main, parse_args
 from training.transforms import BatchTransform
 
 from ..conftest import tiny_run_args
+from ..test_distributed import PROBE, launch, two_processes
+from ..test_distributed import losses as logged_losses
+from ..test_skipped_images import with_garbage
 
 # 48 digits in batches of 8: 6 steps per epoch
 TWO_EPOCHS = ["--num_train_epochs", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch"]
@@ -66,7 +70,7 @@ def test_a_replayed_run_equals_the_recording_run_without_loading_the_teacher(
                                    "--teacher_cache", cache))
     assert f"recording teacher targets to {cache}" in caplog.messages
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [
-        "epoch-00000.process-0.safetensors", "epoch-00001.process-0.safetensors", "eval.process-0.safetensors"]
+        "epoch-00000.process-0.safetensors", "epoch-00001.process-0.safetensors", "eval-1x32.process-0.safetensors"]
 
     monkeypatch.setattr(build, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     caplog.clear()
@@ -93,14 +97,14 @@ def test_a_longer_run_extends_the_record_and_a_resumed_run_records_the_rest(
                               "--teacher_cache", str(tmp_path / "cache_a")))
     main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *common, "--max_steps", "8",
                        "--teacher_cache", str(tmp_path / "cache")))
-    assert _recorded_steps(tmp_path / "cache", 1) == "6-7"
+    assert _recorded_groups(tmp_path / "cache", 1) == "0-1"  # one mix group per step on 1 process x 8
     shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "c" / "checkpoint-8")
     caplog.set_level(logging.INFO, logger="training.teacher.targets")
     resumed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "c", *common,
                                  "--teacher_cache", str(tmp_path / "cache"), "--resume_from_checkpoint", "last"))
     assert any(message.startswith("recording teacher targets") for message in caplog.messages)
     assert losses(resumed)[-4:] == pytest.approx(losses(full)[-4:], rel=1e-6)
-    assert _recorded_steps(tmp_path / "cache", 1) == "6-11"
+    assert _recorded_groups(tmp_path / "cache", 1) == "0-5"
 
     replayed = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "d", *common,
                                   "--teacher_cache", str(tmp_path / "cache")))
@@ -120,9 +124,9 @@ def test_resuming_mid_epoch_under_replay(small_digits_dir, random_teacher_dir, t
     assert losses(resumed)[-8:] == pytest.approx(losses(recording)[-8:], rel=1e-6)
 
 
-def _recorded_steps(cache, epoch: int) -> str:
+def _recorded_groups(cache, epoch: int) -> str:
     with safe_open(str(cache / part_name(epoch, 0)), "pt") as file:
-        return file.metadata()["steps"]
+        return file.metadata()["keys"]
 
 
 # Each item of the fingerprint, changed by a flag: (flags, the item the refusal names).
@@ -133,8 +137,9 @@ CHANGES = [
     (["--reprob", "0.25"], "reprob"),
     (["--input_size", "40"], "input_size"),
     (["--repeated_aug", "false"], "repeated_aug"),
-    (["--per_device_train_batch_size", "4"], "per_device_train_batch_size"),
-    (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps"),
+    (["--per_device_train_batch_size", "16", "--mix_group_size", "8"], "global_batch"),
+    (["--gradient_accumulation_steps", "2", "--mix_group_size", "8"], "global_batch"),
+    (["--mix_group_size", "4"], "mix_group_size"),
     (["--max_train_samples", "40"], "dataset"),
     (["--teacher_mean", "0.5", "0.5", "0.5", "--teacher_std", "0.5", "0.5", "0.5"], "teacher normalisation"),
     (["--distillation_type", "soft"], "distillation_type"),
@@ -188,8 +193,9 @@ def test_other_processes_teacher_weights_and_top_k_are_refused(random_teacher_di
     for argv, item in cases:
         with pytest.raises(TeacherRecordError, match=rf"\({item}: recorded"):
             TeacherRecord(tmp_path / "cache", _fingerprint(argv)).check_fingerprint()
+    # more processes at the same per-device batch: another global batch (the same one on another layout replays)
     monkeypatch.setattr(type(parse_args(base).training), "world_size", property(lambda self: 2))
-    with pytest.raises(TeacherRecordError, match=r"\(processes: recorded 1, now 2\)"):
+    with pytest.raises(TeacherRecordError, match=r"\(global_batch: recorded 128, now 256\)"):
         TeacherRecord(tmp_path / "cache", _fingerprint(base)).check_fingerprint()
 
 
@@ -214,20 +220,32 @@ def test_unread_cache_flags_are_refused(small_digits_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_layout_that_splits_a_mix_group_is_refused_in_one_line(small_digits_dir, capsys):
+    for flags, message in [
+        (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--mix_group_size", "8"],
+         "--per_device_train_batch_size 4 would split mix groups of 8 (--mix_group_size): make it a multiple of 8"),
+        (["--streaming", "true", "--mix_group_size", "4"], "--mix_group_size is read for a dataset of known length"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(["--dataset_name", str(small_digits_dir), *flags])
+        error = capsys.readouterr().err
+        assert message in error.strip().splitlines()[-1], error  # the refusal, whole, on its one line
+
+
 def _saved_part(tmp_path, entries=None) -> TeacherRecord:
     record = TeacherRecord(tmp_path, {"seed": 0})
-    entries = entries or {(0, 0): (torch.tensor([1.0, 2.0]), encode(torch.randn(8, 10), "hard", 0)),
-                          (1, 0): (torch.tensor([3.0, 4.0]), encode(torch.randn(5, 10), "hard", 0))}
+    entries = entries or {0: (torch.tensor([1.0, 2.0]), encode(torch.randn(8, 10), "hard", 0)),
+                          1: (torch.tensor([3.0, 4.0]), encode(torch.randn(5, 10), "hard", 0))}
     record.save(part_name(0, 0), entries)
     return record
 
 
 def test_a_part_round_trips(tmp_path):
     logits = torch.randn(8, 10)
-    entries = {(3, 1): (torch.tensor([1.0, 2.0]), encode(logits, "hard", 0))}
+    entries = {3: (torch.tensor([1.0, 2.0]), encode(logits, "hard", 0))}
     loaded = _saved_part(tmp_path, entries).load(part_name(0, 0))
-    assert list(loaded) == [(3, 1)]
-    assert torch.equal(decode(loaded[3, 1][1], 10, torch.device("cpu")).argmax(1), logits.argmax(1))
+    assert list(loaded) == [3]
+    assert torch.equal(decode(loaded[3][1], 10, torch.device("cpu")).argmax(1), logits.argmax(1))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -263,13 +281,37 @@ def test_views_that_differ_from_the_recorded_ones_are_refused(small_digits_dir, 
     main(args)
     transform = BatchTransform.__call__
 
-    def flipping(self, pixel_values, labels, training):
-        pixel_values, labels = transform(self, pixel_values, labels, training)
+    def flipping(self, pixel_values, labels, training, group_seeds=()):
+        pixel_values, labels = transform(self, pixel_values, labels, training, group_seeds)
         return pixel_values.flip(-1) if training else pixel_values, labels
 
     monkeypatch.setattr(BatchTransform, "__call__", flipping)
-    with pytest.raises(TeacherRecordError, match=r"The views of step 0 \(micro-batch 0\) of process-0 differ"):
+    with pytest.raises(TeacherRecordError, match=r"The views of mix group 0 of epoch 0 differ"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--logging_steps", "1"])
+
+
+@pytest.mark.slow
+def test_mix_groups_that_undecodable_images_shrink_or_empty_replay_on_another_layout(digits, random_teacher_dir,
+                                                                                      tmp_path, caplog):
+    """42 of 48 images do not decode: groups of 4 shrink, some to nothing, some micro-batches hold no image at all.
+    Recorded on 1 x 8, replayed on 1 x 4 with accumulation 2: every group, empty ones too, is found, its views alike."""
+    DatasetDict({"train": with_garbage(digits["train"].select(range(48)), set(range(48)) - {3, 10, 11, 20, 33, 41}),
+                 "validation": digits["validation"].select(range(32))}).save_to_disk(str(tmp_path / "data"))
+    common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+              "--do_eval", "false", "--min_decodable_fraction", "0", "--mix_group_size", "4", "--reprob", "0.25",
+              "--mixup", "0.8", "--cutmix", "1.0", "--teacher_cache", str(tmp_path / "cache")]
+    main(tiny_run_args(tmp_path / "data", random_teacher_dir, tmp_path / "a", *common))
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
+    replaying = main(without_teacher_flags(tiny_run_args(
+        tmp_path / "data", random_teacher_dir, tmp_path / "b", *common, "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2")))
+    assert replaying.teacher is None and any("teacher not loaded" in message for message in caplog.messages)
+    assert replaying.state.global_step == 6 and losses(replaying)
+    fingerprint = json.loads((tmp_path / "cache" / "fingerprint.json").read_text())["items"]
+    groups = TeacherRecord(tmp_path / "cache", fingerprint).load(part_name(0, 0))
+    sizes = [len(stored["classes"]) for _, (_, stored) in sorted(groups.items())]
+    assert len(sizes) == 12 and 0 < sum(sizes) < 48  # 48 views in groups of 4, recorded though shrunk
+    assert any(sizes[group] == sizes[group + 1] == 0 for group in range(0, 12, 2))  # a micro-batch of 8 held none
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
@@ -318,7 +360,7 @@ def test_a_pass_without_student_records_what_the_students_replay(small_digits_di
     caplog.set_level(logging.INFO, logger="training.teacher.targets")
     replaying = main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "b", *ONE_EPOCH, *FULL_RECIPE,
                                    "--teacher_cache", cache, "--teacher_cache_check", "2"))
-    assert any("teacher loaded to check steps" in message for message in caplog.messages)
+    assert any("teacher loaded to check (epoch, mix group)" in message for message in caplog.messages)
     assert sum("match the record's" in message for message in caplog.messages) >= 2
     assert losses(replaying) == losses(recording)
     assert evaluations(replaying) == evaluations(recording)
@@ -333,32 +375,50 @@ def test_the_cache_check_finds_targets_the_teacher_does_not_give(small_digits_di
     entries = record.load(part_name(0, 0))
     entries = {key: (digest, {"classes": (stored["classes"] + 1) % 10}) for key, (digest, stored) in entries.items()}
     record.save(part_name(0, 0), entries)
-    with pytest.raises(TeacherRecordError, match=r"--teacher_cache_check: the teacher's targets for step \d+"):
+    with pytest.raises(TeacherRecordError, match=r"--teacher_cache_check: the teacher's targets for mix group \d+"):
         main([*args, "--output_dir", str(tmp_path / "b"), "--teacher_cache_check", "6"])
 
 
 @pytest.mark.slow
-def test_two_processes_replay_their_own_parts_exactly(small_digits_dir, random_teacher_dir, tmp_path):
-    """Each process records and replays its own part; with the whole recipe on, the replaying run's losses are the
-    recording run's."""
-    from ..test_distributed import PROBE, half_batches, launch, two_processes
-    from ..test_distributed import losses as logged_losses
-
+def test_a_record_made_on_two_processes_replays_on_any_layout_of_its_global_batch(small_digits_dir,
+                                                                                  random_teacher_dir, tmp_path, caplog):
+    """Recorded on 2 processes x 8 with the whole recipe (drop path 0: the student's own draws are per micro-batch),
+    then replayed with no teacher flag on 2 x 8, on 1 x 16 and on 1 x 8 with accumulation 2 (mix groups of 8 each
+    time): the same global batch, views, mix groups and targets, so the recording run's losses, step for step."""
     cache = str(tmp_path / "cache")
-    common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
-              *FULL_RECIPE, "--teacher_cache", cache]
+    common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "no", *FULL_RECIPE,
+              "--drop_path_rate", "0", "--mix_group_size", "8", "--teacher_cache", cache]
+    evaluating = ["--eval_strategy", "epoch"]
     logs = {}
-    for name in ("a", "b"):
-        args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / name, *common))
-        result = launch(two_processes(), PROBE, args, SAVE_PROBE_FILE=str(tmp_path / f"{name}.saves"))
+    for name in ("a", "b"):  # each waited for up to 300 s: two processes start, train 3 steps and evaluate
+        args = tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / name, *common, *evaluating)
+        result = launch(two_processes(), PROBE, args if name == "a" else without_teacher_flags(args),
+                        SAVE_PROBE_FILE=str(tmp_path / f"{name}.saves"))
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr
     assert f"recording teacher targets to {cache}" in logs["a"]
     assert f"replaying teacher targets from {cache}; teacher not loaded" in logs["b"]
     parts = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
-    assert parts == sorted([part_name(0, 0), part_name(0, 1), part_name(None, 0), part_name(None, 1)])
-    assert len(logged_losses(tmp_path / "b")) == 6
-    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
+    assert parts == ["epoch-00000.process-0.safetensors", "epoch-00000.process-1.safetensors",
+                     "eval-2x32.process-0.safetensors", "eval-2x32.process-1.safetensors"]
+    recorded = logged_losses(tmp_path / "a")
+    assert len(recorded) == 3 and logged_losses(tmp_path / "b") == recorded  # 48 images / 16
     evaluation = [entry for entry in json.loads((tmp_path / "b" / "trainer_state.json").read_text())["log_history"]
                   if "eval_loss" in entry]
     assert "eval_teacher_top1" in evaluation[-1]
+
+    not_evaluating = ["--eval_strategy", "no", "--do_eval", "false"]
+    caplog.set_level(logging.INFO, logger="training.teacher.targets")
+    for name, layout in [("c", ["--per_device_train_batch_size", "16"]), ("d", ["--gradient_accumulation_steps", "2"])]:
+        args = tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / name, *common, *not_evaluating, *layout)
+        replaying = main(without_teacher_flags(args))
+        assert replaying.teacher is None and f"replaying teacher targets from {cache}; teacher not loaded" in (
+            caplog.messages), name
+        caplog.clear()
+        assert losses(replaying) == pytest.approx(recorded, rel=1e-5), name
+
+
+def without_teacher_flags(args: list[str]) -> list[str]:
+    """`args` without the flags that name the teacher: a replay adopts the record's."""
+    at = args.index("--teacher_model")
+    return args[:at] + args[at + 2:]

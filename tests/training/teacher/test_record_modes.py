@@ -19,14 +19,9 @@ from training.transforms import BatchTransform
 
 from ..conftest import tiny_run_args
 from ..test_distributed import REPO, probe_env
-from .test_record import TWO_EPOCHS, losses
+from .test_record import TWO_EPOCHS, losses, without_teacher_flags
 
 ONE_EPOCH_NO_EVAL = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no"]
-
-
-def without_teacher_flags(args: list[str]) -> list[str]:
-    at = args.index("--teacher_model")
-    return args[:at] + args[at + 2:]
 
 
 def test_the_record_names_its_teacher_by_its_weights_not_its_folder(small_digits_dir, random_teacher_dir, tmp_path,
@@ -118,15 +113,15 @@ def test_views_swapped_within_a_batch_are_refused_at_the_first_batch(small_digit
     main(args)
     transform = BatchTransform.__call__
 
-    def swapping(self, pixel_values, labels, training):
-        pixel_values, labels = transform(self, pixel_values, labels, training)
+    def swapping(self, pixel_values, labels, training, group_seeds=()):
+        pixel_values, labels = transform(self, pixel_values, labels, training, group_seeds)
         # the first and last rows (not two neighbours: repeated augmentation's copies of one image can be alike)
         last = len(pixel_values) - 1
         return (pixel_values[[last, *range(1, last), 0]] if training else pixel_values), labels
 
     monkeypatch.setattr(BatchTransform, "__call__", swapping)
     steps = Steps()
-    with pytest.raises(TeacherRecordError, match=r"The views of step 0 \(micro-batch 0\) of process-0 differ"):
+    with pytest.raises(TeacherRecordError, match=r"The views of mix group 0 of epoch 0 differ"):
         main([*args, "--output_dir", str(tmp_path / "b")], callbacks=[steps])
     assert steps.ended == []
 
@@ -136,7 +131,7 @@ def test_a_record_of_an_older_version_is_refused_as_such(small_digits_dir, rando
                          str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "fingerprint.json").write_text(json.dumps({"format": 1, "items": {}}))
-    with pytest.raises(TeacherRecordError, match=r"was recorded by an older version \(record format 1, now 2\); "
+    with pytest.raises(TeacherRecordError, match=r"was recorded by an older version \(record format 1, now 3\); "
                        "record it again"):
         main(args)
 
