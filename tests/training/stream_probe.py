@@ -1,24 +1,22 @@
 """`training.train` recording, per process, what it decodes and trains on: `accelerate launch` runs it in a test.
 
-Its arguments are the flags of one or more runs, separated by `NEXT_RUN`: the runs follow each other in the same
-processes, so that one launch (one set of interpreters, each importing torch and transformers) serves them all.
-Run `i` records into `$STREAM_PROBE_DIR/<i>` (one line per example, the label being the example's id):
+Its arguments are one or more runs' flags (`probe_runs`); run `i` records into `$STREAM_PROBE_DIR/<i>` (one line
+per example, the label being the example's id):
 - `decoded-<rank>`: `<split> <path>` for each image that process's `ImageTransform` decodes (in any of its workers);
 - `seen-<rank>`: `<epoch> <label>` for each example of its training batches;
 - `eval-<rank>`: the labels `compute_metrics` receives, gathered over the processes, one line per evaluation.
 Training stops at the end of epoch `$STOP_AFTER_EPOCHS`, so that no batch is read ahead and left unused.
 """
 
-import itertools
 import os
 import sys
 
+import probe_runs  # beside this file, which runs as a script
 import torch
 from transformers import TrainerCallback
 
 from training import train, trainer, transforms
 
-NEXT_RUN = "--next_run"
 PROBE_DIR = ""  # the current run's folder under $STREAM_PROBE_DIR, set below (forked DataLoader workers inherit it)
 RANK = os.environ.get("RANK", "0")  # inherited by the DataLoader workers
 _image_transform = transforms.ImageTransform.__call__
@@ -70,8 +68,7 @@ if __name__ == "__main__":
     trainer.DistillationTrainer.__init__ = init
     trainer.DistillationTrainer.training_step = training_step
     train.compute_metrics = compute_metrics
-    runs = [list(flags) for separator, flags in itertools.groupby(sys.argv[1:], NEXT_RUN.__eq__) if not separator]
-    for index, flags in enumerate(runs):
+    for index, flags in enumerate(probe_runs.split(sys.argv[1:])):
         PROBE_DIR, EpochCounter.epoch = os.path.join(os.environ["STREAM_PROBE_DIR"], str(index)), -1
         os.makedirs(PROBE_DIR, exist_ok=True)
         train.main(flags)

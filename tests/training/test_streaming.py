@@ -14,7 +14,7 @@ from training.data import shuffle_stream, split_stream_by_process
 from training.train import check_stream_dispatch
 
 from .conftest import tiny_run_args
-from .stream_probe import NEXT_RUN
+from .probe_runs import joined
 from .test_distributed import launch, two_processes
 
 STREAM_PROBE = Path(__file__).with_name("stream_probe.py")
@@ -73,9 +73,9 @@ def streamed_runs(digits, tmp_path_factory) -> Path:
                              "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
                              "--per_device_eval_batch_size", "4", "--dataloader_num_workers", str(workers))
         args[args.index("--per_device_train_batch_size") + 1] = str(batch_size)
-        runs += [NEXT_RUN, *args] if runs else args
+        runs.append(args)
     probe_dir = root / "probe"
-    result = launch(two_processes(), STREAM_PROBE, runs, STREAM_PROBE_DIR=str(probe_dir), STOP_AFTER_EPOCHS="2")
+    result = launch(two_processes(), STREAM_PROBE, joined(runs), STREAM_PROBE_DIR=str(probe_dir), STOP_AFTER_EPOCHS="2")
     assert result.returncode == 0, result.stderr[-3000:]
     return probe_dir
 
