@@ -62,7 +62,7 @@ def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype, repeats: i
     # long enough to time, short enough to repeat (a CPU without bf16 units takes ~2 s per bf16 product at 1024)
     size = 1024 if torch.device(device).type == "cpu" else 8192
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
+    for _ in range(min(2, repeats)):  # warm-up
         a @ b
     synchronize(device)
     seconds = []

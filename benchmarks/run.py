@@ -40,7 +40,9 @@ START_MARKER, END_MARKER = "<!-- benchmark results: start -->", "<!-- benchmark 
 # Smallest settings that still exercise every path, never waiting for a quiet machine: a smoke test, a first look.
 QUICK = {
     "inference": dict(sizes=("tiny",), batch_size=1, warmup=1, repeats=1, busy_retries=0),
-    "train": dict(image_size=32, batch_size=8, steps_per_round=2, warmup_steps=1, rounds=1, busy_retries=0),
+    # one timed product for the matmul peak: ~2 s each in bf16 on a CPU without bf16 units
+    "train": dict(image_size=32, batch_size=8, steps_per_round=2, warmup_steps=1, rounds=1, busy_retries=0,
+                  peak_repeats=1),
     "input": dict(num_images=16, batch_size=8, warmup=0, repeats=1, busy_retries=0),
     "stream": dict(num_images=16, num_shards=3, num_workers=1, input_size=32, batch_size=4, warmup=0, repeats=1),
     "end_to_end": dict(batch_size=8, workers=1, warmup_steps=1, timed_steps=2, rounds=1, busy_retries=0),

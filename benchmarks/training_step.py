@@ -46,6 +46,8 @@ on a CPU, `max_memory_allocated` on an accelerator. Achieved GFLOP/s = the FLOPs
 MFU = that over the FLOP/s of a large dense matmul in the same dtype on the same device (`matmul_peak_flops`).
 """
 
+import dataclasses
+import functools
 import multiprocessing
 import tempfile
 import time
@@ -101,6 +103,7 @@ class TrainSettings:
     warmup_steps: int = 2  # dropped at the start of each round
     rounds: int = 3
     busy_retries: int | None = None  # see `benchmarks.keep_quiet_rounds`
+    peak_repeats: int = 10  # timed products of the matmul peak MFU is measured against (`matmul_peak_flops`)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32  # bf16 = autocast
     torch_compile: bool = False  # compile student and teacher (the Trainer's and timm's); the loop is then left out
@@ -271,9 +274,18 @@ def peak_memory_in_fresh_process(contender: str, settings: TrainSettings) -> dic
 
     On a CPU, its peak RSS and that peak less the peak before building anything (what importing torch,
     transformers, timm and the project costs, the same for both); on an accelerator, its peak allocated memory.
+    A contender is measured once per settings: the replay run's peers, where they train as in the run before it
+    (only the replay row reads `replay`), reuse that run's figures rather than start an interpreter again.
     """
+    if contender != REPLAY:
+        settings = dataclasses.replace(settings, replay=False)
+    return dict(_peak_memory_in_fresh_process(contender, settings, torch.get_num_threads()))
+
+
+@functools.cache
+def _peak_memory_in_fresh_process(contender: str, settings: TrainSettings, threads: int) -> dict[str, float]:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak_memory_of_one_round, (contender, settings, torch.get_num_threads()))
+        return pool.apply(_peak_memory_of_one_round, (contender, settings, threads))
 
 
 def step_flops(settings: TrainSettings) -> tuple[int, int]:
@@ -298,7 +310,7 @@ def run(settings: TrainSettings = TrainSettings(), measure_memory: bool = True) 
         )
     teacher_flops, student_flops = step_flops(settings)
     flops = teacher_flops + student_flops
-    peak_flops = matmul_peak_flops(settings.device, settings.dtype)
+    peak_flops = matmul_peak_flops(settings.device, settings.dtype, settings.peak_repeats)
     with tempfile.TemporaryDirectory() as output_dir:
         loops = {name: _build(name, settings, output_dir) for name in settings.contenders}
         if settings.replay:

@@ -14,6 +14,8 @@ import torch
 from accelerate.utils.launch import _get_mpirun_args
 from safetensors.torch import load_file
 
+from training.train import main
+
 from .conftest import tiny_run_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,12 +66,20 @@ def losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.fixture(scope="module")
+def three_steps_on_one_process(small_digits_dir, random_teacher_dir, tmp_path_factory) -> Path:
+    """The output of `THREE_STEPS` on one process with the global batch 8, trained here (not launched: a launch
+    costs an interpreter's imports): what each launcher's 2-process run must match."""
+    output_dir = tmp_path_factory.mktemp("three_steps") / "one"
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, output_dir, *THREE_STEPS))
+    return output_dir
+
+
 @pytest.mark.slow
 def test_two_processes_train_as_one_with_the_same_global_batch(small_digits_dir, random_teacher_dir, tmp_path):
     common = ["--num_train_epochs", "1", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
               "--repeated_aug", "true", "--mixup", "0", "--cutmix", "0", "--eval_strategy", "no", "--do_eval", "false"]
-    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common),
-        tmp_path / "one.saves")  # global batch 8 = 1 x 8
+    main(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *common))  # global batch 8 = 1 x 8
 
     double_args = half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "two", *common))
     stdout = run(two_processes(), double_args, tmp_path / "two.saves")
@@ -138,12 +148,9 @@ def wait_for_machines(machines: list[subprocess.Popen], stderr_files: list[Path]
 
 @pytest.mark.slow
 def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_digits_dir, random_teacher_dir,
-                                                                          tmp_path):
+                                                                          three_steps_on_one_process, tmp_path):
     """`accelerate launch --config_file` with a multi-GPU YAML (the script itself runs on the CPU here), and two
     "machines" on one host (`--num_machines 2 --machine_rank 0|1`): both form a 2-process group that trains as one."""
-    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *THREE_STEPS),
-        tmp_path / "one.saves")
-
     config = tmp_path / "accelerate.yaml"
     config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\n"
                       f"num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nmain_process_port: {free_port()}\n")
@@ -170,18 +177,16 @@ def test_an_accelerate_config_file_and_a_two_machine_launch_train_as_one(small_d
     assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in logs[0][0].read_text()  # printed by the global rank 0
 
     for folder in ("yaml", "nodes"):
-        assert losses(tmp_path / folder) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), folder
+        assert losses(tmp_path / folder) == pytest.approx(losses(three_steps_on_one_process), rel=1e-4), folder
 
 
 @pytest.mark.slow
-def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir, tmp_path,
+def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digits_dir, random_teacher_dir,
+                                                                      three_steps_on_one_process, tmp_path,
                                                                       monkeypatch):
     """accelerate starts a `MULTI_CPU` config's processes with `mpirun` (the `mpich` test dependency provides one) on
     the hosts of its hostfile; with no MASTER_ADDR exported, `training.train` meets on this host when all its ranks
     are here."""
-    run([sys.executable], tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "one", *THREE_STEPS),
-        tmp_path / "one.saves")
-
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # its mpirun
     for variable in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)
@@ -196,5 +201,5 @@ def test_a_multi_cpu_accelerate_config_trains_with_all_its_processes(small_digit
     stdout = run(launcher, half_batches(tiny_run_args(small_digits_dir, random_teacher_dir, tmp_path / "mpi",
                                                       *THREE_STEPS)), tmp_path / "mpi.saves")
     assert "WORLD_SIZE 2 DISTRIBUTED MULTI_CPU" in stdout
-    assert losses(tmp_path / "mpi") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert losses(tmp_path / "mpi") == pytest.approx(losses(three_steps_on_one_process), rel=1e-4)
     assert (tmp_path / "mpi.saves").read_text().split() == ["0"]  # the final model, written by rank 0 alone
