@@ -92,11 +92,14 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, wall: float) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = STUDY.parser(__doc__, quick="64 training digits, deit_hf evaluated on 64 held-out digits")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="Train these sides only (default both): e.g. one side's rate over more seeds first, the "
+                        "other's runs merged later with --merge.")
     args = STUDY.parse(parser, argv)
     settings = study_settings(args)
     data_dir = prepare_data(args.workdir, args.dataset, settings.image_size)
     extra_flags = QUICK_FLAGS if args.quick else ()
-    jobs = [(side, seed, settings, data_dir, extra_flags) for seed in args.seeds for side in SIDES]
+    jobs = [(side, seed, settings, data_dir, extra_flags) for seed in args.seeds for side in args.sides]
     return STUDY.run(args, _run_job, jobs, summarize,
                      lambda runs, summary, wall: markdown(runs, summary, settings, wall))
 

@@ -418,3 +418,15 @@ def test_merged_runs_are_recorded_with_the_new_ones_and_a_rerun_replaces_its_ear
     text = output.read_text()
     assert "| 0 | 0.1 |\n| 1 | 0.9 |\n| 2 | 0.9 |" in text  # seed 1 rerun: its new line, not both
     assert f"1 of these 3 runs are earlier ones merged from `{earlier}`" in text and "Partial" not in text
+
+
+def test_no_teacher_trains_only_the_sides_asked_for(tmp_path, monkeypatch):
+    from benchmarks import no_teacher
+    from benchmarks.study import Study
+
+    monkeypatch.chdir(tmp_path)
+    planned = []
+    monkeypatch.setattr(Study, "run", lambda self, args, job, jobs, *rest, **kwargs: planned.extend(jobs))
+    no_teacher.main(["--quick", "--seeds", "3", "4", "--sides", "reference"])
+
+    assert [(side, seed) for side, seed, *_ in planned] == [("reference", 3), ("reference", 4)]
