@@ -79,7 +79,8 @@ class Study:
     def parser(self, description: str, quick: str) -> argparse.ArgumentParser:
         """The flags every study has; `quick` says what `--quick` shrinks besides seeds and epochs."""
         parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--seeds", type=int, nargs="+", help=f"Default {' '.join(map(str, self.seeds))}.")
+        parser.add_argument("--seeds", type=int, nargs="*", help=f"Default {' '.join(map(str, self.seeds))}; none "
+                            "(`--seeds` alone) with --merge: no new runs, the merged ones recorded.")
         parser.add_argument("--epochs", type=int, help=f"Default {self.epochs}.")
         parser.add_argument("--quick", action="store_true",
                             help=f"Smoke run, recorded nowhere unless --output is given: seed 0, 1 epoch, {quick}.")
@@ -114,6 +115,8 @@ class Study:
         if missing:
             parser.error(f"--merge: no such file: {', '.join(missing)}.")
         args.merged = [run for path in args.merge for run in read_runs(path)]
+        if not args.seeds and not args.merged:
+            parser.error("--seeds names no seed: give seeds, or --merge runs to record.")
         if min(args.jobs, args.threads, args.epochs) < 1:
             parser.error(f"--jobs, --threads and --epochs must be positive, got {args.jobs}, {args.threads} and "
                          f"{args.epochs}.")
@@ -157,6 +160,8 @@ class Study:
                     self._record(args, runs, len(merged), (len(finished), planned), summary, table)
                     if on_record is not None:
                         on_record(summary)
+        if not jobs and args.output is not None:  # only merged runs: recorded once
+            self._record(args, list(merged.values()), len(merged), (0, 0), summarize(list(merged.values())), table)
         summary = summarize([*merged.values(), *finished])
         print(json.dumps({"summary": summary, "wall_seconds": time.perf_counter() - args.started}), flush=True)
         return summary

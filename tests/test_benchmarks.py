@@ -430,3 +430,23 @@ def test_no_teacher_trains_only_the_sides_asked_for(tmp_path, monkeypatch):
     no_teacher.main(["--quick", "--seeds", "3", "4", "--sides", "reference"])
 
     assert [(side, seed) for side, seed, *_ in planned] == [("reference", 3), ("reference", 4)]
+
+
+def test_seeds_alone_with_merge_records_the_merged_runs_without_training(tmp_path):
+    from benchmarks.study import Study
+
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text(json.dumps({"side": "a", "seed": 7, "top1": 0.25}) + "\n")
+    study = Study("A study", ("<!-- a: start -->", "<!-- a: end -->"), seeds=(0,), epochs=1, workdir="unused")
+    parser, output = study.parser("", ""), tmp_path / "BENCHMARKS.md"
+    args = study.parse(parser, ["--seeds", "--merge", str(earlier), "--workdir", str(tmp_path),
+                                "--output", str(output)])
+
+    def never(*args):
+        raise AssertionError("nothing is to be trained")
+
+    summary = study.run(args, never, [], lambda runs: {"runs": len(runs)}, lambda runs, summary, wall: "| table |")
+
+    assert summary == {"runs": 1} and "1 of these 1 runs are earlier ones merged" in output.read_text()
+    with pytest.raises(SystemExit):
+        study.parse(parser, ["--seeds", "--workdir", str(tmp_path)])  # nothing to run, nothing to record
