@@ -265,9 +265,12 @@ def machine_description(device: str = "cpu", default_malloc: bool = False) -> di
     return {
         "device": f"{accelerator}CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, glibc "
         f"malloc with {malloc}",
+        # the input pipeline's libraries too: deit_hf's per-seed training figures changed with them (BENCHMARKS.md,
+        # no-teacher baseline) where torch, transformers and timm had not
         "versions": (
             f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
-            f"deit_hf {version('deit-hf')}, python {platform.python_version()}"
+            f"accelerate {version('accelerate')}, datasets {version('datasets')}, numpy {version('numpy')}, "
+            f"pillow {version('pillow')}, deit_hf {version('deit-hf')}, python {platform.python_version()}"
         ),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -3,16 +3,17 @@ seeds.
 
     python -m benchmarks.convergence [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--no-replay] [--quick]
 
-The data are scikit-learn's handwritten digits upscaled to 32 px RGB (a stratified 80/20 split), the teacher a timm
-`resnet18` trained on them once (cached in `--workdir`), the student a tiny DeiT⚗ (64 dims, 4 layers, 4 heads,
-patch 4). Both sides run the DeiT recipe as its authors wrote it: hard distillation (alpha 0.5) with the teacher on
-the mixed batch, RandAugment, Mixup/CutMix with smoothing 0.1, random erasing, AdamW with weight decay 0.05 (none on
-tokens, norms, biases), 5 warm-up epochs then cosine to 1e-5, drop path 0.1, no repeated augmentation (one
-process). The reference is written from facebookresearch/deit (`main.py`, `engine.py`, `losses.py`): timm's
-`VisionTransformerDistilled` with timm's init, timm's transforms and `Mixup`, and timm's `CosineLRScheduler`
-stepped once per epoch. Each side reports fused, class-head and distillation-head top-1 on the held-out digits; the
-table goes between the convergence markers of the output file. A third side, `deit_hf replay`, trains deit_hf again
-from the teacher targets its first run recorded (`--teacher_cache`): it must reach the recording run's accuracy.
+The data are scikit-learn's handwritten digits upscaled to 32 px RGB (a stratified 80/20 split), or MNIST-5k with
+`--dataset mnist5k` (`benchmarks.study`), the teacher a timm `resnet18` trained on them once (cached in `--workdir`),
+the student a tiny DeiT⚗ (64 dims, 4 layers, 4 heads, patch 4). Both sides run the DeiT recipe as its authors wrote it:
+hard distillation (alpha 0.5) with the teacher on the mixed batch, RandAugment, Mixup/CutMix with smoothing 0.1, random
+erasing, AdamW with weight decay 0.05 (none on tokens, norms, biases), 5 warm-up epochs then cosine to 1e-5, drop path
+0.1, no repeated augmentation (one process). The reference is written from facebookresearch/deit (`main.py`,
+`engine.py`, `losses.py`): timm's `VisionTransformerDistilled` with timm's init, timm's transforms and `Mixup`, and
+timm's `CosineLRScheduler` stepped once per epoch. Each side reports fused, class-head and distillation-head top-1 on
+the held-out images; the table goes between the convergence markers of the output file. A third side, `deit_hf replay`,
+trains deit_hf again from the teacher targets its first run recorded (`--teacher_cache`): it must reach the recording
+run's accuracy.
 """
 
 import json
@@ -36,7 +37,7 @@ from timm.scheduler import CosineLRScheduler
 
 from . import percent
 from .reference import facebookresearch_hard_distillation_loss
-from .study import Study, timed
+from .study import Study, prepare_data, timed
 
 START_MARKER, END_MARKER = "<!-- convergence results: start -->", "<!-- convergence results: end -->"
 HEADS = ("top1", "cls_top1", "dist_top1")
@@ -68,7 +69,7 @@ class Settings:
     teacher_model: str = "resnet18"
     teacher_epochs: int = 15
     teacher_check_batches: int = 8  # deit_hf's check of the teacher before step 1 (0: off, for smoke runs)
-    train_samples: int | None = None  # all 1,437 training digits
+    train_samples: int | None = None  # all training images (1,437 digits, 4,000 MNIST-5k)
 
 
 # --quick (`benchmarks.study`): 64 training digits, a 1-epoch teacher, no teacher check (it is untrained), and
@@ -76,15 +77,6 @@ class Settings:
 # 1-step run)
 QUICK_SETTINGS = dict(train_samples=64, teacher_epochs=1, teacher_check_batches=0)
 QUICK_FLAGS = ("--max_eval_samples", "64", "--dataloader_num_workers", "0")
-
-
-def prepare_data(workdir: Path) -> Path:
-    from training.digits import load_digits_dataset
-
-    path = workdir / "digits"
-    if not path.exists():
-        load_digits_dataset(Settings.image_size).save_to_disk(str(path))
-    return path
 
 
 def _train_split(data_dir: Path, settings: Settings):
@@ -358,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = study_settings(args, teacher_epochs=args.teacher_epochs, train_samples=args.train_samples,
                               teacher_check_batches=args.teacher_check_batches)
 
-    data_dir = prepare_data(args.workdir)
+    data_dir = prepare_data(args.workdir, args.dataset, settings.image_size)
     teacher_path, teacher_top1 = prepare_teacher(args.workdir, data_dir, settings)
     print(json.dumps({"teacher": settings.teacher_model, "top1": teacher_top1}), flush=True)
     extra_flags = QUICK_FLAGS if args.quick else ()

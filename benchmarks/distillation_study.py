@@ -4,7 +4,8 @@ bundled digits, in one command.
     python -m benchmarks.distillation_study [--seeds 0 1 2] [--epochs 30] [--jobs 2] [--quick]
 
 Each row trains the convergence benchmark's tiny student (`benchmarks.convergence.Settings`: 64 dims, 4 layers,
-4 heads, patch 4, 32 px, the DeiT recipe) with `training.train.main` on scikit-learn's digits, once per seed:
+4 heads, patch 4, 32 px, the DeiT recipe) with `training.train.main` on scikit-learn's digits (or MNIST-5k,
+`--dataset mnist5k`), once per seed:
 
 - no distillation: the one-head DeiT (`--distillation_token false --distillation_type none`);
 - classical soft / hard: the teacher's loss on the class head of the one-head DeiT (`--distillation_token false`);
@@ -32,15 +33,15 @@ from timm.models import register_model
 from timm.models.deit import _create_deit
 
 from . import percent
-from .convergence import HEADS, QUICK_FLAGS, Settings, deit_hf_flags, prepare_data, prepare_teacher, study_settings
-from .study import Study, timed
+from .convergence import HEADS, QUICK_FLAGS, Settings, deit_hf_flags, prepare_teacher, study_settings
+from .study import DATASETS, Study, prepare_data, timed
 
 START_MARKER, END_MARKER = "<!-- distillation study: start -->", "<!-- distillation study: end -->"
 TRANSFORMER_TEACHER = "deit_tiny_patch4_32_digits"
 EPOCHS = 30  # the convergence benchmark's length; 15 left students near chance (seed 0 without teacher: 10 %)
 STUDY = Study("Distillation study", (START_MARKER, END_MARKER), seeds=(0, 1, 2), epochs=EPOCHS,
               workdir="outputs/distillation_study")
-FIGURE = Path("docs/distillation_study.png")
+FIGURE = Path("docs/distillation_study.png")  # the digits'; another dataset's gets its name after the stem
 # Teacher epochs picked so the two teachers' held-out top-1 are close (measured: both stated in the output).
 TEACHER_EPOCHS = {"convnet": Settings.teacher_epochs, "transformer": 60}
 TEACHER_MODELS = {"convnet": Settings.teacher_model, "transformer": TRANSFORMER_TEACHER}
@@ -200,7 +201,7 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, teachers: dict
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, dataset: str = "digits") -> Path:
     """Each row's held-out top-1 per head (bars, ± std over seeds), and the two-token rows' cosine per layer."""
     from matplotlib.figure import Figure  # the object API, headless, as training.plots
 
@@ -215,7 +216,7 @@ def plot(summary: dict, path: Path) -> Path:
                  label=label, capsize=2)
     bars.axhline(10, color="gray", linestyle=":", label="chance (10 classes)")
     bars.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize="small")
-    bars.set(ylabel="held-out top-1 %", title="digits, 32 px: each row's heads (mean ± std over seeds)")
+    bars.set(ylabel="held-out top-1 %", title=f"{DATASETS[dataset]}, 32 px: each row's heads (mean ± std over seeds)")
     bars.grid(axis="y", alpha=0.3)
     bars.legend(fontsize="small")
     for name, entry in summary.items():
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--transformer-teacher-epochs", type=int, help=f"Default {TEACHER_EPOCHS['transformer']}.")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"Rows to run (default all): {', '.join(repr(name) for name in ROWS)}.")
-    parser.add_argument("--figure", type=Path, help=f"The picture, recorded with the table (default {FIGURE}).")
+    parser.add_argument("--figure", type=Path, help=f"The picture, recorded with the table (default {FIGURE}, "
+                        f"{FIGURE.stem}_mnist5k.png for MNIST-5k).")
     args = STUDY.parse(parser, argv)
     settings = study_settings(args, warmup_epochs=args.warmup_epochs)
     given = {"convnet": args.convnet_teacher_epochs, "transformer": args.transformer_teacher_epochs}
@@ -263,9 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.figure is not None and args.output is None:
         parser.error("--figure is drawn with the recorded table, and nothing is recorded (--no-record, or --quick "
                      "without --output).")
-    figure = args.figure or (None if args.quick else FIGURE)
+    own_figure = FIGURE if args.dataset == "digits" else FIGURE.with_stem(f"{FIGURE.stem}_{args.dataset}")
+    figure = args.figure or (None if args.quick else own_figure)
 
-    data_dir = prepare_data(args.workdir)
+    data_dir = prepare_data(args.workdir, args.dataset, settings.image_size)
     teachers = prepare_teachers(args.workdir, data_dir, settings, epochs)
     for kind, (_, top1, teacher_epochs) in teachers.items():
         print(json.dumps({"teacher": TEACHER_MODELS[kind], "epochs": teacher_epochs, "top1": top1}), flush=True)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     return STUDY.run(
         args, _run_job, jobs, summarize,
         lambda runs, summary, wall: markdown(runs, summary, settings, teachers, wall),
-        on_record=None if figure is None else lambda summary: plot(summary, figure),
+        on_record=None if figure is None else lambda summary: plot(summary, figure, args.dataset),
     )
 
 

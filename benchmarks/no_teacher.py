@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import percent
-from .convergence import QUICK_FLAGS, Settings, prepare_data, study_settings, train_reference
+from .convergence import QUICK_FLAGS, Settings, study_settings, train_reference
 from .distillation_study import train_row
-from .study import Study, timed
+from .study import Study, prepare_data, timed
 
 START_MARKER, END_MARKER = "<!-- no-teacher baseline: start -->", "<!-- no-teacher baseline: end -->"
 SIDES = ("deit_hf", "reference")
@@ -51,7 +51,19 @@ def summarize(runs: list[dict]) -> dict:
             "near_chance": sum(value < NEAR_CHANCE for value in values), "seeds": len(values),
             "minutes": statistics.mean(run["seconds"] for run in runs if run["side"] == side) / 60,
         }
+    if all(side in summary for side in SIDES):
+        summary["fisher_p"] = tail_test(*(summary[side] for side in SIDES))
     return summary
+
+
+def tail_test(deit_hf: dict, reference: dict) -> dict[str, float]:
+    """Fisher's exact test of the two sides' near-chance counts: two-sided, and one-sided for deit_hf's rate above the
+    reference's (the defect this benchmark looks for)."""
+    from scipy.stats import fisher_exact  # scikit-learn's dependency, in the test extra
+
+    table = [[entry["near_chance"], entry["seeds"] - entry["near_chance"]] for entry in (deit_hf, reference)]
+    return {"two-sided": float(fisher_exact(table).pvalue),
+            "deit_hf higher": float(fisher_exact(table, "greater").pvalue)}
 
 
 def markdown(runs: list[dict], summary: dict, settings: Settings, wall: float) -> str:
@@ -62,10 +74,15 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, wall: float) -
         f"| side | top-1 % mean ± std | median | lowest | seeds under {percent(NEAR_CHANCE)} % | seeds | min/run |",
         "|---|---|---|---|---|---|---|",
     ]
-    for side, entry in summary.items():
+    for side, entry in [(side, summary[side]) for side in SIDES if side in summary]:
         cells = [f"{percent(entry['mean'])} ± {percent(entry['std'])}", percent(entry["median"]),
                  percent(entry["lowest"]), entry["near_chance"], entry["seeds"], f"{entry['minutes']:.1f}"]
         lines.append(f"| {side} | " + " | ".join(map(str, cells)) + " |")
+    if "fisher_p" in summary:
+        counts = " vs ".join(f"{side} {summary[side]['near_chance']} of {summary[side]['seeds']}" for side in SIDES)
+        lines += ["", f"Fisher's exact test of the seeds under {percent(NEAR_CHANCE)} % ({counts}): p = "
+                  f"{summary['fisher_p']['two-sided']:.3f} two-sided, {summary['fisher_p']['deit_hf higher']:.3f} "
+                  "one-sided (deit_hf's rate higher)."]
     by_seed = {(run["side"], run["seed"]): percent(run["top1"]) for run in runs}
     lines += ["", "Per seed (deit_hf / reference top-1 %):", ""]
     for seed in sorted({run["seed"] for run in runs}):
@@ -75,11 +92,14 @@ def markdown(runs: list[dict], summary: dict, settings: Settings, wall: float) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = STUDY.parser(__doc__, quick="64 training digits, deit_hf evaluated on 64 held-out digits")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="Train these sides only (default both): e.g. one side's rate over more seeds first, the "
+                        "other's runs merged later with --merge.")
     args = STUDY.parse(parser, argv)
     settings = study_settings(args)
-    data_dir = prepare_data(args.workdir)
+    data_dir = prepare_data(args.workdir, args.dataset, settings.image_size)
     extra_flags = QUICK_FLAGS if args.quick else ()
-    jobs = [(side, seed, settings, data_dir, extra_flags) for seed in args.seeds for side in SIDES]
+    jobs = [(side, seed, settings, data_dir, extra_flags) for seed in args.seeds for side in args.sides]
     return STUDY.run(args, _run_job, jobs, summarize,
                      lambda runs, summary, wall: markdown(runs, summary, settings, wall))
 

