@@ -7,6 +7,7 @@ own rules (`training.train_teacher`, `training.record_teacher`). Each refusal is
 option; the commands turn it into argparse's usage error (`training.train.parse_args`).
 """
 
+import importlib.util
 import logging
 import os
 
@@ -187,6 +188,18 @@ def check_distillation_flags_are_read(given: set[str], distill_args: Distillatio
     if unread:
         raise ValueError(f"--{unread[0]} is not read with --distillation_type {kind.name}: drop it, or choose the "
                          f"distillation that uses it (a teacher: {' or '.join(TEACHER_TYPES)}; a temperature: soft).")
+
+
+# TrainingArguments options whose parsing builds an integration's config, which transformers registers globally before
+# it checks that the package is installed (an ImportError, and a half-built DeepSpeed config every later model sees).
+INTEGRATION_PACKAGES = {"deepspeed": "deepspeed"}
+
+
+def check_integrations_installed(given: set[str]) -> None:
+    """Refuse, before the arguments are parsed, an option whose integration package is not installed."""
+    for flag, package in INTEGRATION_PACKAGES.items():
+        if flag in given and importlib.util.find_spec(package) is None:
+            raise ValueError(f"--{flag} needs the {package} package, which is not installed (pip install {package}).")
 
 
 def check_optimizer_flags(given: set[str], training_args: TrainingArguments) -> None:

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainerCallback
 from deit_hf import DeiTPreTrainedModel
 
 from .args import RunArguments
-from .argument_checks import RECIPE_RULES, settle_run_arguments
+from .argument_checks import RECIPE_RULES, check_integrations_installed, settle_run_arguments
 from .build import build_trainer
 from .checkpoints import resume_argument
 from .command_line import run_command
@@ -116,9 +116,10 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     parser.set_defaults(**{strategy: "steps" for interval, strategy in STEP_INTERVALS
                            if interval in given and strategy not in given})
     try:
+        check_integrations_installed(given)
         arguments = RunArguments(*parser.parse_args_into_dataclasses(argv))
         settle_run_arguments(arguments, given)
-    except ValueError as error:  # a dataclass's own check, a conflict between arguments, a value refused
+    except (ValueError, OSError) as error:  # a dataclass's check, a conflict, a value refused, a file unreadable
         parser.error(str(error))
     return arguments
 

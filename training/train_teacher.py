@@ -16,6 +16,7 @@ input size in `config.image_size`, and a card with the teacher's held-out top-1.
 
 import logging
 import shlex
+import sys
 from dataclasses import dataclass, field, fields
 
 import timm
@@ -35,7 +36,7 @@ from transformers import (
 from deit_hf import DeiTHfImageProcessorPil
 
 from .args import AugmentationArguments, DataArguments, DeiTTrainingArguments
-from .argument_checks import SOFT_TARGET_FLAGS, settle_teacher_training_arguments
+from .argument_checks import SOFT_TARGET_FLAGS, check_integrations_installed, settle_teacher_training_arguments
 from .build import prepare_datasets, share_cpu_threads
 from .checkpoints import resume_argument
 from .collator import DistillationCollator
@@ -90,10 +91,12 @@ def parse_args(argv: list[str] | None = None) -> TeacherRunArguments:
     parser.set_defaults(**TEACHER_TRAINING_DEFAULTS, **TEACHER_AUGMENTATION_DEFAULTS, use_cpu=not has_accelerator,
                         dataloader_pin_memory=has_accelerator)
     try:
+        given = {token[2:].split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv) if token[:2] == "--"}
+        check_integrations_installed(given)
         arguments = TeacherRunArguments(*parser.parse_args_into_dataclasses(argv))
         settle_teacher_training_arguments(arguments.teacher, arguments.data, arguments.augmentation,
                                           arguments.training)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a file an option names (--accelerator_config) is unreadable
         parser.error(str(error))
     return arguments
 

@@ -192,3 +192,25 @@ def test_the_recording_command_refuses_what_it_would_not_do_in_one_line(flags, m
     with pytest.raises(SystemExit, match=message) as exit_info:
         record_teacher.main(["--dataset_name", "x", *flags])
     assert "\n" not in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("parse", [parse_args, train_teacher.parse_args], ids=["train", "train_teacher"])
+def test_deepspeed_without_its_package_is_refused_in_one_line_and_leaves_transformers_clean(parse, capsys):
+    """TrainingArguments would register a half-built DeepSpeed config globally, then fail with an ImportError: every
+    model built afterwards in the process would fail (found by the command-line property test)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--teacher_model", "resnet18", "--dataset_name", "d", "--deepspeed", "ds.json"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--deepspeed needs the deepspeed package, which is not installed (pip install deepspeed).")
+    assert not is_deepspeed_zero3_enabled()
+
+
+@pytest.mark.parametrize("parse", [parse_args, train_teacher.parse_args], ids=["train", "train_teacher"])
+def test_an_unreadable_file_an_option_names_is_refused_in_one_line(parse, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--teacher_model", "resnet18", "--dataset_name", "d", "--accelerator_config", str(tmp_path / "no.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"No such file or directory: '{tmp_path}/no.json'")
