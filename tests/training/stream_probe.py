@@ -1,7 +1,6 @@
 """`training.train` recording, per process, what it decodes and trains on: `accelerate launch` runs it in a test.
 
-Its arguments are one or more runs' flags (`probe_runs`); run `i` records into `$STREAM_PROBE_DIR/<i>` (one line
-per example, the label being the example's id):
+Into `$STREAM_PROBE_DIR` (one line per example, the label being the example's id):
 - `decoded-<rank>`: `<split> <path>` for each image that process's `ImageTransform` decodes (in any of its workers);
 - `seen-<rank>`: `<epoch> <label>` for each example of its training batches;
 - `eval-<rank>`: the labels `compute_metrics` receives, gathered over the processes, one line per evaluation.
@@ -11,13 +10,12 @@ Training stops at the end of epoch `$STOP_AFTER_EPOCHS`, so that no batch is rea
 import os
 import sys
 
-import probe_runs  # beside this file, which runs as a script
 import torch
 from transformers import TrainerCallback
 
 from training import build, train, trainer, transforms
 
-PROBE_DIR = ""  # the current run's folder under $STREAM_PROBE_DIR, set below (forked DataLoader workers inherit it)
+PROBE_DIR = os.environ["STREAM_PROBE_DIR"]
 RANK = os.environ.get("RANK", "0")  # inherited by the DataLoader workers
 _image_transform = transforms.ImageTransform.__call__
 _init = trainer.DistillationTrainer.__init__
@@ -68,7 +66,4 @@ if __name__ == "__main__":
     trainer.DistillationTrainer.__init__ = init
     trainer.DistillationTrainer.training_step = training_step
     build.compute_metrics = compute_metrics
-    for index, flags in enumerate(probe_runs.split(sys.argv[1:])):
-        PROBE_DIR, EpochCounter.epoch = os.path.join(os.environ["STREAM_PROBE_DIR"], str(index)), -1
-        os.makedirs(PROBE_DIR, exist_ok=True)
-        train.main(flags)
+    train.main(sys.argv[1:])

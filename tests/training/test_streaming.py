@@ -14,7 +14,6 @@ from training.argument_checks import check_stream_dispatch
 from training.data import shuffle_stream, split_stream_by_process
 
 from .conftest import tiny_run_args
-from .probe_runs import joined
 from .test_distributed import launch, two_processes
 
 STREAM_PROBE = Path(__file__).with_name("stream_probe.py")
@@ -55,35 +54,29 @@ def read(probe_dir: Path, name: str, rank: int) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# (shard sizes, batch size, DataLoader workers) of each stream, all trained in one launch (`stream_probe`)
-LAYOUTS = {
-    "4-shards": ([12, 4, 8, 5], 4, 0),  # 2 shards each: 20 and 9 examples, 5 and 3 batches
-    "3-shards": ([10, 10, 9], 2, 2),  # 3 shards: every other example, 15 and 14, in 2 workers each
-}
-
-
-@pytest.fixture(scope="module")
-def streamed_runs(digits, tmp_path_factory) -> Path:
-    """What each layout's 2-process run recorded: one launch trains them one after the other."""
-    root = tmp_path_factory.mktemp("streamed_runs")
-    runs = []
-    for name, (shard_sizes, batch_size, workers) in LAYOUTS.items():
-        args = tiny_run_args(write_stream(digits, root / f"{name}-data", shard_sizes), None, root / f"{name}-out",
-                             "--streaming", "true", "--distillation_type", "none", "--max_steps", "100",
-                             "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "epoch",
-                             "--per_device_eval_batch_size", "4", "--dataloader_num_workers", str(workers))
-        args[args.index("--per_device_train_batch_size") + 1] = str(batch_size)
-        runs.append(args)
-    probe_dir = root / "probe"
-    result = launch(two_processes(), STREAM_PROBE, joined(runs), STREAM_PROBE_DIR=str(probe_dir), STOP_AFTER_EPOCHS="2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return probe_dir
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "shard_sizes, batch_size, workers",
+    [
+        ([12, 4, 8, 5], 4, 0),  # 2 shards each: 20 and 9 examples, 5 and 3 batches
+        ([10, 10, 9], 2, 2),  # 3 shards: every other example, 15 and 14, in 2 workers each
+    ],
+    ids=["4-shards", "3-shards"],
+)
 @pytest.mark.slow
-def test_each_process_decodes_its_own_part_and_sees_each_example_once_per_epoch(streamed_runs, layout):
-    probe_dir = streamed_runs / str(list(LAYOUTS).index(layout))
+def test_each_process_decodes_its_own_part_and_sees_each_example_once_per_epoch(
+    digits, tmp_path, shard_sizes, batch_size, workers
+):
+    data_dir = write_stream(digits, tmp_path / "data", shard_sizes)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    args = tiny_run_args(data_dir, None, tmp_path / "out", "--streaming", "true",
+                         "--distillation_type", "none", "--max_steps", "100", "--logging_steps", "1",
+                         "--save_strategy", "no", "--eval_strategy", "epoch", "--per_device_eval_batch_size", "4",
+                         "--dataloader_num_workers", str(workers))
+    args[args.index("--per_device_train_batch_size") + 1] = str(batch_size)
+    result = launch(two_processes(), STREAM_PROBE, args, STREAM_PROBE_DIR=str(probe_dir), STOP_AFTER_EPOCHS="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
     everything = Counter(map(str, range(NUM_TRAIN)))
     for epoch in ("0", "1"):
         parts = [Counter(label for seen_epoch, label in read(probe_dir, "seen", rank) if seen_epoch == epoch)
